@@ -1,0 +1,1 @@
+"""mfaserver: an on-premises RADIUS multi-factor authentication server."""

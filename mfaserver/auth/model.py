@@ -1,0 +1,148 @@
+"""Frozen values passed between the RADIUS front end, the core and the store.
+
+Nothing here does I/O. The RADIUS layer turns a packet into an `AuthRequest`,
+the `Authenticator` answers with a `Decision`, the store hands out `Account`
+records. Secrets (passwords, codes, seeds) are kept out of ``repr`` so that a
+value logged by mistake cannot leak them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Outcome(str, enum.Enum):
+    ACCEPT = "accept"
+    REJECT = "reject"
+    CHALLENGE = "challenge"
+
+
+class Reason(str, enum.Enum):
+    """Why a decision was taken: written to the audit log, never to the NAS."""
+
+    OK = "ok"
+    BYPASS = "bypass"
+    UNENROLLED_ALLOWED = "unenrolled_allowed"
+    CHALLENGE_ISSUED = "challenge_issued"
+    EMPTY_PASSWORD = "empty_password"
+    BAD_PASSWORD = "bad_password"
+    UNKNOWN_USER = "unknown_user"
+    USER_BLOCKED = "user_blocked"
+    USER_LOCKED = "user_locked"
+    NOT_ENROLLED = "not_enrolled"
+    CODE_MISSING = "code_missing"
+    BAD_CODE = "bad_code"
+    CODE_REUSED = "code_reused"
+    BAD_STATE = "bad_state"
+    NOT_PAP = "not_pap"
+    PASSWORD_UNDECODABLE = "password_undecodable"
+    DIRECTORY_UNAVAILABLE = "directory_unavailable"
+    SEED_INTEGRITY = "seed_integrity"
+    INTERNAL_ERROR = "internal_error"
+
+
+class TokenKind(str, enum.Enum):
+    TOTP = "totp"
+    HOTP = "hotp"
+
+
+@dataclass(frozen=True)
+class AuthRequest:
+    """One Access-Request as the core sees it.
+
+    ``password`` is the decoded User-Password (None when the request carried
+    none, e.g. CHAP); ``state`` is the RADIUS State attribute, if any.
+    """
+
+    client_name: str
+    username: str
+    password: str | None = field(repr=False)
+    state: bytes | None = field(default=None, repr=False)
+    nas_ip: str | None = None
+    nas_identifier: str | None = None
+    calling_station_id: str | None = None
+    source: str = ""  # "ip:port" of the NAS, for logs
+    pap: bool = True  # False: CHAP / MS-CHAP / EAP, which we refuse
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A user whose password the directory has accepted."""
+
+    username: str
+    phone: str | None = None
+    attributes: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The core's answer. ``reply_message`` goes to the user; ``reason`` to the audit log.
+
+    ``state`` is set only on a challenge. ``factor`` names what completed or
+    failed ("totp", "hotp", "bypass", "password", ...) for the audit row.
+    """
+
+    outcome: Outcome
+    reason: Reason
+    reply_message: str = ""
+    state: bytes | None = field(default=None, repr=False)
+    factor: str = ""
+    attributes: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def accept(cls, reason=Reason.OK, factor="", message="", attributes=()):
+        return cls(Outcome.ACCEPT, reason, message, None, factor, tuple(attributes))
+
+    @classmethod
+    def reject(cls, reason, message="Authentication failed.", factor=""):
+        return cls(Outcome.REJECT, reason, message, None, factor)
+
+    @classmethod
+    def challenge(cls, state, message, factor=""):
+        return cls(Outcome.CHALLENGE, Reason.CHALLENGE_ISSUED, message, state, factor)
+
+
+@dataclass(frozen=True)
+class Token:
+    """An OATH token with its seed decrypted (seeds are decrypted only in memory)."""
+
+    id: int
+    serial: str
+    user: str | None
+    kind: TokenKind
+    secret: bytes = field(repr=False)
+    digits: int = 6
+    period: int = 30           # TOTP only
+    algorithm: str = "sha1"    # sha1 | sha256 | sha512
+    counter: int = 0           # HOTP: the next counter value expected
+    last_step: int | None = None  # TOTP: the last time step accepted (replay guard)
+    drift: int = 0             # TOTP: learned clock drift, in steps
+
+
+@dataclass(frozen=True)
+class Account:
+    """Everything the login path needs to know about a user, read in one go."""
+
+    name: str
+    phone: str | None
+    blocked: bool
+    failures: int
+    locked_until: float | None
+    tokens: tuple[Token, ...] = ()
+    has_password: bool = False
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log: one per decision."""
+
+    time: float
+    user: str
+    client: str
+    nas_ip: str | None
+    calling_station_id: str | None
+    factor: str
+    outcome: str
+    reason: str
+    id: int | None = None

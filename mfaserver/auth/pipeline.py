@@ -1,0 +1,237 @@
+"""The core: decide an `AuthRequest` into a `Decision`.
+
+No I/O happens here directly: the directory and the store are reached through
+the Protocols in `mfaserver.auth.interfaces`, time through the injected clock.
+Every decision writes one audit row and one structured log event; neither
+ever carries the password, the code or the State.
+
+The flow, for a request without State::
+
+    password field --split--> password [, code]
+    empty password            -> Reject (no directory call)
+    directory.authenticate    -> Reject on a wrong password / unknown user
+    account blocked / locked  -> Reject
+    pending bypass            -> Accept (consumed)
+    no token                  -> Accept or Reject per [mfa] unenrolled
+    code given                -> check it (atomic replay guard) -> Accept / Reject
+    no code                   -> Access-Challenge (if [mfa] challenge) or Reject
+
+and for a request with State: redeem the State (bound to client and user,
+single use), then check the code in User-Password.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mfaserver.auth.challenges import ChallengeRegistry
+from mfaserver.auth.interfaces import (
+    AccountStore, Directory, DirectoryUnavailable, InvalidCredentials, UnknownUser,
+)
+from mfaserver.auth.model import (
+    Account, AuditEntry, AuthRequest, Decision, Outcome, Reason, TokenKind,
+)
+from mfaserver.factors import oath
+from mfaserver.store.crypto import SeedIntegrityError
+
+log = Logger(namespace="mfaserver.auth")
+
+# What the user reads. Short, useful, and the same whether or not the user exists.
+MSG_FAILED = "Authentication failed."
+MSG_PAP_REQUIRED = "This server requires PAP authentication (CHAP and MS-CHAP are not supported)."
+MSG_BLOCKED = "Your account is blocked. Contact your administrator."
+MSG_LOCKED = "Too many wrong codes. Try again later or contact your administrator."
+MSG_NOT_ENROLLED = "No second factor is set up for your account. Contact your administrator."
+MSG_ENTER_CODE = "Enter the code from your authenticator app or token."
+MSG_WRONG_CODE = "Wrong or already used code."
+MSG_SESSION_EXPIRED = "Your sign-in session expired. Please sign in again."
+MSG_TRY_LATER = "The sign-in service is unavailable. Try again later."
+MSG_BYPASS = "Signed in with a one-time bypass."
+
+CODE_LENGTHS = range(6, 9)
+
+
+def split_password(field: str, delimiter: str) -> tuple[str, str | None]:
+    """Split ``password<delimiter>code`` into its parts.
+
+    Only a suffix that looks like an OATH code (6 to 8 ASCII digits) is split
+    off, so a password that merely contains the delimiter still works. A
+    password ending in ``<delimiter>`` plus 6-8 digits must be entered with a
+    code (or through the challenge) - documented in the README.
+    """
+    password, sep, suffix = field.rpartition(delimiter)
+    if sep and suffix.isascii() and suffix.isdigit() and len(suffix) in CODE_LENGTHS:
+        return password, suffix
+    return field, None
+
+
+class Authenticator:
+    """Turns AuthRequests into Decisions. ``policy`` is an `mfaserver.config.MfaConfig`
+    and may be replaced on reload."""
+
+    def __init__(self, directory: Directory, store: AccountStore, challenges: ChallengeRegistry,
+                 policy, clock: IReactorTime):
+        self.directory = directory
+        self.store = store
+        self.challenges = challenges
+        self.policy = policy
+        self._clock = clock
+
+    def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
+        """Fire with the Decision for ``request`` (always; errors become Reject).
+
+        The audit row is written before the Deferred fires. Cancelling the
+        Deferred (shutdown) abandons the request: no decision, no audit row.
+        """
+        return Deferred.fromCoroutine(self._authenticate(request))
+
+    async def _authenticate(self, request: AuthRequest) -> Decision:
+        try:
+            decision = await self._decide(request)
+        except SeedIntegrityError:
+            log.critical("token seed failed its integrity check for user {user}: "
+                         "the store was tampered with or the key file is wrong",
+                         user=request.username)
+            decision = Decision.reject(Reason.SEED_INTEGRITY, MSG_TRY_LATER)
+        except Exception:
+            log.failure("could not decide a request from {client} for {user}",
+                        client=request.client_name, user=request.username)
+            decision = Decision.reject(Reason.INTERNAL_ERROR, MSG_TRY_LATER)
+        await self._audit(request, decision)
+        return decision
+
+    async def _decide(self, request: AuthRequest) -> Decision:
+        if not request.pap:
+            return Decision.reject(Reason.NOT_PAP, MSG_PAP_REQUIRED, factor="password")
+        if request.password is None:
+            # User-Password did not decode as UTF-8: almost always a wrong shared secret.
+            log.warn("password from client {client} is not valid UTF-8: "
+                     "check that the shared secrets match", client=request.client_name)
+            return Decision.reject(Reason.PASSWORD_UNDECODABLE, MSG_FAILED, factor="password")
+        if request.state is not None:
+            return await self._answer_challenge(request)
+        return await self._first_round(request)
+
+    async def _first_round(self, request: AuthRequest) -> Decision:
+        password, code = split_password(request.password, self.policy.delimiter)
+        if not password:
+            return Decision.reject(Reason.EMPTY_PASSWORD, MSG_FAILED, factor="password")
+        try:
+            principal = await self.directory.authenticate(request.username, password)
+        except InvalidCredentials:
+            return Decision.reject(Reason.BAD_PASSWORD, MSG_FAILED, factor="password")
+        except UnknownUser:
+            return Decision.reject(Reason.UNKNOWN_USER, MSG_FAILED, factor="password")
+        except DirectoryUnavailable:
+            return Decision.reject(Reason.DIRECTORY_UNAVAILABLE, MSG_TRY_LATER, factor="password")
+
+        account = await self.store.load_account(principal.username)
+        refusal = self._refuse_account(account)
+        if refusal is not None:
+            return refusal
+        if await self.store.consume_bypass(principal.username, now=self._clock.seconds()):
+            return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
+                                   attributes=principal.attributes)
+        if account is None or not account.tokens:
+            if self.policy.unenrolled == "allow":
+                return Decision.accept(Reason.UNENROLLED_ALLOWED, factor="password",
+                                       attributes=principal.attributes)
+            return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED, factor="password")
+        if code is not None:
+            decision = await self._check_code(account, code)
+            return dataclasses.replace(decision, attributes=principal.attributes) \
+                if decision.outcome is Outcome.ACCEPT else decision
+        if self.policy.challenge:
+            state = self.challenges.issue(request.client_name, principal.username,
+                                          {"attributes": principal.attributes})
+            return Decision.challenge(state, MSG_ENTER_CODE, factor="password")
+        return Decision.reject(
+            Reason.CODE_MISSING,
+            f"Enter your password followed by '{self.policy.delimiter}' and your code.",
+            factor="password")
+
+    async def _answer_challenge(self, request: AuthRequest) -> Decision:
+        pending = self.challenges.redeem(request.state, request.client_name, request.username)
+        if pending is None:
+            return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED)
+        account = await self.store.load_account(request.username)
+        refusal = self._refuse_account(account)
+        if refusal is not None:
+            return refusal
+        if account is None or not account.tokens:
+            return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
+        decision = await self._check_code(account, request.password.strip())
+        if decision.outcome is Outcome.ACCEPT:
+            decision = dataclasses.replace(decision,
+                                           attributes=pending.context.get("attributes", ()))
+        return decision
+
+    def _refuse_account(self, account: Account | None) -> Decision | None:
+        if account is None:
+            return None
+        if account.blocked:
+            return Decision.reject(Reason.USER_BLOCKED, MSG_BLOCKED)
+        if account.locked_until is not None and account.locked_until > self._clock.seconds():
+            return Decision.reject(Reason.USER_LOCKED, MSG_LOCKED)
+        return None
+
+    async def _check_code(self, account: Account, code: str) -> Decision:
+        """Check ``code`` against each of the account's tokens; record use atomically."""
+        now = self._clock.seconds()
+        policy = self.policy
+        reused_by = None
+        for token in account.tokens:
+            if oath.normalize_code(code, token.digits) is None:
+                continue
+            if token.kind is TokenKind.TOTP:
+                step = oath.match_totp(token, code, now, window=policy.totp_window)
+                if step is not None:
+                    drift = step - oath.totp_step(now, token.period)
+                    if await self.store.use_totp_step(token.id, step, drift):
+                        return await self._success(account, token.kind.value)
+                    reused_by = token  # lost a race with another request using the same code
+                elif token.last_step is not None and oath.match_totp(
+                        dataclasses.replace(token, last_step=None), code, now,
+                        window=policy.totp_window) is not None:
+                    reused_by = token
+            else:
+                counter = oath.match_hotp(token, code, look_ahead=policy.hotp_look_ahead)
+                if counter is not None:
+                    if await self.store.use_hotp_counter(token.id, counter):
+                        return await self._success(account, token.kind.value)
+                    reused_by = token
+        factor = (reused_by or account.tokens[0]).kind.value
+        _, locked_until = await self.store.register_failure(
+            account.name, now=now, threshold=policy.lockout_threshold,
+            lock_seconds=policy.lockout_minutes * 60)
+        if locked_until is not None and locked_until > now:
+            log.warn("user {user} locked after {n} consecutive wrong codes",
+                     user=account.name, n=policy.lockout_threshold)
+            return Decision.reject(Reason.USER_LOCKED, MSG_LOCKED, factor=factor)
+        reason = Reason.CODE_REUSED if reused_by is not None else Reason.BAD_CODE
+        return Decision.reject(reason, MSG_WRONG_CODE, factor=factor)
+
+    async def _success(self, account: Account, factor: str) -> Decision:
+        if account.failures:
+            await self.store.clear_failures(account.name)
+        return Decision.accept(Reason.OK, factor=factor)
+
+    async def _audit(self, request: AuthRequest, decision: Decision) -> None:
+        entry = AuditEntry(
+            time=self._clock.seconds(), user=request.username, client=request.client_name,
+            nas_ip=request.nas_ip, calling_station_id=request.calling_station_id,
+            factor=decision.factor, outcome=decision.outcome.value,
+            reason=decision.reason.value)
+        log.info("{outcome} {user} from {client}: {reason}", outcome=entry.outcome,
+                 user=entry.user, client=entry.client, reason=entry.reason,
+                 nas_ip=entry.nas_ip, calling_station_id=entry.calling_station_id,
+                 factor=entry.factor, source=request.source, audit=True)
+        try:
+            await self.store.record_audit(entry)
+        except Exception:
+            # The decision stands; losing the audit row is logged loudly instead.
+            log.failure("could not write the audit row for {user}", user=request.username)

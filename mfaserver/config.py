@@ -1,0 +1,526 @@
+"""TOML configuration file -> frozen `Config`, or a `ConfigError` naming file and key.
+
+The file is read once at start. Every key is described in `SCHEMA`, a small
+declarative table of key -> type, default and check; unknown keys, wrong types
+and out-of-range values are refused so that a typo never silently falls back
+to a default. Relations between keys (secret or secret_file, unique client
+names) and relative paths are handled after the schema, in `_build`.
+
+Shared secrets are kept out of ``repr`` and out of every error message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/mfaserver/mfaserver.toml")
+CONFIG_ENV_VAR = "MFASERVER_CONFIG"
+
+# Names accepted in [directory] backend; a new backend is one more entry here.
+DIRECTORY_BACKENDS = ("local",)
+
+# Shorter secrets are accepted (some NAS limit the length) but warned about.
+MIN_SECRET_LENGTH = 16
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used: ``"<file>: <dotted.key>: <what is wrong>"``."""
+
+    def __init__(self, path: Path, key: str | None, message: str):
+        self.path = path
+        self.key = key
+        self.message = message
+        super().__init__(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """[server]: where state lives and how logs are written."""
+
+    state_dir: Path
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """One [[radius.clients]] entry: a NAS allowed to talk to us."""
+
+    name: str
+    network: IPNetwork
+    secret: bytes = field(repr=False)
+    require_message_authenticator: bool = True
+
+
+@dataclass(frozen=True)
+class RadiusConfig:
+    """[radius]: the UDP listener and its clients."""
+
+    listen: str = "127.0.0.1"
+    port: int = 1812
+    reject_delay: float = 1.0
+    status_server: bool = True
+    response_cache_seconds: float = 30.0
+    clients: tuple[ClientConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """[directory]: the user directories, tried in order."""
+
+    backends: tuple[str, ...] = ("local",)
+
+
+@dataclass(frozen=True)
+class MfaConfig:
+    """[mfa]: how the second factor is asked for and checked."""
+
+    delimiter: str = ","
+    challenge: bool = True
+    unenrolled: str = "reject"
+    challenge_timeout: float = 300.0
+    lockout_threshold: int = 10
+    lockout_minutes: float = 15.0
+    totp_window: int = 1
+    hotp_look_ahead: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, as loaded from ``path``."""
+
+    path: Path
+    server: ServerConfig
+    radius: RadiusConfig
+    directory: DirectoryConfig
+    mfa: MfaConfig
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def database_path(self) -> Path:
+        return self.server.state_dir / "mfaserver.sqlite3"
+
+    @property
+    def key_path(self) -> Path:
+        return self.server.state_dir / "seed.key"
+
+
+# --- The schema machinery -------------------------------------------------------------------
+
+class _Problem(Exception):
+    """A bad key found while parsing; `load_config` adds the file name."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+
+class _Marker:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+MISSING: Any = _Marker("MISSING")    # the key is absent from the file
+REQUIRED: Any = _Marker("REQUIRED")  # as a default: the key must be given
+
+
+def _describe(value: Any) -> str:
+    """The TOML type of ``value`` in words (never the value: it may be a secret)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return "a date/time"
+
+
+def _join(parent: str, name: str) -> str:
+    return f"{parent}.{name}" if parent else name
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key holding a value.
+
+    ``convert`` checks the value and returns what the program uses; it raises
+    ValueError with a message for the admin. A default of None makes the key
+    optional with no value; REQUIRED makes it mandatory.
+    """
+
+    expected: str                 # for messages: "an integer"
+    types: tuple[type, ...]
+    default: Any = REQUIRED
+    convert: Callable[[Any], Any] = _identity
+
+    def parse(self, raw: Any, key: str) -> Any:
+        if raw is MISSING:
+            if self.default is REQUIRED:
+                raise _Problem(key, "required key is missing")
+            if self.default is None:
+                return None
+            raw = self.default
+        # bool is a subclass of int, so `port = true` would otherwise pass.
+        if not isinstance(raw, self.types) or (isinstance(raw, bool) and bool not in self.types):
+            raise _Problem(key, f"expected {self.expected}, got {_describe(raw)}")
+        try:
+            return self.convert(raw)
+        except ValueError as e:
+            raise _Problem(key, str(e)) from None
+
+
+@dataclass(frozen=True)
+class Table:
+    """A TOML table; ``optional`` tables that are absent parse to None."""
+
+    keys: Mapping[str, Field | Table | TableArray]
+    optional: bool = False
+
+    def parse(self, raw: Any, key: str) -> dict[str, Any] | None:
+        if raw is MISSING:
+            if self.optional:
+                return None
+            raw = {}
+        if not isinstance(raw, dict):
+            raise _Problem(key, f"expected a table, got {_describe(raw)}")
+        for name in raw:
+            if name not in self.keys:
+                close = difflib.get_close_matches(name, self.keys, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise _Problem(_join(key, name), "unknown key" + hint)
+        return {name: spec.parse(raw.get(name, MISSING), _join(key, name))
+                for name, spec in self.keys.items()}
+
+
+@dataclass(frozen=True)
+class TableArray:
+    """An array of tables (``[[name]]``), each parsed with ``table``."""
+
+    table: Table
+    min_items: int = 0
+
+    def parse(self, raw: Any, key: str) -> tuple[dict[str, Any], ...]:
+        if raw is MISSING:
+            raw = []
+        if not isinstance(raw, list):
+            raise _Problem(key, f"expected an array of tables ([[{key}]]), got {_describe(raw)}")
+        if len(raw) < self.min_items:
+            raise _Problem(key, f"at least {self.min_items} [[{key}]] entry is required")
+        return tuple(self.table.parse(item, f"{key}[{i}]") for i, item in enumerate(raw))
+
+
+# Field constructors: each returns a Field that checks one kind of value.
+
+def boolean(default: bool) -> Field:
+    return Field("a boolean (true or false)", (bool,), default)
+
+
+def integer(default: int, low: int, high: int) -> Field:
+    return Field("an integer", (int,), default, _in_range(low, high, int))
+
+
+def number(default: float, low: float, high: float) -> Field:
+    # TOML "30" is an integer; it is fine where seconds are expected.
+    return Field("a number", (int, float), default, _in_range(low, high, float))
+
+
+def string(default: Any = REQUIRED, convert: Callable[[str], Any] | None = None) -> Field:
+    """A non-empty string, optionally checked/converted further."""
+    def check(value: str) -> Any:
+        if not value:
+            raise ValueError("must not be empty")
+        return convert(value) if convert else value
+    return Field("a string", (str,), default, check)
+
+
+def one_of(default: str, *choices: str) -> Field:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+    return Field("a string", (str,), default, check)
+
+
+def _in_range(low: float, high: float, cast: type) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError(f"{value!r} is out of range ({low}..{high})")
+        return cast(value)
+    return check
+
+
+# Checks for particular keys.
+
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _client_name(value: str) -> str:
+    if not _CLIENT_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid name (1 to 64 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+def _ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    return value
+
+
+def _network(value: str) -> IPNetwork:
+    try:
+        network = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR block") from None
+    # find_client sees "::ffff:1.2.3.4" as 1.2.3.4, so store such networks as IPv4.
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None and network.prefixlen >= 96:
+        network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _backends(value: str | list) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not names:
+        raise ValueError("at least one backend is required")
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"expected a string or an array of strings, got {_describe(name)}")
+        if name not in DIRECTORY_BACKENDS:
+            raise ValueError(f"{name!r} is not one of: {', '.join(DIRECTORY_BACKENDS)}")
+    if len(set(names)) != len(names):
+        raise ValueError("a backend is listed twice")
+    return names
+
+
+def _delimiter(value: str) -> str:
+    if len(value) != 1 or value.isalnum():
+        raise ValueError(f"{value!r} must be exactly one character, not a letter or digit")
+    return value
+
+
+SCHEMA = Table({
+    "server": Table({
+        "state_dir": string("var"),
+        "log_format": one_of("text", "text", "json"),
+    }),
+    "radius": Table({
+        "listen": string("127.0.0.1", _ip_address),
+        "port": integer(1812, 1, 65535),
+        "reject_delay": number(1.0, 0, 10),
+        "status_server": boolean(True),
+        "response_cache_seconds": number(30, 5, 120),
+        "clients": TableArray(Table({
+            "name": string(REQUIRED, _client_name),
+            "address": string(REQUIRED, _network),
+            "secret": string(None),          # exactly one of secret and secret_file,
+            "secret_file": string(None),     # checked in _build_client
+            "require_message_authenticator": boolean(True),
+        }), min_items=1),
+    }),
+    "directory": Table({
+        "backend": Field("a string or an array of strings", (str, list), "local", _backends),
+    }),
+    "mfa": Table({
+        "delimiter": Field("a string", (str,), ",", _delimiter),
+        "challenge": boolean(True),
+        "unenrolled": one_of("reject", "reject", "allow"),
+        "challenge_timeout": number(300, 30, 900),
+        "lockout_threshold": integer(10, 1, 100),
+        "lockout_minutes": number(15, 1, 1440),
+        "totp_window": integer(1, 0, 5),
+        "hotp_look_ahead": integer(10, 1, 100),
+    }),
+})
+
+
+# --- From parsed values to Config ---------------------------------------------------------
+
+def _resolve(base: Path, value: str) -> Path:
+    """An absolute path, relative ones taken from the config file's folder."""
+    return (base / value).resolve()
+
+
+def _read_secret_file(path: Path, key: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise _Problem(key, f"cannot read {str(path)!r}: {e.strerror or e}") from None
+    # Editors add a final newline; it is never part of the secret.
+    return data.rstrip(b"\r\n")
+
+
+def _build_client(values: dict[str, Any], key: str, base: Path,
+                  warnings: list[str]) -> ClientConfig:
+    secret, secret_file = values["secret"], values["secret_file"]
+    if secret is not None and secret_file is not None:
+        raise _Problem(key, "set secret or secret_file, not both")
+    if secret is None and secret_file is None:
+        raise _Problem(key, "secret or secret_file is required")
+    if secret is not None:
+        secret_key, data = f"{key}.secret", secret.encode("utf-8")
+    else:
+        secret_key = f"{key}.secret_file"
+        path = _resolve(base, secret_file)
+        data = _read_secret_file(path, secret_key)
+        if not data:
+            raise _Problem(secret_key, f"{str(path)!r} is empty")
+    if len(data) < MIN_SECRET_LENGTH:
+        warnings.append(f"{secret_key}: shorter than {MIN_SECRET_LENGTH} bytes;"
+                        " use a long random secret")
+    return ClientConfig(name=values["name"], network=values["address"], secret=data,
+                        require_message_authenticator=values["require_message_authenticator"])
+
+
+def _check_clients_unique(clients: Sequence[ClientConfig]) -> None:
+    names: dict[str, int] = {}
+    networks: dict[IPNetwork, int] = {}
+    for i, client in enumerate(clients):
+        if client.name in names:
+            raise _Problem(f"radius.clients[{i}].name",
+                           f"duplicate name {client.name!r}"
+                           f" (also radius.clients[{names[client.name]}])")
+        if client.network in networks:
+            other = clients[networks[client.network]]
+            raise _Problem(f"radius.clients[{i}].address",
+                           f"{client.network} is the same network as client {other.name!r}")
+        names[client.name] = i
+        networks[client.network] = i
+
+
+def _build(values: dict[str, Any], path: Path) -> Config:
+    base = path.parent
+    warnings: list[str] = []
+    radius = dict(values["radius"])
+    clients = tuple(_build_client(c, f"radius.clients[{i}]", base, warnings)
+                    for i, c in enumerate(radius.pop("clients")))
+    _check_clients_unique(clients)
+    server = values["server"]
+    return Config(
+        path=path,
+        server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
+                            log_format=server["log_format"]),
+        radius=RadiusConfig(clients=clients, **radius),
+        directory=DirectoryConfig(backends=values["directory"]["backend"]),
+        mfa=MfaConfig(**values["mfa"]),
+        warnings=tuple(f"{path}: {w}" for w in warnings),
+    )
+
+
+# --- Public functions -----------------------------------------------------------------------
+
+def resolve_config_path(explicit: str | os.PathLike | None,
+                        environ: Mapping[str, str] = os.environ) -> Path:
+    """The file to load: ``--config``, else $MFASERVER_CONFIG, else the default.
+
+    An empty value counts as not given.
+    """
+    if explicit is not None and os.fspath(explicit):
+        return Path(explicit)
+    if environ.get(CONFIG_ENV_VAR):
+        return Path(environ[CONFIG_ENV_VAR])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and check the TOML file at ``path``; raise ConfigError if it is unusable."""
+    path = Path(path).absolute()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read the file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")  # tolerate a BOM from Windows editors
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # The message holds the line and column, never the file's content.
+        raise ConfigError(path, None, f"invalid TOML: {e}") from None
+    try:
+        return _build(SCHEMA.parse(raw, ""), path)
+    except _Problem as p:
+        raise ConfigError(path, p.key, p.message) from None
+
+
+class ClientIndex:
+    """Longest-prefix lookup of RADIUS clients by source address.
+
+    Per IP version, one dict per prefix length maps a network address to its
+    client, so a lookup costs at most one dict probe per distinct prefix length.
+    """
+
+    def __init__(self, clients: Sequence[ClientConfig]):
+        by_length: dict[tuple[int, int], dict[int, ClientConfig]] = {}
+        for client in clients:
+            net = client.network
+            table = by_length.setdefault((net.version, net.prefixlen), {})
+            table.setdefault(int(net.network_address), client)
+        self._tables: dict[int, list[tuple[int, dict[int, ClientConfig]]]] = {4: [], 6: []}
+        for (version, length), table in sorted(by_length.items(), key=lambda kv: -kv[0][1]):
+            bits = 32 if version == 4 else 128
+            mask = ((1 << length) - 1) << (bits - length)
+            self._tables[version].append((mask, table))
+
+    def find(self, address: str) -> ClientConfig | None:
+        """The most specific client containing ``address``, or None."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        value = int(ip)
+        for mask, table in self._tables[ip.version]:
+            client = table.get(value & mask)
+            if client is not None:
+                return client
+        return None
+
+
+# The daemon passes the same clients tuple for every packet: keep its index.
+_last_index: tuple[Sequence[ClientConfig], ClientIndex] | None = None
+
+
+def find_client(clients: Sequence[ClientConfig], address: str) -> ClientConfig | None:
+    """The client for a packet from ``address`` (longest prefix wins), or None.
+
+    "::ffff:1.2.3.4" is matched as 1.2.3.4; an invalid address matches nothing.
+    The index of a tuple of clients is cached; a list is indexed on every call.
+    """
+    global _last_index
+    cached = _last_index
+    if cached is None or cached[0] is not clients:
+        cached = (clients, ClientIndex(clients))
+        if isinstance(clients, tuple):  # a list could change under the cache
+            _last_index = cached
+    return cached[1].find(address)

@@ -1,0 +1,140 @@
+"""Between validated RADIUS packets and the core's values.
+
+Attributes read from an Access-Request:
+    User-Name (1), User-Password (2), CHAP-Password (3), NAS-IP-Address (4),
+    State (24), Calling-Station-Id (31), NAS-Identifier (32), Proxy-State (33),
+    EAP-Message (79), NAS-IPv6-Address (95), Microsoft MS-CHAP-Response /
+    MS-CHAP2-Response (26/311/1, 26/311/25: only to refuse them).
+Attributes written to replies (Message-Authenticator is added first by the codec):
+    Access-Accept:    Reply-Message (18), reply attributes named in `REPLY_ATTRIBUTES`
+    Access-Reject:    Reply-Message (18) only (RFC 5080 §2.6.1)
+    Access-Challenge: Reply-Message (18), State (24)
+    all replies:      every Proxy-State (33) of the request, unchanged, in order
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from mfaserver.auth.model import AuthRequest, Decision, Outcome
+from mfaserver.radius import codec
+from mfaserver.radius.codec import Packet
+
+MAX_TEXT = 253
+
+REPLY_CODES = {
+    Outcome.ACCEPT: codec.ACCESS_ACCEPT,
+    Outcome.REJECT: codec.ACCESS_REJECT,
+    Outcome.CHALLENGE: codec.ACCESS_CHALLENGE,
+}
+
+
+def _text(value: bytes) -> bytes:
+    return value
+
+
+def _integer(value: str) -> bytes:
+    return struct.pack("!I", int(value))
+
+
+def _ipv4(value: str) -> bytes:
+    return ipaddress.IPv4Address(value).packed
+
+
+# Reply attributes the daemon can add to an Access-Accept, by dictionary name.
+REPLY_ATTRIBUTES = {
+    "Filter-Id": (codec.FILTER_ID, lambda v: v.encode("utf-8")),
+    "Class": (codec.CLASS, lambda v: v.encode("utf-8")),
+    "Session-Timeout": (codec.SESSION_TIMEOUT, _integer),
+    "Framed-IP-Address": (8, _ipv4),
+}
+
+
+def _decode_text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", errors="replace")
+
+
+def _nas_ip(packet: Packet) -> str | None:
+    v4 = packet.get(codec.NAS_IP_ADDRESS)
+    if v4 is not None:
+        return str(ipaddress.IPv4Address(v4))
+    v6 = packet.get(codec.NAS_IPV6_ADDRESS)
+    if v6 is not None and len(v6) == 16:
+        return str(ipaddress.IPv6Address(v6))
+    return None
+
+
+def _is_pap(packet: Packet) -> bool:
+    if not packet.has(codec.USER_PASSWORD):
+        return False
+    if packet.has(codec.CHAP_PASSWORD) or packet.has(codec.EAP_MESSAGE):
+        return False
+    for vendor_type, _ in packet.vendor_attributes(codec.VENDOR_MICROSOFT):
+        if vendor_type in (1, 25):
+            return False
+    return True
+
+
+def to_auth_request(packet: Packet, client_name: str, secret: bytes,
+                    source: tuple[str, int]) -> AuthRequest:
+    """Build the core's view of a validated Access-Request.
+
+    ``password`` is None when User-Password is not valid UTF-8 (usually a
+    wrong shared secret); the core rejects it and says so in the log.
+    """
+    pap = _is_pap(packet)
+    password = None
+    if pap:
+        plain = codec.decrypt_password(packet.get(codec.USER_PASSWORD), secret,
+                                       packet.authenticator)
+        try:
+            password = plain.decode("utf-8")
+        except UnicodeDecodeError:
+            password = None
+    return AuthRequest(
+        client_name=client_name,
+        username=_decode_text(packet.get(codec.USER_NAME)) or "",
+        password=password,
+        state=packet.get(codec.STATE),
+        nas_ip=_nas_ip(packet),
+        nas_identifier=_decode_text(packet.get(codec.NAS_IDENTIFIER)),
+        calling_station_id=_decode_text(packet.get(codec.CALLING_STATION_ID)),
+        source=f"{source[0]}:{source[1]}",
+        pap=pap,
+    )
+
+
+def split_text(text: str) -> list[bytes]:
+    """UTF-8 encode ``text`` into chunks of at most 253 octets, not splitting a character."""
+    data = text.encode("utf-8")
+    chunks = []
+    while data:
+        cut = min(len(data), MAX_TEXT)
+        while cut < len(data) and (data[cut] & 0xC0) == 0x80:
+            cut -= 1
+        chunks.append(data[:cut])
+        data = data[cut:]
+    return chunks
+
+
+def reply_attributes(decision: Decision, request: Packet) -> list[tuple[int, bytes]]:
+    """The attributes of the reply to ``request`` (Message-Authenticator excluded)."""
+    attributes = [(codec.REPLY_MESSAGE, chunk) for chunk in split_text(decision.reply_message)]
+    if decision.outcome is Outcome.CHALLENGE:
+        attributes.append((codec.STATE, decision.state))
+    elif decision.outcome is Outcome.ACCEPT:
+        for name, value in decision.attributes:
+            number, encode = REPLY_ATTRIBUTES[name]
+            attributes.append((number, encode(value)))
+    attributes.extend((codec.PROXY_STATE, value)
+                      for value in request.get_all(codec.PROXY_STATE))
+    return attributes
+
+
+def encode_decision(decision: Decision, request: Packet, secret: bytes) -> bytes:
+    """The reply datagram for ``decision``."""
+    return codec.encode_response(REPLY_CODES[decision.outcome], request, secret,
+                                 reply_attributes(decision, request))

@@ -1,0 +1,164 @@
+"""The composition root: the only place that builds the daemon from a Config.
+
+`make_service(config, reactor)` wires store, directory, core and RADIUS
+listener together and returns a Twisted service; `run_daemon` runs it in the
+foreground with logging, signal handling (SIGTERM/SIGINT stop, SIGHUP
+reloads) and an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import partial
+
+from twisted.application import service as tservice
+from twisted.internet import error as terror
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mfaserver.auth.challenges import ChallengeRegistry
+from mfaserver.auth.pipeline import Authenticator
+from mfaserver.config import Config, ConfigError, find_client, load_config
+from mfaserver.directory.local import LocalDirectory
+from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
+from mfaserver.radius.replay import ReplyCache
+from mfaserver.store import Store
+from mfaserver.store.threaded import ThreadedStore
+
+log = Logger(namespace="mfaserver.service")
+
+
+def listener_settings(config: Config) -> ListenerSettings:
+    return ListenerSettings(
+        find_client=partial(find_client, config.radius.clients),
+        reject_delay=config.radius.reject_delay,
+        status_server=config.radius.status_server,
+    )
+
+
+class ThreadPoolService(tservice.Service):
+    """Starts a thread pool with the service and stops it (joining its threads) after."""
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class RadiusListenerService(tservice.Service):
+    """Binds the UDP port on start, closes it on stop (abandoning undecided requests)."""
+
+    def __init__(self, reactor, protocol: RadiusAuthProtocol, port: int, interface: str):
+        self._reactor = reactor
+        self.protocol = protocol
+        self._port_number = port
+        self._interface = interface
+        self.port = None
+
+    def startService(self):
+        self.port = self._reactor.listenUDP(self._port_number, self.protocol,
+                                            interface=self._interface, maxPacketSize=8192)
+        super().startService()
+        host = self.port.getHost()
+        log.info("RADIUS listening on {host}:{port}", host=host.host, port=host.port)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
+class MfaDaemon(tservice.MultiService):
+    """The running daemon; `reload()` applies a changed config file without a restart."""
+
+    def __init__(self, config: Config, reactor):
+        super().__init__()
+        self.config = config
+        self.store = Store.open(config.database_path, config.key_path)
+        db_pool = ThreadPool(minthreads=1, maxthreads=1, name="mfaserver-db")
+        hash_pool = ThreadPool(minthreads=1, maxthreads=max(2, os.cpu_count() or 2),
+                               name="mfaserver-hash")
+        for pool in (db_pool, hash_pool):
+            ThreadPoolService(pool).setServiceParent(self)
+        threaded = ThreadedStore(self.store, partial(deferToThreadPool, reactor, db_pool))
+        directory = LocalDirectory(threaded.lookup_password,
+                                   partial(deferToThreadPool, reactor, hash_pool))
+        self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
+        self.authenticator = Authenticator(directory, threaded, self.challenges, config.mfa,
+                                           reactor)
+        self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
+        self.protocol = RadiusAuthProtocol(listener_settings(config),
+                                           self.authenticator.authenticate, self.cache, reactor)
+        self.listener = RadiusListenerService(reactor, self.protocol, config.radius.port,
+                                              config.radius.listen)
+        self.listener.setServiceParent(self)
+
+    def stopService(self):
+        d = super().stopService()
+        d.addBoth(lambda result: (self.store.close(), result)[1])
+        return d
+
+    def reload(self) -> bool:
+        """Re-read the config file; keep running on the old one if it is broken."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: {error}", error=str(e))
+            return False
+        old = self.config
+        for what, before, after in (
+                ("radius.listen", old.radius.listen, new.radius.listen),
+                ("radius.port", old.radius.port, new.radius.port),
+                ("server.state_dir", old.server.state_dir, new.server.state_dir),
+                ("directory.backend", old.directory.backends, new.directory.backends)):
+            if before != after:
+                log.warn("{key} changed: takes effect after a restart", key=what)
+        self.protocol.settings = listener_settings(new)
+        self.authenticator.policy = new.mfa
+        self.challenges.ttl = new.mfa.challenge_timeout
+        self.cache.ttl = new.radius.response_cache_seconds
+        self.config = new
+        for warning in new.warnings:
+            log.warn("{config}: {warning}", config=str(new.path), warning=warning)
+        log.info("configuration reloaded: {n} RADIUS clients", n=len(new.radius.clients))
+        return True
+
+
+def make_service(config: Config, reactor) -> MfaDaemon:
+    """Build the daemon for ``config`` on ``reactor`` (not started)."""
+    return MfaDaemon(config, reactor)
+
+
+def run_daemon(config: Config, log_format: str | None = None) -> int:
+    """Run in the foreground until SIGTERM/SIGINT; return the process exit code."""
+    from twisted.internet import reactor
+
+    from mfaserver.logs import start_logging
+
+    start_logging(log_format or config.server.log_format)
+    for warning in config.warnings:
+        log.warn("{config}: {warning}", config=str(config.path), warning=warning)
+    try:
+        daemon = make_service(config, reactor)
+        daemon.startService()
+    except terror.CannotListenError as e:
+        log.critical("cannot listen on {listen}:{port}: {error}", listen=config.radius.listen,
+                     port=config.radius.port, error=str(e.socketError))
+        return 1
+    except Exception as e:
+        log.critical("cannot start: {error}", error=f"{type(e).__name__}: {e}")
+        return 1
+    reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(daemon.reload))
+    log.info("mfaserver started with {config}", config=str(config.path))
+    reactor.run()
+    log.info("mfaserver stopped")
+    return 0
