@@ -194,15 +194,15 @@ class Authenticator:
                     if await self.store.use_totp_step(token.id, step, drift):
                         return await self._success(account, token.kind.value)
                     reused_by = token  # lost a race with another request using the same code
-                elif token.last_step is not None and oath.match_totp(
-                        dataclasses.replace(token, last_step=None), code, now,
-                        window=policy.totp_window) is not None:
+                elif oath.totp_replayed(token, code, now, window=policy.totp_window):
                     reused_by = token
             else:
                 counter = oath.match_hotp(token, code, look_ahead=policy.hotp_look_ahead)
                 if counter is not None:
                     if await self.store.use_hotp_counter(token.id, counter):
                         return await self._success(account, token.kind.value)
+                    reused_by = token
+                elif oath.hotp_replayed(token, code, look_back=policy.hotp_look_ahead):
                     reused_by = token
         factor = (reused_by or account.tokens[0]).kind.value
         _, locked_until = await self.store.register_failure(

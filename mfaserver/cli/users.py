@@ -1,0 +1,166 @@
+"""``mfaserver user ...``: local users, their passwords, phones and blocks."""
+
+from __future__ import annotations
+
+import click
+
+from mfaserver.cli.common import (
+    CliError,
+    CliState,
+    iso_utc,
+    parse_phone,
+    pass_state,
+    print_table,
+    read_password,
+    region_option,
+    require_user,
+)
+from mfaserver.passwords import hash_password
+from mfaserver.store import UserInfo
+
+password_stdin_option = click.option(
+    "--password-stdin", is_flag=True,
+    help="Read the password as one line from stdin instead of prompting.",
+)
+
+
+def _status(info: UserInfo, now: float) -> str:
+    if info.blocked:
+        return "blocked"
+    if info.locked_until is not None and info.locked_until > now:
+        return f"locked until {iso_utc(info.locked_until)}"
+    return "active"
+
+
+@click.group()
+def user() -> None:
+    """Manage users."""
+
+
+@user.command("add")
+@click.argument("name")
+@password_stdin_option
+@click.option("--no-password", is_flag=True,
+              help="Store no local password (the password is checked elsewhere, "
+                   "e.g. by LDAP).")
+@click.option("--phone", metavar="NUMBER", help="Phone number for SMS/voice, +CC form.")
+@region_option
+@pass_state
+def add_user(state: CliState, name: str, password_stdin: bool, no_password: bool,
+             phone: str | None, region: str | None) -> None:
+    """Add user NAME, asking for a password."""
+    if no_password and password_stdin:
+        raise click.UsageError("--no-password and --password-stdin exclude each other")
+    if not name.strip() or name != name.strip():
+        raise CliError(f"invalid user name {name!r}")
+    # Validate everything before the slow hash and before touching the store.
+    e164 = parse_phone(phone, region) if phone is not None else None
+    store = state.store(create=True)
+    if store.get_user(name) is not None:
+        raise CliError(f"user {name!r} already exists")
+    password_hash = None if no_password else hash_password(read_password(password_stdin))
+    store.add_user(name, password_hash=password_hash, phone=e164, now=state.now())
+    click.echo(f"added user {name}")
+
+
+@user.command("list")
+@pass_state
+def list_users(state: CliState) -> None:
+    """List all users."""
+    now = state.now()
+    rows = [
+        (info.name, info.phone, _status(info, now), info.failures, info.token_count,
+         "yes" if info.has_password else "no")
+        for info in state.store().list_users()
+    ]
+    print_table(("NAME", "PHONE", "STATUS", "FAILURES", "TOKENS", "PASSWORD"), rows)
+
+
+@user.command("show")
+@click.argument("name")
+@pass_state
+def show_user(state: CliState, name: str) -> None:
+    """Show one user and their tokens."""
+    store = state.store()
+    info = require_user(store, name)
+    lines = [
+        ("name", info.name),
+        ("phone", info.phone or "-"),
+        ("status", _status(info, state.now())),
+        ("blocked", "yes" if info.blocked else "no"),
+        ("failures", info.failures),
+        ("locked until", iso_utc(info.locked_until)),
+        ("password", "yes" if info.has_password else "no"),
+        ("created", iso_utc(info.created)),
+        ("tokens", info.token_count),
+    ]
+    for label, value in lines:
+        click.echo(f"{label + ':':<14}{value}")
+    for token in store.list_tokens(name):
+        click.echo(f"  {token.serial}  {token.kind.value}")
+
+
+@user.command("passwd")
+@click.argument("name")
+@password_stdin_option
+@pass_state
+def passwd(state: CliState, name: str, password_stdin: bool) -> None:
+    """Set NAME's password."""
+    store = state.store()
+    require_user(store, name)
+    store.set_password(name, hash_password(read_password(password_stdin)))
+    click.echo(f"password set for {name}")
+
+
+@user.command("set-phone")
+@click.argument("name")
+@click.argument("number", required=False)
+@click.option("--clear", is_flag=True, help="Remove the phone number.")
+@region_option
+@pass_state
+def set_phone(state: CliState, name: str, number: str | None, clear: bool,
+              region: str | None) -> None:
+    """Set (or with --clear, remove) NAME's phone number."""
+    if clear == (number is not None):
+        raise click.UsageError("give either NUMBER or --clear")
+    e164 = None if clear else parse_phone(number, region)
+    store = state.store()
+    require_user(store, name)
+    store.set_phone(name, e164)
+    click.echo(f"phone of {name} {'cleared' if clear else 'set to ' + e164}")
+
+
+@user.command("block")
+@click.argument("name")
+@pass_state
+def block(state: CliState, name: str) -> None:
+    """Refuse all logins of NAME until unblocked."""
+    store = state.store()
+    require_user(store, name)
+    store.set_blocked(name, True)
+    click.echo(f"blocked {name}")
+
+
+@user.command("unblock")
+@click.argument("name")
+@pass_state
+def unblock(state: CliState, name: str) -> None:
+    """Allow NAME to log in again; also clears a lockout after failures."""
+    store = state.store()
+    require_user(store, name)
+    store.set_blocked(name, False)
+    click.echo(f"unblocked {name}")
+
+
+@user.command("delete")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@pass_state
+def delete_user(state: CliState, name: str, yes: bool) -> None:
+    """Delete NAME and their tokens."""
+    store = state.store()
+    info = require_user(store, name)
+    if not yes:
+        click.confirm(f"Delete user {name} and {info.token_count} token(s)?", abort=True)
+    store.delete_user(name)
+    click.echo(f"deleted user {name}")

@@ -1,0 +1,694 @@
+"""The SQLite store: users, OATH tokens, bypass codes and the audit log.
+
+One database file in WAL mode is shared by the daemon (one ``Store`` used
+from one dedicated thread) and by CLI processes (their own ``Store``). So
+every write is one short transaction, every check-and-set on the login path
+is a single conditional statement judged by its row count (OTP-07), and
+multi-statement writes use ``BEGIN IMMEDIATE`` so they take the write lock up
+front instead of failing with SQLITE_BUSY on upgrade (AVL-10). A writer that
+holds the lock longer than the busy timeout (5 s) makes the call fail with
+``StoreError``; callers on the login path reject (F6).
+
+User names are stored exactly as given and looked up by exact match (no case
+folding or trimming): normalise before calling if the deployment needs it.
+
+Lockout: ``locked_until`` is a wall-clock timestamp set by
+``register_failure``; the store never compares it with the time, the caller
+does (``locked_until is not None and now < locked_until``). ``blocked`` is a
+separate administrative/fraud flag that only ``set_blocked`` changes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from mfaserver.auth.model import Account, AuditEntry, Token, TokenKind
+from mfaserver.store.crypto import (
+    KeyFileError,
+    SeedCipher,
+    SeedIntegrityError,
+    load_or_create_key,
+)
+from mfaserver.store.migrations import MigrationError, migrate
+
+__all__ = ["NewToken", "Store", "StoreError", "UserInfo"]
+
+BUSY_TIMEOUT_MS = 5000
+MAX_NAME_BYTES = 253          # the longest User-Name a RADIUS attribute can carry
+MAX_SERIAL_BYTES = 128
+ALGORITHMS = frozenset({"sha1", "sha256", "sha512"})
+_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+_KEY_CHECK_AAD = "\x00key-check"  # not a possible serial: serials reject control chars
+_KEY_CHECK_PLAINTEXT = b"mfaserver seed key check v1"
+_PURGE_BATCH = 5000
+
+
+class StoreError(Exception):
+    """A store operation failed; the message is one line fit for an operator."""
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    """A user as the CLI shows it (no secrets)."""
+
+    name: str
+    phone: str | None
+    blocked: bool
+    failures: int
+    locked_until: float | None
+    has_password: bool
+    created: float
+    token_count: int
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A token to enrol; ``serial=None`` lets the store generate one."""
+
+    kind: TokenKind
+    secret: bytes = field(repr=False)
+    digits: int = 6
+    period: int = 30
+    algorithm: str = "sha1"
+    counter: int = 0
+    serial: str | None = None
+
+
+def _guarded(method):
+    """Serialise use of the connection and turn sqlite3 errors into StoreError."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the store is closed")
+            try:
+                return method(self, *args, **kwargs)
+            except sqlite3.Error as e:
+                raise StoreError(f"database {self._path}: {e}") from e
+
+    return wrapper
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise StoreError("user name must not be empty")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise StoreError(f"user name {name!r} is not valid Unicode") from None
+    if size > MAX_NAME_BYTES:
+        raise StoreError(f"user name is too long ({size} bytes, at most {MAX_NAME_BYTES})")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise StoreError(f"user name {name!r} contains control characters")
+
+
+def _check_serial(serial: str) -> None:
+    if not isinstance(serial, str) or not serial:
+        raise StoreError("token serial must not be empty")
+    try:
+        size = len(serial.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise StoreError(f"token serial {serial!r} is not valid Unicode") from None
+    if size > MAX_SERIAL_BYTES:
+        raise StoreError(f"token serial is too long ({size} bytes, at most {MAX_SERIAL_BYTES})")
+    if any(unicodedata.category(c) == "Cc" for c in serial):
+        raise StoreError(f"token serial {serial!r} contains control characters")
+
+
+def _check_phone(phone: str | None) -> None:
+    if phone is not None and not (isinstance(phone, str) and _E164.fullmatch(phone)):
+        raise StoreError("phone number must be in E.164 form, e.g. +14155550123")
+
+
+def _check_new_token(token: NewToken) -> tuple[TokenKind, str]:
+    """Validate ``token``; return its kind and normalised algorithm name."""
+    try:
+        kind = TokenKind(token.kind)
+    except ValueError:
+        raise StoreError(f"unknown token kind {token.kind!r} (expected totp or hotp)") from None
+    if not isinstance(token.secret, (bytes, bytearray)) or not token.secret:
+        raise StoreError("token secret must be non-empty bytes")
+    if not 6 <= token.digits <= 8:
+        raise StoreError(f"token digits must be 6, 7 or 8, not {token.digits}")
+    if not 1 <= token.period <= 300:
+        raise StoreError(f"token period must be 1 to 300 seconds, not {token.period}")
+    algorithm = str(token.algorithm).lower()
+    if algorithm not in ALGORITHMS:
+        raise StoreError(f"token algorithm must be sha1, sha256 or sha512, not {token.algorithm!r}")
+    if not 0 <= token.counter < 2**63:
+        raise StoreError(f"token counter out of range: {token.counter}")
+    if token.serial is not None:
+        _check_serial(token.serial)
+    return kind, algorithm
+
+
+_USER_INFO_SQL = """
+    SELECT name, phone, blocked, failures, locked_until, password_hash IS NOT NULL,
+           created, (SELECT count(*) FROM tokens WHERE tokens.user_id = users.id)
+    FROM users
+"""
+
+_TOKEN_SQL = """
+    SELECT t.id, t.serial, u.name, t.kind, t.secret, t.digits, t.period, t.algorithm,
+           t.counter, t.last_step, t.drift
+    FROM tokens t LEFT JOIN users u ON u.id = t.user_id
+"""
+
+# One statement reads the user and all their tokens from one snapshot.
+_ACCOUNT_SQL = """
+    SELECT u.name, u.phone, u.blocked, u.failures, u.locked_until,
+           u.password_hash IS NOT NULL,
+           t.id, t.serial, t.kind, t.secret, t.digits, t.period, t.algorithm,
+           t.counter, t.last_step, t.drift
+    FROM users u LEFT JOIN tokens t ON t.user_id = u.id
+    WHERE u.name = ?
+    ORDER BY t.id
+"""
+
+
+def _user_info(row) -> UserInfo:
+    return UserInfo(
+        name=row[0], phone=row[1], blocked=bool(row[2]), failures=row[3],
+        locked_until=row[4], has_password=bool(row[5]), created=row[6], token_count=row[7],
+    )
+
+
+class Store:
+    """Synchronous access to the mfaserver database; see the module docstring.
+
+    Calls on one instance are serialised by a lock, but the daemon should
+    still make them from one dedicated thread. Seeds are decrypted only when
+    a ``Token`` is built; encrypted blobs never leave this class.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, cipher: SeedCipher, path: Path):
+        """Use ``Store.open``; this takes an already configured connection."""
+        self._conn: sqlite3.Connection | None = conn
+        self._cipher = cipher
+        self._path = path
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(cls, database_path: Path, key_path: Path, *, create: bool = True) -> "Store":
+        """Open (and with ``create``, create) the database and its seed key.
+
+        Creates the state directory 0700 and the database file 0600 (SQLite
+        gives the -wal/-shm files the same mode), applies migrations and
+        loads the key. Raises StoreError for database problems and
+        KeyFileError for key problems, including a key that does not match
+        the database. A key is only ever created for a database that has
+        never had one, so a lost key file is not silently replaced.
+        """
+        database_path = Path(database_path)
+        key_path = Path(key_path)
+        if create:
+            database_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                os.close(os.open(database_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StoreError(f"cannot create database {database_path}: {e.strerror}") from None
+        elif not database_path.exists():
+            raise StoreError(f"database {database_path} does not exist")
+        try:
+            conn = sqlite3.connect(
+                database_path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open database {database_path}: {e}") from e
+        try:
+            _configure(conn, database_path)
+            migrate(conn)
+            cipher = _load_cipher(conn, key_path, create=create)
+        except MigrationError as e:
+            conn.close()
+            raise StoreError(f"database {database_path}: {e}") from None
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreError(f"cannot open database {database_path}: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, cipher, database_path)
+
+    def close(self) -> None:
+        """Close the connection; later calls raise StoreError. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is None:
+                return
+            try:
+                # Keeps the query planner's statistics current; cheap when nothing changed.
+                conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass
+            conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that holds the write lock from its first statement."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _user_id(self, name: str) -> int | None:
+        row = self._conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def _require_user_id(self, name: str) -> int:
+        user_id = self._user_id(name)
+        if user_id is None:
+            raise StoreError(f"no such user {name!r}")
+        return user_id
+
+    def _token(self, row) -> Token:
+        (token_id, serial, user, kind, blob, digits, period, algorithm,
+         counter, last_step, drift) = row
+        return Token(
+            id=token_id, serial=serial, user=user, kind=TokenKind(kind),
+            secret=self._cipher.decrypt(blob, serial=serial),
+            digits=digits, period=period, algorithm=algorithm, counter=counter,
+            last_step=last_step, drift=drift,
+        )
+
+    # --- users (CLI) ---
+
+    @_guarded
+    def add_user(
+        self, name: str, *, password_hash: str | None, phone: str | None, now: float
+    ) -> UserInfo:
+        """Create a user; StoreError if the name is taken or invalid."""
+        _check_name(name)
+        _check_phone(phone)
+        try:
+            self._conn.execute(
+                "INSERT INTO users (name, password_hash, phone, blocked, failures, created)"
+                " VALUES (?, ?, ?, 0, 0, ?)",
+                (name, password_hash, phone, now),
+            )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"user {name!r} already exists") from None
+        return UserInfo(
+            name=name, phone=phone, blocked=False, failures=0, locked_until=None,
+            has_password=password_hash is not None, created=now, token_count=0,
+        )
+
+    @_guarded
+    def get_user(self, name: str) -> UserInfo | None:
+        """Return the user called exactly ``name``, or None."""
+        row = self._conn.execute(_USER_INFO_SQL + " WHERE name = ?", (name,)).fetchone()
+        return None if row is None else _user_info(row)
+
+    @_guarded
+    def list_users(self) -> list[UserInfo]:
+        """Return all users ordered by name."""
+        rows = self._conn.execute(_USER_INFO_SQL + " ORDER BY name").fetchall()
+        return [_user_info(row) for row in rows]
+
+    def _update_user(self, name: str, sql: str, params: tuple) -> None:
+        cursor = self._conn.execute(sql, params + (name,))
+        if cursor.rowcount != 1:
+            raise StoreError(f"no such user {name!r}")
+
+    @_guarded
+    def set_password(self, name: str, password_hash: str) -> None:
+        """Replace the user's password hash."""
+        if not isinstance(password_hash, str) or not password_hash:
+            raise StoreError("password hash must not be empty")
+        self._update_user(
+            name, "UPDATE users SET password_hash = ? WHERE name = ?", (password_hash,)
+        )
+
+    @_guarded
+    def set_phone(self, name: str, phone: str | None) -> None:
+        """Set (E.164) or clear the user's phone number."""
+        _check_phone(phone)
+        self._update_user(name, "UPDATE users SET phone = ? WHERE name = ?", (phone,))
+
+    @_guarded
+    def set_blocked(self, name: str, blocked: bool) -> None:
+        """Block or unblock; unblocking also clears failures and any lockout."""
+        if blocked:
+            self._update_user(name, "UPDATE users SET blocked = 1 WHERE name = ?", ())
+        else:
+            self._update_user(
+                name,
+                "UPDATE users SET blocked = 0, failures = 0, locked_until = NULL WHERE name = ?",
+                (),
+            )
+
+    @_guarded
+    def delete_user(self, name: str) -> None:
+        """Delete the user with their tokens and bypass (audit rows are kept)."""
+        self._update_user(name, "DELETE FROM users WHERE name = ?", ())
+
+    # --- tokens (CLI) ---
+
+    @_guarded
+    def add_token(self, user: str | None, token: NewToken, *, now: float) -> Token:
+        """Enrol ``token`` for ``user`` (None: unassigned) and return it with its id.
+
+        The seed is sealed with the serial as associated data. A generated
+        serial is ``TOTP-``/``HOTP-`` plus 8 hex digits, retried on collision.
+        """
+        kind, algorithm = _check_new_token(token)
+        secret = bytes(token.secret)
+        columns = (
+            "serial, user_id, kind, secret, digits, period, algorithm,"
+            " counter, last_step, drift, created"
+        )
+        for _attempt in range(20):
+            serial = token.serial or f"{kind.value.upper()}-{secrets.token_hex(4).upper()}"
+            values = (
+                kind.value, self._cipher.encrypt(secret, serial=serial), token.digits,
+                token.period, algorithm, token.counter, now,
+            )
+            try:
+                if user is None:
+                    cursor = self._conn.execute(
+                        f"INSERT INTO tokens ({columns})"
+                        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, NULL, 0, ?)",
+                        (serial,) + values,
+                    )
+                else:
+                    # INSERT ... SELECT: the user lookup and insert are one statement.
+                    cursor = self._conn.execute(
+                        f"INSERT INTO tokens ({columns})"
+                        " SELECT ?, id, ?, ?, ?, ?, ?, ?, NULL, 0, ? FROM users WHERE name = ?",
+                        (serial,) + values + (user,),
+                    )
+            except sqlite3.IntegrityError as e:
+                if "tokens.serial" not in str(e):
+                    raise
+                if token.serial is not None:
+                    raise StoreError(f"token serial {serial!r} already exists") from None
+                continue
+            if cursor.rowcount != 1:
+                raise StoreError(f"no such user {user!r}")
+            return Token(
+                id=cursor.lastrowid, serial=serial, user=user, kind=kind, secret=secret,
+                digits=token.digits, period=token.period, algorithm=algorithm,
+                counter=token.counter, last_step=None, drift=0,
+            )
+        raise StoreError("could not generate a unique token serial")
+
+    @_guarded
+    def assign_token(self, serial: str, user: str) -> None:
+        """Give an unassigned token to ``user``.
+
+        A token already held by another user is refused: moving a second
+        factor between people should be a deliberate delete and re-enrol.
+        Assigning to its current holder is a no-op.
+        """
+        with self._immediate() as conn:
+            user_id = self._require_user_id(user)
+            row = conn.execute(
+                "SELECT t.user_id, u.name FROM tokens t LEFT JOIN users u ON u.id = t.user_id"
+                " WHERE t.serial = ?",
+                (serial,),
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no token {serial!r}")
+            if row[0] is not None and row[0] != user_id:
+                raise StoreError(f"token {serial!r} is already assigned to user {row[1]!r}")
+            conn.execute("UPDATE tokens SET user_id = ? WHERE serial = ?", (user_id, serial))
+
+    @_guarded
+    def list_tokens(self, user: str) -> list[Token]:
+        """Return the user's tokens (seeds decrypted) in enrolment order."""
+        user_id = self._require_user_id(user)
+        rows = self._conn.execute(_TOKEN_SQL + " WHERE t.user_id = ? ORDER BY t.id", (user_id,))
+        return [self._token(row) for row in rows.fetchall()]
+
+    @_guarded
+    def list_unassigned_tokens(self) -> list[Token]:
+        """Return tokens that belong to nobody yet, ordered by serial."""
+        rows = self._conn.execute(_TOKEN_SQL + " WHERE t.user_id IS NULL ORDER BY t.serial")
+        return [self._token(row) for row in rows.fetchall()]
+
+    @_guarded
+    def delete_token(self, user: str | None, serial: str) -> None:
+        """Delete ``user``'s token ``serial`` (user None: an unassigned token)."""
+        if user is None:
+            cursor = self._conn.execute(
+                "DELETE FROM tokens WHERE serial = ? AND user_id IS NULL", (serial,)
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"no unassigned token {serial!r}")
+            return
+        cursor = self._conn.execute(
+            "DELETE FROM tokens WHERE serial = ?"
+            " AND user_id = (SELECT id FROM users WHERE name = ?)",
+            (serial, user),
+        )
+        if cursor.rowcount != 1:
+            self._require_user_id(user)
+            raise StoreError(f"no token {serial!r} for user {user!r}")
+
+    @_guarded
+    def set_hotp_counter(self, token_id: int, counter: int) -> None:
+        """Resync: set the next HOTP counter expected."""
+        if not 0 <= counter < 2**63:
+            raise StoreError(f"HOTP counter out of range: {counter}")
+        cursor = self._conn.execute(
+            "UPDATE tokens SET counter = ? WHERE id = ? AND kind = 'hotp'", (counter, token_id)
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"no HOTP token with id {token_id}")
+
+    @_guarded
+    def set_totp_sync(self, token_id: int, drift: int, last_step: int) -> None:
+        """Resync: set the learned drift and the last step used.
+
+        Pass the step just verified; a lower ``last_step`` than before would
+        re-open older codes to replay.
+        """
+        cursor = self._conn.execute(
+            "UPDATE tokens SET drift = ?, last_step = ? WHERE id = ? AND kind = 'totp'",
+            (drift, last_step, token_id),
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"no TOTP token with id {token_id}")
+
+    @_guarded
+    def add_bypass(self, user: str, expires: float) -> None:
+        """Allow ``user`` one login without a second factor until ``expires``."""
+        cursor = self._conn.execute(
+            "INSERT INTO bypass (user_id, expires) SELECT id, ? FROM users WHERE name = ?"
+            " ON CONFLICT (user_id) DO UPDATE SET expires = excluded.expires",
+            (expires, user),
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"no such user {user!r}")
+
+    # --- login path (daemon) ---
+
+    @_guarded
+    def load_account(self, name: str) -> Account | None:
+        """Return the user and their tokens (seeds decrypted) from one query, or None.
+
+        Raises SeedIntegrityError if any seed fails to authenticate: the
+        caller must reject and alert, never skip the token.
+        """
+        rows = self._conn.execute(_ACCOUNT_SQL, (name,)).fetchall()
+        if not rows:
+            return None
+        first = rows[0]
+        tokens = ()
+        if first[6] is not None:
+            tokens = tuple(self._token((r[6], r[7], r[0]) + r[8:]) for r in rows)
+        return Account(
+            name=first[0], phone=first[1], blocked=bool(first[2]), failures=first[3],
+            locked_until=first[4], tokens=tokens, has_password=bool(first[5]),
+        )
+
+    @_guarded
+    def get_password(self, name: str) -> tuple[str | None, str | None] | None:
+        """Return ``(password_hash, phone)`` for the local directory, or None if unknown."""
+        row = self._conn.execute(
+            "SELECT password_hash, phone FROM users WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    @_guarded
+    def use_totp_step(self, token_id: int, step: int, drift: int) -> bool:
+        """Record ``step`` as used, if it is newer than the last used; the replay guard.
+
+        One conditional UPDATE: of two concurrent uses of one step, exactly
+        one returns True.
+        """
+        cursor = self._conn.execute(
+            "UPDATE tokens SET last_step = ?, drift = ?"
+            " WHERE id = ? AND kind = 'totp' AND (last_step IS NULL OR last_step < ?)",
+            (step, drift, token_id, step),
+        )
+        return cursor.rowcount == 1
+
+    @_guarded
+    def use_hotp_counter(self, token_id: int, matched_counter: int) -> bool:
+        """Advance the HOTP counter past ``matched_counter`` unless already past it."""
+        cursor = self._conn.execute(
+            "UPDATE tokens SET counter = ? WHERE id = ? AND kind = 'hotp' AND counter <= ?",
+            (matched_counter + 1, token_id, matched_counter),
+        )
+        return cursor.rowcount == 1
+
+    @_guarded
+    def register_failure(
+        self, name: str, *, now: float, threshold: int, lock_seconds: float
+    ) -> tuple[int, float | None]:
+        """Count a wrong code; lock the user when ``threshold`` is reached.
+
+        Returns the stored ``(failures, locked_until)`` after the update: on
+        the failure that locks, that is ``(0, now + lock_seconds)``; otherwise
+        ``locked_until`` is the previous value, which may lie in the past.
+        An unknown user (deleted meanwhile) gives ``(0, None)``.
+        """
+        if threshold < 1:
+            raise StoreError(f"failure threshold must be at least 1, not {threshold}")
+        # SQLite evaluates every SET expression against the old row.
+        rows = self._conn.execute(
+            "UPDATE users SET"
+            " failures = CASE WHEN failures + 1 >= :threshold THEN 0 ELSE failures + 1 END,"
+            " locked_until = CASE WHEN failures + 1 >= :threshold"
+            "   THEN :until ELSE locked_until END"
+            " WHERE name = :name RETURNING failures, locked_until",
+            {"threshold": threshold, "until": now + lock_seconds, "name": name},
+        ).fetchall()  # fetch all: the statement (and its write) ends only when drained
+        if not rows:
+            return (0, None)
+        failures, locked_until = rows[0]
+        return (failures, None if locked_until is None else float(locked_until))
+
+    @_guarded
+    def clear_failures(self, name: str) -> None:
+        """Reset the failure count after a successful login (no write if already 0)."""
+        self._conn.execute(
+            "UPDATE users SET failures = 0 WHERE name = ? AND failures != 0", (name,)
+        )
+
+    @_guarded
+    def consume_bypass(self, name: str, *, now: float) -> bool:
+        """Use the user's bypass if it has not expired; it is removed either way."""
+        rows = self._conn.execute(
+            "DELETE FROM bypass WHERE user_id = (SELECT id FROM users WHERE name = ?)"
+            " RETURNING expires",
+            (name,),
+        ).fetchall()
+        return any(expires > now for (expires,) in rows)
+
+    @_guarded
+    def record_audit(self, entry: AuditEntry) -> None:
+        """Append one decision to the audit log (``entry.id`` is ignored)."""
+        self._conn.execute(
+            "INSERT INTO audit (time, user, client, nas_ip, calling_station_id, factor,"
+            " outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.time, entry.user, entry.client, entry.nas_ip, entry.calling_station_id,
+                entry.factor, entry.outcome, entry.reason,
+            ),
+        )
+
+    @_guarded
+    def recent_audit(self, *, user: str | None = None, limit: int = 20) -> list[AuditEntry]:
+        """Return up to ``limit`` audit rows, newest first, optionally for one user."""
+        columns = "id, time, user, client, nas_ip, calling_station_id, factor, outcome, reason"
+        if user is None:
+            rows = self._conn.execute(
+                f"SELECT {columns} FROM audit ORDER BY time DESC, id DESC LIMIT ?",
+                (max(limit, 0),),
+            )
+        else:
+            rows = self._conn.execute(
+                f"SELECT {columns} FROM audit WHERE user = ?"
+                " ORDER BY time DESC, id DESC LIMIT ?",
+                (user, max(limit, 0)),
+            )
+        return [
+            AuditEntry(
+                id=r[0], time=r[1], user=r[2], client=r[3], nas_ip=r[4],
+                calling_station_id=r[5], factor=r[6], outcome=r[7], reason=r[8],
+            )
+            for r in rows.fetchall()
+        ]
+
+    @_guarded
+    def purge_audit(self, *, before: float) -> int:
+        """Delete audit rows older than ``before``; return how many went.
+
+        Deletes in small batches, each its own transaction, so a large purge
+        never holds the write lock long enough to stall logins.
+        """
+        total = 0
+        while True:
+            cursor = self._conn.execute(
+                "DELETE FROM audit WHERE id IN"
+                " (SELECT id FROM audit WHERE time < ? ORDER BY time LIMIT ?)",
+                (before, _PURGE_BATCH),
+            )
+            total += cursor.rowcount
+            if cursor.rowcount < _PURGE_BATCH:
+                return total
+
+
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    """Apply the per-connection settings every Store relies on."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
+    conn.execute("PRAGMA foreign_keys = ON")  # needed for ON DELETE CASCADE
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        # Without WAL the CLI's reads would block the daemon's writes.
+        raise StoreError(f"database {path}: cannot enable WAL mode (got {mode!r})")
+    # NORMAL is durable against application crashes in WAL mode; only the
+    # last transactions can be lost on power failure.
+    conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _load_cipher(conn: sqlite3.Connection, key_path: Path, *, create: bool) -> SeedCipher:
+    """Load the seed key and check it is the one this database was sealed with."""
+    row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+    # Once a database has a key, a missing key file must never be replaced
+    # by a fresh one: the seeds would all become unreadable (F7).
+    cipher = SeedCipher(load_or_create_key(key_path, create=create and row is None))
+    if row is None:
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)",
+            (cipher.encrypt(_KEY_CHECK_PLAINTEXT, serial=_KEY_CHECK_AAD),),
+        )
+        # Another process may have won the insert with its own key; verify below.
+        row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
+    try:
+        cipher.decrypt(row[0], serial=_KEY_CHECK_AAD)
+    except SeedIntegrityError:
+        raise KeyFileError(
+            f"seed key file {key_path} does not match the database; "
+            f"restore the key file this database was created with"
+        ) from None
+    return cipher

@@ -1,0 +1,148 @@
+"""Versioned schema migrations for the mfaserver SQLite database.
+
+The schema version lives in ``PRAGMA user_version``. ``MIGRATIONS[n]`` takes
+the schema from version ``n`` to ``n + 1``; pending steps run in order inside
+one ``BEGIN IMMEDIATE`` transaction, so a crash leaves the old schema intact
+and two processes starting together cannot both migrate. Append new steps;
+never edit a released one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Callable
+
+import sqlite_utils
+from sqlite_utils.db import ForeignKey
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "MigrationError", "migrate", "schema_version"]
+
+
+class MigrationError(Exception):
+    """The database cannot be brought to this code's schema (e.g. it is newer)."""
+
+
+def _v1_initial(db: sqlite_utils.Database) -> None:
+    """Users, OATH tokens, one-time bypasses, the audit log and a key check."""
+    # meta holds small named values; "key_check" is a blob sealed under the
+    # seed key so that opening with the wrong key file fails at start (F7).
+    db.create_table("meta", {"name": str, "value": bytes}, pk="name", not_null=["value"])
+
+    db.create_table(
+        "users",
+        {
+            "id": int,
+            "name": str,
+            "password_hash": str,
+            "phone": str,
+            "blocked": int,
+            "failures": int,
+            "locked_until": float,
+            "created": float,
+        },
+        pk="id",
+        not_null=["name", "blocked", "failures", "created"],
+        defaults={"blocked": 0, "failures": 0},
+    )
+    db["users"].create_index(["name"], index_name="users_name", unique=True)
+
+    db.create_table(
+        "tokens",
+        {
+            "id": int,
+            "serial": str,
+            "user_id": int,
+            "kind": str,
+            "secret": bytes,
+            "digits": int,
+            "period": int,
+            "algorithm": str,
+            "counter": int,
+            "last_step": int,
+            "drift": int,
+            "created": float,
+        },
+        pk="id",
+        foreign_keys=[ForeignKey("tokens", "user_id", "users", "id", on_delete="CASCADE")],
+        not_null=[
+            "serial", "kind", "secret", "digits", "period", "algorithm",
+            "counter", "drift", "created",
+        ],
+        defaults={"digits": 6, "period": 30, "algorithm": "sha1", "counter": 0, "drift": 0},
+    )
+    db["tokens"].create_index(["serial"], index_name="tokens_serial", unique=True)
+    db["tokens"].create_index(["user_id"], index_name="tokens_user_id")
+
+    db.create_table(
+        "bypass",
+        {"user_id": int, "expires": float},
+        pk="user_id",
+        foreign_keys=[ForeignKey("bypass", "user_id", "users", "id", on_delete="CASCADE")],
+        not_null=["expires"],
+    )
+
+    db.create_table(
+        "audit",
+        {
+            "id": int,
+            "time": float,
+            "user": str,
+            "client": str,
+            "nas_ip": str,
+            "calling_station_id": str,
+            "factor": str,
+            "outcome": str,
+            "reason": str,
+        },
+        pk="id",
+        not_null=["time", "user", "client", "factor", "outcome", "reason"],
+    )
+    db["audit"].create_index(["time"], index_name="audit_time")
+    db["audit"].create_index(["user", "time"], index_name="audit_user_time")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1_initial,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """Return the schema version recorded in the database file."""
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _check_not_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise MigrationError(
+            f"database schema version {version} is newer than this mfaserver "
+            f"supports ({SCHEMA_VERSION}); upgrade mfaserver"
+        )
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migrations to ``conn`` and return the resulting version.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``) with no
+    transaction open.
+    """
+    version = schema_version(conn)
+    _check_not_newer(version)
+    if version == SCHEMA_VERSION:
+        # The common case takes no write lock, so opening never waits on the daemon.
+        return version
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read under the write lock: another process may have migrated meanwhile.
+        version = schema_version(conn)
+        _check_not_newer(version)
+        db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+        for number in range(version, SCHEMA_VERSION):
+            MIGRATIONS[number](db)
+            conn.execute(f"PRAGMA user_version = {number + 1:d}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return SCHEMA_VERSION
