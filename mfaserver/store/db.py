@@ -100,30 +100,26 @@ def _guarded(method):
     return wrapper
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise StoreError("user name must not be empty")
+def _check_label(what: str, value: str, max_bytes: int) -> None:
+    """A user name or token serial: non-empty, bounded, valid Unicode, no control characters."""
+    if not isinstance(value, str) or not value:
+        raise StoreError(f"{what} must not be empty")
     try:
-        size = len(name.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
-        raise StoreError(f"user name {name!r} is not valid Unicode") from None
-    if size > MAX_NAME_BYTES:
-        raise StoreError(f"user name is too long ({size} bytes, at most {MAX_NAME_BYTES})")
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        raise StoreError(f"user name {name!r} contains control characters")
+        raise StoreError(f"{what} {value!r} is not valid Unicode") from None
+    if size > max_bytes:
+        raise StoreError(f"{what} is too long ({size} bytes, at most {max_bytes})")
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise StoreError(f"{what} {value!r} contains control characters")
+
+
+def _check_name(name: str) -> None:
+    _check_label("user name", name, MAX_NAME_BYTES)
 
 
 def _check_serial(serial: str) -> None:
-    if not isinstance(serial, str) or not serial:
-        raise StoreError("token serial must not be empty")
-    try:
-        size = len(serial.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise StoreError(f"token serial {serial!r} is not valid Unicode") from None
-    if size > MAX_SERIAL_BYTES:
-        raise StoreError(f"token serial is too long ({size} bytes, at most {MAX_SERIAL_BYTES})")
-    if any(unicodedata.category(c) == "Cc" for c in serial):
-        raise StoreError(f"token serial {serial!r} contains control characters")
+    _check_label("token serial", serial, MAX_SERIAL_BYTES)
 
 
 def _check_phone(phone: str | None) -> None:

@@ -230,6 +230,11 @@ def _malformed_packets(user: str) -> dict[str, bytes]:
         "vsa sub-attribute of length 0 (pyrad hang)": vsa_zero,
         "attribute length 0": good[:20] + b"\x01\x00" + good[22:],
         "attribute length 1": good[:20] + b"\x01\x01" + good[22:],
+        "user-name claims 10 bytes, 2 present": good[:2] + (24).to_bytes(2, "big")
+        + good[4:20] + b"\x01\x0ahi",
+        "1,000 two-byte attributes": good[:2] + (20 + 2000 % 4096).to_bytes(2, "big")
+        + good[4:20] + b"\x21\x02" * 1000,
+        "65 KB datagram with a bad length": good[:2] + b"\xff\xff" + good[4:] + bytes(60000),
         "random bytes": os.urandom(300),
         "empty": b"",
     }
@@ -239,6 +244,12 @@ def test_malformed_packets_are_dropped_and_the_daemon_keeps_answering(daemon, us
     for name, data in _malformed_packets(user).items():
         assert daemon.send_raw(data, wait=0.3) is None, name
         assert daemon.alive(), f"daemon stopped answering after: {name}"
+
+
+def test_padding_after_the_length_field_is_ignored(daemon, user):
+    data, auth = access_request(SECRET.encode(), user, "wrong")
+    reply = daemon.send_raw(data + b"\x00\x01\x02", wait=5)
+    assert codec.decode_response(reply, SECRET.encode(), auth).code == codec.ACCESS_REJECT
 
 
 def test_user_password_of_bad_length_is_dropped(daemon, user):

@@ -1,0 +1,1 @@
+"""Helpers for scripts/bench: the benchmark driver and a bare RADIUS responder."""
