@@ -14,9 +14,7 @@ from functools import partial
 
 from twisted.application import service as tservice
 from twisted.internet import error as terror
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.pipeline import Authenticator
@@ -26,6 +24,7 @@ from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
 from mfaserver.store import Store
 from mfaserver.store.threaded import ThreadedStore
+from mfaserver.workers import WorkerThreads
 
 log = Logger(namespace="mfaserver.service")
 
@@ -38,19 +37,19 @@ def listener_settings(config: Config) -> ListenerSettings:
     )
 
 
-class ThreadPoolService(tservice.Service):
-    """Starts a thread pool with the service and stops it (joining its threads) after."""
+class WorkersService(tservice.Service):
+    """Starts worker threads with the service and stops them (joining them) after."""
 
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
+    def __init__(self, workers: WorkerThreads):
+        self.workers = workers
 
     def startService(self):
         super().startService()
-        self.pool.start()
+        self.workers.start()
 
     def stopService(self):
         super().stopService()
-        self.pool.stop()
+        self.workers.stop()
 
 
 class RadiusListenerService(tservice.Service):
@@ -83,14 +82,14 @@ class MfaDaemon(tservice.MultiService):
         super().__init__()
         self.config = config
         self.store = Store.open(config.database_path, config.key_path)
-        db_pool = ThreadPool(minthreads=1, maxthreads=1, name="mfaserver-db")
-        hash_pool = ThreadPool(minthreads=1, maxthreads=max(2, os.cpu_count() or 2),
-                               name="mfaserver-hash")
-        for pool in (db_pool, hash_pool):
-            ThreadPoolService(pool).setServiceParent(self)
-        threaded = ThreadedStore(self.store, partial(deferToThreadPool, reactor, db_pool))
-        directory = LocalDirectory(threaded.lookup_password,
-                                   partial(deferToThreadPool, reactor, hash_pool))
+        # One database thread: SQLite calls are short, and one connection must
+        # not be used by two threads at once. Hashing gets one thread per core.
+        db_thread = WorkerThreads(reactor, 1, "mfaserver-db")
+        hash_threads = WorkerThreads(reactor, max(2, os.cpu_count() or 2), "mfaserver-hash")
+        for workers in (db_thread, hash_threads):
+            WorkersService(workers).setServiceParent(self)
+        threaded = ThreadedStore(self.store, db_thread.run)
+        directory = LocalDirectory(threaded.lookup_password, hash_threads.run)
         self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
         self.authenticator = Authenticator(directory, threaded, self.challenges, config.mfa,
                                            reactor)

@@ -131,6 +131,7 @@ class Account:
     locked_until: float | None
     tokens: tuple[Token, ...] = ()
     has_password: bool = False
+    bypass_until: float | None = None  # expiry of a pending one-login bypass, if any
 
 
 @dataclass(frozen=True)

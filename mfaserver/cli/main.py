@@ -54,11 +54,11 @@ def check_config(state: CliState) -> None:
 
 
 @cli.command()
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
-              show_default=True, help="Log lines as text or as JSON objects.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text or as JSON objects (default: [server] log_format).")
 @pass_state
 @click.pass_context
-def run(ctx: click.Context, state: CliState, log_format: str) -> None:
+def run(ctx: click.Context, state: CliState, log_format: str | None) -> None:
     """Run the server in the foreground until stopped."""
     config = state.config()
     # Imported here so admin commands never pay for (or depend on) the daemon.

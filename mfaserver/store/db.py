@@ -166,7 +166,8 @@ _ACCOUNT_SQL = """
     SELECT u.name, u.phone, u.blocked, u.failures, u.locked_until,
            u.password_hash IS NOT NULL,
            t.id, t.serial, t.kind, t.secret, t.digits, t.period, t.algorithm,
-           t.counter, t.last_step, t.drift
+           t.counter, t.last_step, t.drift,
+           (SELECT b.expires FROM bypass b WHERE b.user_id = u.id)
     FROM users u LEFT JOIN tokens t ON t.user_id = u.id
     WHERE u.name = ?
     ORDER BY t.id
@@ -519,10 +520,11 @@ class Store:
         first = rows[0]
         tokens = ()
         if first[6] is not None:
-            tokens = tuple(self._token((r[6], r[7], r[0]) + r[8:]) for r in rows)
+            tokens = tuple(self._token((r[6], r[7], r[0]) + r[8:-1]) for r in rows)
         return Account(
             name=first[0], phone=first[1], blocked=bool(first[2]), failures=first[3],
             locked_until=first[4], tokens=tokens, has_password=bool(first[5]),
+            bypass_until=first[-1],
         )
 
     @_guarded
