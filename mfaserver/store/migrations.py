@@ -12,8 +12,10 @@ from __future__ import annotations
 import sqlite3
 from typing import Callable
 
-import sqlite_utils
-from sqlite_utils.db import ForeignKey
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "MigrationError", "migrate", "schema_version"]
 
@@ -24,6 +26,8 @@ class MigrationError(Exception):
 
 def _v1_initial(db: sqlite_utils.Database) -> None:
     """Users, OATH tokens, one-time bypasses, the audit log and a key check."""
+    from sqlite_utils.db import ForeignKey
+
     # meta holds small named values; "key_check" is a blob sealed under the
     # seed key so that opening with the wrong key file fails at start (F7).
     db.create_table("meta", {"name": str, "value": bytes}, pk="name", not_null=["value"])
@@ -136,6 +140,10 @@ def migrate(conn: sqlite3.Connection) -> int:
         # Re-read under the write lock: another process may have migrated meanwhile.
         version = schema_version(conn)
         _check_not_newer(version)
+        # Imported only when a migration runs: the daemon's usual start (schema
+        # already current) should not carry sqlite-utils in memory.
+        import sqlite_utils
+
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         for number in range(version, SCHEMA_VERSION):
             MIGRATIONS[number](db)
