@@ -479,7 +479,10 @@ class ClientIndex:
     client, so a lookup costs at most one dict probe per distinct prefix length.
     """
 
+    MEMO_SIZE = 4096
+
     def __init__(self, clients: Sequence[ClientConfig]):
+        self._memo: dict[str, ClientConfig | None] = {}
         by_length: dict[tuple[int, int], dict[int, ClientConfig]] = {}
         for client in clients:
             net = client.network
@@ -492,7 +495,23 @@ class ClientIndex:
             self._tables[version].append((mask, table))
 
     def find(self, address: str) -> ClientConfig | None:
-        """The most specific client containing ``address``, or None."""
+        """The most specific client containing ``address``, or None.
+
+        Runs for every packet, so answers are remembered per address string
+        (parsing an address costs more than the rest of a Status-Server
+        reply). The memo is bounded: a flood from many sources empties it.
+        """
+        try:
+            return self._memo[address]
+        except KeyError:
+            pass
+        client = self._find(address)
+        if len(self._memo) >= self.MEMO_SIZE:
+            self._memo.clear()
+        self._memo[address] = client
+        return client
+
+    def _find(self, address: str) -> ClientConfig | None:
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

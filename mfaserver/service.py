@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from functools import partial
 
 from twisted.application import service as tservice
 from twisted.internet import error as terror
@@ -19,7 +18,7 @@ from twisted.logger import Logger
 
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.pipeline import Authenticator
-from mfaserver.config import Config, ConfigError, find_client, load_config
+from mfaserver.config import ClientIndex, Config, ConfigError, load_config
 from mfaserver.directory.local import LocalDirectory
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
@@ -32,7 +31,7 @@ log = Logger(namespace="mfaserver.service")
 
 def listener_settings(config: Config) -> ListenerSettings:
     return ListenerSettings(
-        find_client=partial(find_client, config.radius.clients),
+        find_client=ClientIndex(config.radius.clients).find,
         reject_delay=config.radius.reject_delay,
         status_server=config.radius.status_server,
     )
