@@ -29,7 +29,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/mfaserver/mfaserver.toml")
 CONFIG_ENV_VAR = "MFASERVER_CONFIG"
 
 # Names accepted in [directory] backend; a new backend is one more entry here.
-DIRECTORY_BACKENDS = ("local",)
+DIRECTORY_BACKENDS = ("local", "ldap", "radius")
 
 # Shorter secrets are accepted (some NAS limit the length) but warned about.
 MIN_SECRET_LENGTH = 16
@@ -66,8 +66,19 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class ReplyRule:
+    """One [[radius.reply]] entry: members of ``group`` get ``attributes`` in the Accept.
+
+    ``group`` is a DN, normalised to lower case (directories report them so).
+    """
+
+    group: str
+    attributes: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class RadiusConfig:
-    """[radius]: the UDP listener and its clients."""
+    """[radius]: the UDP listener, its clients and the reply rules."""
 
     listen: str = "127.0.0.1"
     port: int = 1812
@@ -75,6 +86,51 @@ class RadiusConfig:
     status_server: bool = True
     response_cache_seconds: float = 30.0
     clients: tuple[ClientConfig, ...] = ()
+    reply: tuple[ReplyRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class LdapConfig:
+    """[directory.ldap]: an LDAP or Active Directory server set."""
+
+    servers: tuple[str, ...]
+    base_dn: str
+    bind_dn: str = ""
+    bind_password: str = field(default="", repr=False)
+    start_tls: bool = False
+    ca_file: Path | None = None
+    user_filter: str = "(uid={username})"
+    username_attribute: str = "uid"
+    required_group: str = ""          # lower-cased DN, "" = no group required
+    phone_attribute: str = "mobile"
+    timeout: float = 5.0
+    allow_plaintext: bool = False
+    active_directory: bool = False
+    ad_domain: str = ""               # NetBIOS name accepted in DOMAIN\user ("" = any)
+    pool_size: int = 8
+    retry_dead_after: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamRadiusConfig:
+    """[directory.radius]: upstream RADIUS servers that check the password."""
+
+    servers: tuple[tuple[str, int], ...]
+    secret: bytes = field(repr=False)
+    timeout: float = 3.0
+    retries: int = 1
+    pass_through: tuple[str, ...] = ()
+    nas_identifier: str = "mfaserver"
+    retry_dead_after: float = 30.0
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """[directory.sync]: importing users and phone numbers from LDAP."""
+
+    interval: float = 0.0             # seconds between runs in the daemon; 0 = never
+    keep_days: int = 30               # users gone from LDAP stay (disabled) this long
+    filter: str = ""                  # "" = user_filter with {username} = *
 
 
 @dataclass(frozen=True)
@@ -82,6 +138,9 @@ class DirectoryConfig:
     """[directory]: the user directories, tried in order."""
 
     backends: tuple[str, ...] = ("local",)
+    ldap: LdapConfig | None = None
+    radius: UpstreamRadiusConfig | None = None
+    sync: SyncConfig = SyncConfig()
 
 
 @dataclass(frozen=True)
@@ -268,6 +327,29 @@ def one_of(default: str, *choices: str) -> Field:
     return Field("a string", (str,), default, check)
 
 
+def string_list(default: Any = REQUIRED, convert: Callable[[str], Any] | None = None,
+                min_items: int = 1) -> Field:
+    """An array of non-empty strings, each optionally checked/converted."""
+    def check(values: list) -> tuple:
+        if len(values) < min_items:
+            raise ValueError(f"at least {min_items} entry is required")
+        result = []
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"entry {i}: expected a non-empty string")
+            try:
+                result.append(convert(value) if convert else value)
+            except ValueError as e:
+                raise ValueError(f"entry {i}: {e}") from None
+        return tuple(result)
+    return Field("an array of strings", (list,), default, check)
+
+
+def text(default: str = "") -> Field:
+    """A string that may be empty (empty means "not set")."""
+    return Field("a string", (str,), default)
+
+
 def _in_range(low: float, high: float, cast: type) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         if not low <= value <= high:  # also refuses nan
@@ -321,6 +403,63 @@ def _backends(value: str | list) -> tuple[str, ...]:
     return names
 
 
+def _ldap_url(value: str) -> str:
+    scheme, sep, rest = value.partition("://")
+    host = rest.split("/", 1)[0]
+    if not sep or scheme.lower() not in ("ldap", "ldaps") or not host:
+        raise ValueError(f"{value!r} is not an ldap:// or ldaps:// URL with a host")
+    return value
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or host.endswith(":"):  # "host" or a bare IPv6 address
+        host, port = value, "1812"
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{value!r}: port must be a number") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"{value!r}: port out of range (1..65535)")
+    return host, number
+
+
+def _filter_template(value: str) -> str:
+    if "{username}" not in value or not (value.startswith("(") and value.endswith(")")):
+        raise ValueError(f"{value!r} must be an LDAP filter in parentheses containing {{username}}")
+    return value
+
+
+def _attribute_table(value: dict) -> tuple[tuple[str, str], ...]:
+    from mfaserver.radius import attributes
+    items = []
+    for name, item in value.items():
+        if name not in attributes.REPLY_ATTRIBUTES:
+            raise ValueError(f"{name!r} is not a reply attribute mfaserver knows"
+                             f" ({', '.join(attributes.REPLY_ATTRIBUTES)})")
+        if not isinstance(item, (str, int)) or isinstance(item, bool):
+            raise ValueError(f"{name}: expected a string or an integer")
+        try:
+            attributes.encode(name, str(item))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        items.append((name, str(item)))
+    if not items:
+        raise ValueError("at least one attribute is required")
+    return tuple(items)
+
+
+def _reply_attribute_name(value: str) -> str:
+    from mfaserver.radius import attributes
+    if value not in attributes.REPLY_ATTRIBUTES:
+        raise ValueError(f"{value!r} is not a reply attribute mfaserver knows"
+                         f" ({', '.join(attributes.REPLY_ATTRIBUTES)})")
+    return value
+
+
 def _delimiter(value: str) -> str:
     if len(value) != 1 or value.isalnum():
         raise ValueError(f"{value!r} must be exactly one character, not a letter or digit")
@@ -345,9 +484,48 @@ SCHEMA = Table({
             "secret_file": string(None),     # checked in _build_client
             "require_message_authenticator": boolean(True),
         }), min_items=1),
+        "reply": TableArray(Table({
+            "group": string(REQUIRED),
+            "attributes": Field("a table of attribute = value", (dict,), REQUIRED,
+                                _attribute_table),
+        })),
     }),
     "directory": Table({
         "backend": Field("a string or an array of strings", (str, list), "local", _backends),
+        "ldap": Table({
+            "servers": string_list(REQUIRED, _ldap_url),
+            "start_tls": boolean(False),
+            "ca_file": text(""),
+            "bind_dn": text(""),
+            "bind_password": string(None),      # or bind_password_file
+            "bind_password_file": string(None),
+            "base_dn": string(REQUIRED),
+            "user_filter": string("(uid={username})", _filter_template),
+            "username_attribute": string("uid"),
+            "required_group": text(""),
+            "phone_attribute": text("mobile"),
+            "timeout": number(5, 0.5, 60),
+            "allow_plaintext": boolean(False),
+            "active_directory": boolean(False),
+            "ad_domain": text(""),
+            "pool_size": integer(8, 1, 64),
+            "retry_dead_after": number(30, 1, 3600),
+        }, optional=True),
+        "radius": Table({
+            "servers": string_list(REQUIRED, _host_port),
+            "secret": string(None),             # or secret_file
+            "secret_file": string(None),
+            "timeout": number(3, 0.5, 30),
+            "retries": integer(1, 0, 5),
+            "pass_through": string_list([], _reply_attribute_name, min_items=0),
+            "nas_identifier": string("mfaserver"),
+            "retry_dead_after": number(30, 1, 3600),
+        }, optional=True),
+        "sync": Table({
+            "interval": number(0, 0, 7 * 86400),
+            "keep_days": integer(30, 0, 3650),
+            "filter": text(""),
+        }),
     }),
     "mfa": Table({
         "delimiter": Field("a string", (str,), ",", _delimiter),
@@ -378,21 +556,29 @@ def _read_secret_file(path: Path, key: str) -> bytes:
     return data.rstrip(b"\r\n")
 
 
+def _secret(values: dict[str, Any], key: str, base: Path, name: str = "secret",
+            required: bool = True) -> tuple[str, bytes | None]:
+    """``name`` or ``name_file`` (exactly one): returns (the key used, the secret)."""
+    value, file_value = values[name], values[f"{name}_file"]
+    if value is not None and file_value is not None:
+        raise _Problem(key, f"set {name} or {name}_file, not both")
+    if value is None and file_value is None:
+        if not required:
+            return f"{key}.{name}", None
+        raise _Problem(key, f"{name} or {name}_file is required")
+    if value is not None:
+        return f"{key}.{name}", value.encode("utf-8")
+    secret_key = f"{key}.{name}_file"
+    path = _resolve(base, file_value)
+    data = _read_secret_file(path, secret_key)
+    if not data:
+        raise _Problem(secret_key, f"{str(path)!r} is empty")
+    return secret_key, data
+
+
 def _build_client(values: dict[str, Any], key: str, base: Path,
                   warnings: list[str]) -> ClientConfig:
-    secret, secret_file = values["secret"], values["secret_file"]
-    if secret is not None and secret_file is not None:
-        raise _Problem(key, "set secret or secret_file, not both")
-    if secret is None and secret_file is None:
-        raise _Problem(key, "secret or secret_file is required")
-    if secret is not None:
-        secret_key, data = f"{key}.secret", secret.encode("utf-8")
-    else:
-        secret_key = f"{key}.secret_file"
-        path = _resolve(base, secret_file)
-        data = _read_secret_file(path, secret_key)
-        if not data:
-            raise _Problem(secret_key, f"{str(path)!r} is empty")
+    secret_key, data = _secret(values, key, base)
     if len(data) < MIN_SECRET_LENGTH:
         warnings.append(f"{secret_key}: shorter than {MIN_SECRET_LENGTH} bytes;"
                         " use a long random secret")
@@ -416,6 +602,65 @@ def _check_clients_unique(clients: Sequence[ClientConfig]) -> None:
         networks[client.network] = i
 
 
+def _is_loopback_url(url: str) -> bool:
+    host = url.partition("://")[2].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _build_ldap(values: dict[str, Any], base: Path) -> LdapConfig:
+    key = "directory.ldap"
+    _, password = _secret(values, key, base, "bind_password", required=False)
+    if values["bind_dn"] and password is None:
+        raise _Problem(key, "bind_dn is set: bind_password or bind_password_file is required")
+    plain = [u for u in values["servers"]
+             if u.lower().startswith("ldap://") and not _is_loopback_url(u)]
+    if plain and not values["start_tls"] and not values["allow_plaintext"]:
+        # Binding as the user sends the user's password: never in clear text
+        # over a network unless the admin says so.
+        raise _Problem(f"{key}.servers",
+                       f"{plain[0]!r} would send passwords in clear text: use ldaps://,"
+                       " start_tls = true, or allow_plaintext = true")
+    ca_file = _resolve(base, values["ca_file"]) if values["ca_file"] else None
+    if ca_file is not None and not ca_file.is_file():
+        raise _Problem(f"{key}.ca_file", f"{str(ca_file)!r} is not a readable file")
+    fields = {k: v for k, v in values.items()
+              if k not in ("bind_password", "bind_password_file", "ca_file")}
+    fields["required_group"] = fields["required_group"].lower()
+    return LdapConfig(bind_password=(password or b"").decode("utf-8"), ca_file=ca_file,
+                      **fields)
+
+
+def _build_upstream(values: dict[str, Any], base: Path,
+                    warnings: list[str]) -> UpstreamRadiusConfig:
+    secret_key, secret = _secret(values, "directory.radius", base)
+    if len(secret) < MIN_SECRET_LENGTH:
+        warnings.append(f"{secret_key}: shorter than {MIN_SECRET_LENGTH} bytes;"
+                        " use a long random secret")
+    fields = {k: v for k, v in values.items() if k not in ("secret", "secret_file")}
+    return UpstreamRadiusConfig(secret=secret, **fields)
+
+
+def _build_directory(values: dict[str, Any], base: Path,
+                     warnings: list[str]) -> DirectoryConfig:
+    backends = values["backend"]
+    for name in ("ldap", "radius"):
+        if name in backends and values[name] is None:
+            raise _Problem(f"directory.{name}",
+                           f"[directory.{name}] is required when backend includes {name!r}")
+    return DirectoryConfig(
+        backends=backends,
+        ldap=_build_ldap(values["ldap"], base) if values["ldap"] is not None else None,
+        radius=(_build_upstream(values["radius"], base, warnings)
+                if values["radius"] is not None else None),
+        sync=SyncConfig(**values["sync"]),
+    )
+
+
 def _build(values: dict[str, Any], path: Path) -> Config:
     base = path.parent
     warnings: list[str] = []
@@ -423,13 +668,15 @@ def _build(values: dict[str, Any], path: Path) -> Config:
     clients = tuple(_build_client(c, f"radius.clients[{i}]", base, warnings)
                     for i, c in enumerate(radius.pop("clients")))
     _check_clients_unique(clients)
+    reply = tuple(ReplyRule(group=r["group"].lower(), attributes=r["attributes"])
+                  for r in radius.pop("reply"))
     server = values["server"]
     return Config(
         path=path,
         server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
                             log_format=server["log_format"]),
-        radius=RadiusConfig(clients=clients, **radius),
-        directory=DirectoryConfig(backends=values["directory"]["backend"]),
+        radius=RadiusConfig(clients=clients, reply=reply, **radius),
+        directory=_build_directory(values["directory"], base, warnings),
         mfa=MfaConfig(**values["mfa"]),
         warnings=tuple(f"{path}: {w}" for w in warnings),
     )

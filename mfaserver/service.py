@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.pipeline import Authenticator
 from mfaserver.config import ClientIndex, Config, ConfigError, load_config
+from mfaserver.directory.chain import DirectoryChain
 from mfaserver.directory.local import LocalDirectory
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
@@ -37,19 +38,22 @@ def listener_settings(config: Config) -> ListenerSettings:
     )
 
 
-class WorkersService(tservice.Service):
-    """Starts worker threads with the service and stops them (joining them) after."""
+class LifecycleService(tservice.Service):
+    """Runs ``part.start()`` when the daemon starts and ``part.stop()`` when it stops.
 
-    def __init__(self, workers: WorkerThreads):
-        self.workers = workers
+    For worker threads and directories that hold threads or sockets.
+    """
+
+    def __init__(self, part):
+        self.part = part
 
     def startService(self):
         super().startService()
-        self.workers.start()
+        self.part.start()
 
     def stopService(self):
         super().stopService()
-        self.workers.stop()
+        return self.part.stop()
 
 
 class RadiusListenerService(tservice.Service):
@@ -87,18 +91,37 @@ class MfaDaemon(tservice.MultiService):
         db_thread = WorkerThreads(reactor, 1, "mfaserver-db")
         hash_threads = WorkerThreads(reactor, max(2, os.cpu_count() or 2), "mfaserver-hash")
         for workers in (db_thread, hash_threads):
-            WorkersService(workers).setServiceParent(self)
+            LifecycleService(workers).setServiceParent(self)
         threaded = ThreadedStore(self.store, db_thread.run)
-        directory = LocalDirectory(threaded.lookup_password, hash_threads.run)
+        directory = self._directory(config, reactor,
+                                    LocalDirectory(threaded.lookup_password, hash_threads.run))
         self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
         self.authenticator = Authenticator(directory, threaded, self.challenges, config.mfa,
-                                           reactor)
+                                           reactor, reply_rules=config.radius.reply)
         self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
         self.protocol = RadiusAuthProtocol(listener_settings(config),
                                            self.authenticator.authenticate, self.cache, reactor)
         self.listener = RadiusListenerService(reactor, self.protocol, config.radius.port,
                                               config.radius.listen)
         self.listener.setServiceParent(self)
+
+    def _directory(self, config: Config, reactor, local: LocalDirectory):
+        """The directory (or chain of them) named by [directory] backend."""
+        directories = []
+        for name in config.directory.backends:
+            if name == "local":
+                directories.append(local)
+                continue
+            if name == "ldap":
+                from mfaserver.directory.ldap import LdapDirectory
+                directory = LdapDirectory(config.directory.ldap, reactor,
+                                          groups=[rule.group for rule in config.radius.reply])
+            else:
+                from mfaserver.directory.radius import RadiusDirectory
+                directory = RadiusDirectory(config.directory.radius, reactor)
+            LifecycleService(directory).setServiceParent(self)
+            directories.append(directory)
+        return directories[0] if len(directories) == 1 else DirectoryChain(directories)
 
     def stopService(self):
         d = super().stopService()
@@ -122,6 +145,7 @@ class MfaDaemon(tservice.MultiService):
                 log.warn("{key} changed: takes effect after a restart", key=what)
         self.protocol.settings = listener_settings(new)
         self.authenticator.policy = new.mfa
+        self.authenticator.reply_rules = new.radius.reply
         self.challenges.ttl = new.mfa.challenge_timeout
         self.cache.ttl = new.radius.response_cache_seconds
         self.config = new

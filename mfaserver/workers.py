@@ -43,9 +43,14 @@ class WorkerThreads:
         self._threads.clear()
 
     def run(self, f, *args, **kwargs) -> Deferred:
-        """Run ``f(*args, **kwargs)`` on a worker; fire with its result or failure."""
-        d = Deferred()
-        self._queue.put((d, f, args, kwargs))
+        """Run ``f(*args, **kwargs)`` on a worker; fire with its result or failure.
+
+        Cancelling the Deferred (e.g. by its timeout) before a worker took the
+        call drops the call: a backlog behind a hung server drains at once.
+        """
+        cancelled = []
+        d = Deferred(lambda _: cancelled.append(True))
+        self._queue.put((d, cancelled, f, args, kwargs))
         return d
 
     def _work(self) -> None:
@@ -54,10 +59,21 @@ class WorkerThreads:
             item = self._queue.get()
             if item is _STOP:
                 return
-            d, f, args, kwargs = item
+            d, cancelled, f, args, kwargs = item
+            if cancelled:
+                continue
             try:
                 result = f(*args, **kwargs)
             except BaseException:
-                call_from_thread(d.errback, Failure())
+                call_from_thread(_fire, d, Failure())
             else:
-                call_from_thread(d.callback, result)
+                call_from_thread(_fire, d, result)
+
+
+def _fire(d: Deferred, result) -> None:
+    """Deliver a worker's result, unless the Deferred was cancelled meanwhile."""
+    if not d.called:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)

@@ -48,3 +48,27 @@ class WorkerThreadsTests(SynchronousTestCase):
         workers.stop()
         reactor.run_pending()
         self.assertEqual([self.successResultOf(d) for d in results], list(range(100)))
+
+    def test_a_call_cancelled_before_a_worker_takes_it_is_dropped(self):
+        from twisted.internet import defer
+        reactor = RecordingReactor()
+        workers = WorkerThreads(reactor, 1, "test")
+        ran = []
+        d = workers.run(ran.append, "x")
+        d.cancel()
+        workers.start()
+        workers.stop()
+        reactor.run_pending()
+        self.assertEqual(ran, [])
+        self.failureResultOf(d, defer.CancelledError)
+
+    def test_a_result_for_a_call_cancelled_while_running_is_ignored(self):
+        from twisted.internet import defer
+        reactor = RecordingReactor()
+        workers = WorkerThreads(reactor, 1, "test")
+        workers.start()
+        d = workers.run(lambda: 42)
+        workers.stop()
+        d.cancel()
+        reactor.run_pending()
+        self.failureResultOf(d, defer.CancelledError)

@@ -10,11 +10,19 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from mfaserver.auth.model import Account, AuditEntry, Principal
+from mfaserver.auth.model import Account, AuditEntry, Principal, Reason
 
 
 class InvalidCredentials(Exception):
-    """The directory knows the user and the password is wrong (final)."""
+    """The directory refuses the user (final): a wrong password by default, or
+    a more precise ``reason`` (expired password, disabled account, not in the
+    required group...) that the audit log records and the core may tell the
+    user about."""
+
+    def __init__(self, reason: Reason = Reason.BAD_PASSWORD, detail: str = ""):
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail  # for the log: never a password
 
 
 class UnknownUser(Exception):

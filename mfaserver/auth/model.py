@@ -38,6 +38,15 @@ class Reason(str, enum.Enum):
     NOT_PAP = "not_pap"
     PASSWORD_UNDECODABLE = "password_undecodable"
     DIRECTORY_UNAVAILABLE = "directory_unavailable"
+    # Refusals reported by a directory (LDAP/AD bind errors, group checks):
+    PASSWORD_EXPIRED = "password_expired"
+    MUST_CHANGE_PASSWORD = "must_change_password"
+    ACCOUNT_DISABLED = "account_disabled"
+    ACCOUNT_EXPIRED = "account_expired"
+    ACCOUNT_LOCKED = "account_locked"
+    LOGON_NOT_PERMITTED = "logon_not_permitted"
+    NOT_IN_GROUP = "not_in_group"
+    AMBIGUOUS_USER = "ambiguous_user"
     SEED_INTEGRITY = "seed_integrity"
     INTERNAL_ERROR = "internal_error"
 
@@ -68,11 +77,20 @@ class AuthRequest:
 
 @dataclass(frozen=True)
 class Principal:
-    """A user whose password the directory has accepted."""
+    """A user whose password the directory has accepted.
+
+    ``username`` is the directory's canonical name (e.g. ``alice`` when the
+    user typed ``EXAMPLE\\alice`` or ``alice@example.org``): the MFA store is
+    keyed by it. ``groups`` holds the configured group DNs the user is a
+    member of, lower-cased; ``attributes`` are reply attributes the directory
+    wants in the Access-Accept (name, text or raw octets), e.g. passed through
+    from an upstream RADIUS server.
+    """
 
     username: str
     phone: str | None = None
-    attributes: tuple[tuple[str, str], ...] = ()
+    attributes: tuple[tuple[str, str | bytes], ...] = ()
+    groups: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,7 @@ class Decision:
     reply_message: str = ""
     state: bytes | None = field(default=None, repr=False)
     factor: str = ""
-    attributes: tuple[tuple[str, str], ...] = ()
+    attributes: tuple[tuple[str, str | bytes], ...] = ()
 
     @classmethod
     def accept(cls, reason=Reason.OK, factor="", message="", attributes=()):

@@ -33,7 +33,7 @@ from mfaserver.auth.interfaces import (
     AccountStore, Directory, DirectoryUnavailable, InvalidCredentials, UnknownUser,
 )
 from mfaserver.auth.model import (
-    Account, AuditEntry, AuthRequest, Decision, Outcome, Reason, TokenKind,
+    Account, AuditEntry, AuthRequest, Decision, Outcome, Principal, Reason, TokenKind,
 )
 from mfaserver.factors import oath
 from mfaserver.store.crypto import SeedIntegrityError
@@ -51,6 +51,18 @@ MSG_WRONG_CODE = "Wrong or already used code."
 MSG_SESSION_EXPIRED = "Your sign-in session expired. Please sign in again."
 MSG_TRY_LATER = "The sign-in service is unavailable. Try again later."
 MSG_BYPASS = "Signed in with a one-time bypass."
+
+# What a directory's refusal tells the user: only what they may know once
+# their password was right (AD reports these states only then).
+DIRECTORY_MESSAGES = {
+    Reason.PASSWORD_EXPIRED: "Your password has expired. Change it, then sign in again.",
+    Reason.MUST_CHANGE_PASSWORD: "You must change your password before you can sign in.",
+    Reason.ACCOUNT_DISABLED: "Your account is disabled. Contact your administrator.",
+    Reason.ACCOUNT_EXPIRED: "Your account has expired. Contact your administrator.",
+    Reason.ACCOUNT_LOCKED: "Your account is locked. Try again later or contact your administrator.",
+    Reason.LOGON_NOT_PERMITTED: "You may not sign in at this time or from this computer.",
+    Reason.NOT_IN_GROUP: "You are not allowed to use this service.",
+}
 
 CODE_LENGTHS = range(6, 9)
 
@@ -74,11 +86,13 @@ class Authenticator:
     and may be replaced on reload."""
 
     def __init__(self, directory: Directory, store: AccountStore, challenges: ChallengeRegistry,
-                 policy, clock: IReactorTime):
+                 policy, clock: IReactorTime, reply_rules: tuple = ()):
         self.directory = directory
         self.store = store
         self.challenges = challenges
         self.policy = policy
+        # `mfaserver.config.ReplyRule`s: group DN -> attributes for the Accept.
+        self.reply_rules = reply_rules
         self._clock = clock
 
     def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
@@ -122,14 +136,18 @@ class Authenticator:
             return Decision.reject(Reason.EMPTY_PASSWORD, MSG_FAILED, factor="password")
         try:
             principal = await self.directory.authenticate(request.username, password)
-        except InvalidCredentials:
-            return Decision.reject(Reason.BAD_PASSWORD, MSG_FAILED, factor="password")
+        except InvalidCredentials as e:
+            return Decision.reject(e.reason, DIRECTORY_MESSAGES.get(e.reason, MSG_FAILED),
+                                   factor="password")
         except UnknownUser:
             return Decision.reject(Reason.UNKNOWN_USER, MSG_FAILED, factor="password")
         except DirectoryUnavailable:
             return Decision.reject(Reason.DIRECTORY_UNAVAILABLE, MSG_TRY_LATER, factor="password")
 
-        account = await self.store.load_account(principal.username)
+        # The store knows users by the directory's canonical name.
+        name = principal.username
+        grants = self._grants(principal)
+        account = await self.store.load_account(name)
         refusal = self._refuse_account(account)
         if refusal is not None:
             return refusal
@@ -138,32 +156,43 @@ class Authenticator:
         # store a write on every other login; consuming it is still atomic.
         if (account is not None and account.bypass_until is not None
                 and account.bypass_until > now
-                and await self.store.consume_bypass(principal.username, now=now)):
+                and await self.store.consume_bypass(name, now=now)):
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
-                                   attributes=principal.attributes)
+                                   attributes=grants)
         if account is None or not account.tokens:
             if self.policy.unenrolled == "allow":
                 return Decision.accept(Reason.UNENROLLED_ALLOWED, factor="password",
-                                       attributes=principal.attributes)
+                                       attributes=grants)
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED, factor="password")
         if code is not None:
             decision = await self._check_code(account, code)
-            return dataclasses.replace(decision, attributes=principal.attributes) \
-                if decision.outcome is Outcome.ACCEPT else decision
+            if decision.outcome is Outcome.ACCEPT:
+                decision = dataclasses.replace(decision, attributes=grants)
+            return decision
         if self.policy.challenge:
-            state = self.challenges.issue(request.client_name, principal.username,
-                                          {"attributes": principal.attributes})
+            # Bound to the name as typed (the NAS sends it again with the
+            # State); the canonical name and the grants ride along.
+            state = self.challenges.issue(request.client_name, request.username,
+                                          {"user": name, "attributes": grants})
             return Decision.challenge(state, MSG_ENTER_CODE, factor="password")
         return Decision.reject(
             Reason.CODE_MISSING,
             f"Enter your password followed by '{self.policy.delimiter}' and your code.",
             factor="password")
 
+    def _grants(self, principal: Principal) -> tuple:
+        """Reply attributes for ``principal``: the directory's own, then [[radius.reply]]."""
+        grants = list(principal.attributes)
+        for rule in self.reply_rules:
+            if rule.group in principal.groups:
+                grants.extend(rule.attributes)
+        return tuple(grants)
+
     async def _answer_challenge(self, request: AuthRequest) -> Decision:
         pending = self.challenges.redeem(request.state, request.client_name, request.username)
         if pending is None:
             return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED)
-        account = await self.store.load_account(request.username)
+        account = await self.store.load_account(pending.context["user"])
         refusal = self._refuse_account(account)
         if refusal is not None:
             return refusal
@@ -171,8 +200,7 @@ class Authenticator:
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
         decision = await self._check_code(account, request.password.strip())
         if decision.outcome is Outcome.ACCEPT:
-            decision = dataclasses.replace(decision,
-                                           attributes=pending.context.get("attributes", ()))
+            decision = dataclasses.replace(decision, attributes=pending.context["attributes"])
         return decision
 
     def _refuse_account(self, account: Account | None) -> Decision | None:

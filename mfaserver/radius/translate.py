@@ -6,7 +6,8 @@ Attributes read from an Access-Request:
     EAP-Message (79), NAS-IPv6-Address (95), Microsoft MS-CHAP-Response /
     MS-CHAP2-Response (26/311/1, 26/311/25: only to refuse them).
 Attributes written to replies (Message-Authenticator is added first by the codec):
-    Access-Accept:    Reply-Message (18), reply attributes named in `REPLY_ATTRIBUTES`
+    Access-Accept:    Reply-Message (18), the attributes of `mfaserver.radius.attributes`
+                      (from [[radius.reply]] rules and upstream pass-through)
     Access-Reject:    Reply-Message (18) only (RFC 5080 §2.6.1)
     Access-Challenge: Reply-Message (18), State (24)
     all replies:      every Proxy-State (33) of the request, unchanged, in order
@@ -15,9 +16,9 @@ Attributes written to replies (Message-Authenticator is added first by the codec
 from __future__ import annotations
 
 import ipaddress
-import struct
 
 from mfaserver.auth.model import AuthRequest, Decision, Outcome
+from mfaserver.radius import attributes as reply_attrs
 from mfaserver.radius import codec
 from mfaserver.radius.codec import Packet
 
@@ -27,27 +28,6 @@ REPLY_CODES = {
     Outcome.ACCEPT: codec.ACCESS_ACCEPT,
     Outcome.REJECT: codec.ACCESS_REJECT,
     Outcome.CHALLENGE: codec.ACCESS_CHALLENGE,
-}
-
-
-def _text(value: bytes) -> bytes:
-    return value
-
-
-def _integer(value: str) -> bytes:
-    return struct.pack("!I", int(value))
-
-
-def _ipv4(value: str) -> bytes:
-    return ipaddress.IPv4Address(value).packed
-
-
-# Reply attributes the daemon can add to an Access-Accept, by dictionary name.
-REPLY_ATTRIBUTES = {
-    "Filter-Id": (codec.FILTER_ID, lambda v: v.encode("utf-8")),
-    "Class": (codec.CLASS, lambda v: v.encode("utf-8")),
-    "Session-Timeout": (codec.SESSION_TIMEOUT, _integer),
-    "Framed-IP-Address": (8, _ipv4),
 }
 
 
@@ -126,9 +106,8 @@ def reply_attributes(decision: Decision, request: Packet) -> list[tuple[int, byt
     if decision.outcome is Outcome.CHALLENGE:
         attributes.append((codec.STATE, decision.state))
     elif decision.outcome is Outcome.ACCEPT:
-        for name, value in decision.attributes:
-            number, encode = REPLY_ATTRIBUTES[name]
-            attributes.append((number, encode(value)))
+        attributes.extend(reply_attrs.encode(name, value)
+                          for name, value in decision.attributes)
     attributes.extend((codec.PROXY_STATE, value)
                       for value in request.get_all(codec.PROXY_STATE))
     return attributes
