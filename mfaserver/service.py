@@ -79,6 +79,64 @@ class RadiusListenerService(tservice.Service):
             return self.port.stopListening()
 
 
+class PeriodicSync(tservice.Service):
+    """Runs the LDAP directory sync every [directory.sync] interval seconds.
+
+    A run takes seconds for a large directory (phone parsing, one write
+    transaction), so it runs on its own thread with its own store connection;
+    logins go on meanwhile. A run still going when the next is due is not
+    doubled. A failed run changes nothing and is logged.
+    """
+
+    def __init__(self, daemon: "MfaDaemon", reactor):
+        self._daemon = daemon
+        self._reactor = reactor
+        self._thread = WorkerThreads(reactor, 1, "mfaserver-sync")
+        self._loop = None
+        self._running = None
+
+    def startService(self):
+        from twisted.internet.task import LoopingCall
+        super().startService()
+        self._thread.start()
+        self._loop = LoopingCall(self.run_once)
+        self._loop.clock = self._reactor
+        self._loop.start(self._daemon.config.directory.sync.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._thread.stop()
+
+    def run_once(self):
+        """Start one sync unless one is running; fires when it has finished."""
+        if self._running is not None:
+            log.warn("directory sync still running; skipping this round")
+            return None
+        config = self._daemon.config
+        self._running = self._thread.run(_sync_in_thread, config, self._reactor.seconds())
+        self._running.addCallbacks(self._done, self._failed)
+        return self._running
+
+    def _done(self, report):
+        self._running = None
+        log.info("directory {summary}", summary=report.summary())
+        for line in report.details(numbers=False):
+            log.warn("directory sync: {problem}", problem=line)
+
+    def _failed(self, failure):
+        self._running = None
+        log.error("directory sync failed, nothing changed: {error}",
+                  error=failure.getErrorMessage())
+
+
+def _sync_in_thread(config: Config, now: float):
+    from mfaserver.directory.sync import run_sync
+    with Store.open(config.database_path, config.key_path, create=False) as store:
+        return run_sync(config, store, now)
+
+
 class MfaDaemon(tservice.MultiService):
     """The running daemon; `reload()` applies a changed config file without a restart."""
 
@@ -104,6 +162,8 @@ class MfaDaemon(tservice.MultiService):
         self.listener = RadiusListenerService(reactor, self.protocol, config.radius.port,
                                               config.radius.listen)
         self.listener.setServiceParent(self)
+        if config.directory.ldap is not None and config.directory.sync.interval > 0:
+            PeriodicSync(self, reactor).setServiceParent(self)
 
     def _directory(self, config: Config, reactor, local: LocalDirectory):
         """The directory (or chain of them) named by [directory] backend."""

@@ -684,3 +684,56 @@ def test_write_blocked_by_another_writer_fails_closed(store, paths):
     finally:
         other.execute("ROLLBACK")
     assert store.use_totp_step(token_id, 1, 0) is True
+
+
+# --- directory sync columns (schema v2) ---
+
+
+def test_v1_database_is_migrated_keeping_users_as_local(paths):
+    import sqlite_utils
+
+    db, key = paths
+    db.parent.mkdir(mode=0o700)
+    conn = sqlite3.connect(db, isolation_level=None)
+    MIGRATIONS[0](sqlite_utils.Database(conn))
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO users (name, phone, blocked, failures, created)"
+                 " VALUES ('alice', NULL, 0, 0, 1.0)")
+    conn.close()
+    with Store.open(db, key) as s:
+        info = s.get_user("alice")
+        assert (info.source, info.disabled_since) == ("local", None)
+        assert not s.load_account("alice").blocked
+    assert raw(paths).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_new_users_are_local_and_enabled(store):
+    info = add_alice(store)
+    assert (info.source, info.disabled_since) == ("local", None)
+    assert store.get_user("alice") == info
+    assert store.count_users() == 1
+    assert store.count_users(source="local") == 1
+    assert store.count_users(source="ldap") == 0
+
+
+def test_disabled_user_loads_as_blocked_but_user_info_keeps_the_flags_apart(store):
+    store.sync_users([("alice", None)], now=NOW, keep_days=30)
+    store.sync_users([], now=NOW + 5, keep_days=30)
+    info = store.get_user("alice")
+    assert (info.source, info.disabled_since, info.blocked) == ("ldap", NOW + 5, False)
+    assert store.load_account("alice").blocked
+    # Unblocking is the admin's flag only: it does not re-enable.
+    store.set_blocked("alice", False)
+    assert store.load_account("alice").blocked
+
+
+def test_sync_users_refuses_bad_entries_before_writing(store):
+    with pytest.raises(StoreError, match="phone number must be in E.164"):
+        store.sync_users([("alice", None), ("bob", "0301234567")], now=NOW, keep_days=1)
+    with pytest.raises(StoreError, match="appears twice"):
+        store.sync_users([("alice", None), ("alice", None)], now=NOW, keep_days=1)
+    with pytest.raises(StoreError, match="must not be empty"):
+        store.sync_users([("", None)], now=NOW, keep_days=1)
+    with pytest.raises(StoreError, match="keep_days"):
+        store.sync_users([], now=NOW, keep_days=-1)
+    assert store.list_users() == []

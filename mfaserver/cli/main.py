@@ -1,7 +1,8 @@
 """The ``mfaserver`` command: the click group and its top-level commands.
 
 Nouns with several verbs live in their own modules (``users``, ``tokens``);
-``check-config``, ``run``, ``bypass`` and ``log`` are single verbs and live here.
+``check-config``, ``run``, ``bypass``, ``log`` and ``sync`` are single verbs
+and live here.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import click
 
 from mfaserver.cli import tokens, users
 from mfaserver.cli.common import (
+    CliError,
     CliState,
     ErrorHandlingGroup,
     iso_utc,
+    one_line,
     pass_state,
     printable,
     require_user,
@@ -99,6 +102,36 @@ def show_log(state: CliState, user: str | None, limit: int) -> None:
         fields = (entry.outcome, entry.user, entry.client, entry.nas_ip,
                   entry.calling_station_id, entry.factor, entry.reason)
         click.echo(" ".join([iso_utc(entry.time), *map(printable, fields)]))
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Report what would change; change nothing.")
+@click.option("--force", is_flag=True,
+              help="Apply even an empty directory (disables every synced user).")
+@pass_state
+def sync(state: CliState, dry_run: bool, force: bool) -> None:
+    """Import users and phone numbers from LDAP ([directory.ldap]).
+
+    Adds new directory users, updates changed phone numbers (E.164; invalid
+    ones are reported and not stored), disables users who left the
+    directory and removes them after [directory.sync] keep_days. Users
+    added with "user add" are never changed.
+    """
+    # Imported here so other commands never load the LDAP client.
+    from mfaserver.directory.sync import SyncError, run_sync
+
+    config = state.config()
+    if config.directory.ldap is None:
+        raise CliError(f"{config.path}: [directory.ldap] is not configured: nothing to sync from")
+    # A dry run must not create a database as a side effect.
+    store = state.store(create=not dry_run)
+    try:
+        report = run_sync(config, store, state.now(), force=force, dry_run=dry_run)
+    except SyncError as e:
+        raise CliError(one_line(e)) from None
+    click.echo(report.summary())
+    for line in report.details():
+        click.echo(printable(line, spaces=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,12 @@ Lockout: ``locked_until`` is a wall-clock timestamp set by
 ``register_failure``; the store never compares it with the time, the caller
 does (``locked_until is not None and now < locked_until``). ``blocked`` is a
 separate administrative/fraud flag that only ``set_blocked`` changes.
+
+Directory sync: a user's ``source`` is 'local' (the CLI) or 'ldap' (imported
+by ``sync_users``, which never changes a 'local' user). An 'ldap' user who
+left the directory has ``disabled_since`` set; ``load_account`` reports such
+a user as ``blocked`` so the login path refuses them, while ``UserInfo``
+keeps the two apart (``blocked`` is the admin's flag only).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from mfaserver.auth.model import Account, AuditEntry, Token, TokenKind
 from mfaserver.store.crypto import (
@@ -41,7 +47,7 @@ from mfaserver.store.crypto import (
 )
 from mfaserver.store.migrations import MigrationError, migrate
 
-__all__ = ["NewToken", "Store", "StoreError", "UserInfo"]
+__all__ = ["NewToken", "Store", "StoreError", "SyncResult", "UserInfo", "check_user_name"]
 
 BUSY_TIMEOUT_MS = 5000
 MAX_NAME_BYTES = 253          # the longest User-Name a RADIUS attribute can carry
@@ -69,6 +75,25 @@ class UserInfo:
     has_password: bool
     created: float
     token_count: int
+    source: str = "local"                 # 'local' or 'ldap' (see the module docstring)
+    disabled_since: float | None = None   # set while an 'ldap' user is gone from LDAP
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What `Store.sync_users` changed (in a dry run: would change).
+
+    Every directory entry lands in exactly one of added, updated, reenabled,
+    unchanged and conflicts; disabled and removed count users not in it.
+    """
+
+    added: int = 0
+    updated: int = 0        # phone number changed
+    reenabled: int = 0      # back in the directory (their phone is refreshed too)
+    disabled: int = 0       # newly gone from the directory
+    removed: int = 0        # disabled for longer than keep_days, deleted
+    unchanged: int = 0
+    conflicts: tuple[str, ...] = ()   # names held by 'local' users, left alone
 
 
 @dataclass(frozen=True)
@@ -118,6 +143,11 @@ def _check_name(name: str) -> None:
     _check_label("user name", name, MAX_NAME_BYTES)
 
 
+def check_user_name(name: str) -> None:
+    """Raise StoreError unless the store would accept ``name`` as a user name."""
+    _check_name(name)
+
+
 def _check_serial(serial: str) -> None:
     _check_label("token serial", serial, MAX_SERIAL_BYTES)
 
@@ -151,7 +181,8 @@ def _check_new_token(token: NewToken) -> tuple[TokenKind, str]:
 
 _USER_INFO_SQL = """
     SELECT name, phone, blocked, failures, locked_until, password_hash IS NOT NULL,
-           created, (SELECT count(*) FROM tokens WHERE tokens.user_id = users.id)
+           created, (SELECT count(*) FROM tokens WHERE tokens.user_id = users.id),
+           source, disabled_since
     FROM users
 """
 
@@ -162,8 +193,10 @@ _TOKEN_SQL = """
 """
 
 # One statement reads the user and all their tokens from one snapshot.
+# A user disabled by the directory sync is reported as blocked.
 _ACCOUNT_SQL = """
-    SELECT u.name, u.phone, u.blocked, u.failures, u.locked_until,
+    SELECT u.name, u.phone, u.blocked OR u.disabled_since IS NOT NULL,
+           u.failures, u.locked_until,
            u.password_hash IS NOT NULL,
            t.id, t.serial, t.kind, t.secret, t.digits, t.period, t.algorithm,
            t.counter, t.last_step, t.drift,
@@ -178,6 +211,7 @@ def _user_info(row) -> UserInfo:
     return UserInfo(
         name=row[0], phone=row[1], blocked=bool(row[2]), failures=row[3],
         locked_until=row[4], has_password=bool(row[5]), created=row[6], token_count=row[7],
+        source=row[8], disabled_since=row[9],
     )
 
 
@@ -365,6 +399,68 @@ class Store:
     def delete_user(self, name: str) -> None:
         """Delete the user with their tokens and bypass (audit rows are kept)."""
         self._update_user(name, "DELETE FROM users WHERE name = ?", ())
+
+    @_guarded
+    def count_users(self, *, source: str | None = None) -> int:
+        """How many users there are (only those from ``source`` if given)."""
+        if source is None:
+            return self._conn.execute("SELECT count(*) FROM users").fetchone()[0]
+        return self._conn.execute(
+            "SELECT count(*) FROM users WHERE source = ?", (source,)
+        ).fetchone()[0]
+
+    # --- directory sync ---
+
+    @_guarded
+    def sync_users(
+        self,
+        entries: Iterable[tuple[str, str | None]],
+        *,
+        now: float,
+        keep_days: int,
+        dry_run: bool = False,
+    ) -> SyncResult:
+        """Make the 'ldap' users match ``entries``, the directory's ``(name, E.164 phone)``.
+
+        In one transaction: adds missing users (source 'ldap', no password),
+        sets changed phones, re-enables users who came back, disables
+        'ldap' users not in ``entries`` and deletes those disabled at least
+        ``keep_days`` days (tokens and bypass go with them; with 0, the next
+        sync deletes them). A 'local' user with a name in ``entries`` is left
+        alone and reported as a conflict. ``dry_run`` rolls everything back.
+
+        An empty ``entries`` disables every 'ldap' user: callers must guard
+        against a failed fetch. Invalid or duplicate names and non-E.164
+        phones raise StoreError before anything is written.
+        """
+        rows = []
+        seen: set[str] = set()
+        for name, phone in entries:
+            _check_name(name)
+            _check_phone(phone)
+            if name in seen:
+                raise StoreError(f"user {name!r} appears twice in the sync entries")
+            seen.add(name)
+            rows.append((name, phone))
+        if keep_days < 0:
+            raise StoreError(f"keep_days must not be negative, not {keep_days}")
+        conn = self._conn
+        # The temp table is private to this connection: filling it before
+        # BEGIN IMMEDIATE keeps the write lock (which logins wait on) short.
+        conn.execute("DROP TABLE IF EXISTS temp.sync_entries")
+        conn.execute("CREATE TEMP TABLE sync_entries (name TEXT PRIMARY KEY NOT NULL, phone TEXT)")
+        try:
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO temp.sync_entries VALUES (?, ?)", rows)
+            conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            result = _apply_sync(conn, now=now, cutoff=now - keep_days * 86400.0)
+            conn.execute("ROLLBACK" if dry_run else "COMMIT")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.execute("DROP TABLE IF EXISTS temp.sync_entries")
+        return result
 
     # --- tokens (CLI) ---
 
@@ -654,6 +750,40 @@ class Store:
             total += cursor.rowcount
             if cursor.rowcount < _PURGE_BATCH:
                 return total
+
+
+def _apply_sync(conn: sqlite3.Connection, *, now: float, cutoff: float) -> SyncResult:
+    """The statements of `Store.sync_users`, inside its transaction."""
+    conflicts = tuple(name for (name,) in conn.execute(
+        "SELECT e.name FROM temp.sync_entries e JOIN users u ON u.name = e.name"
+        " WHERE u.source != 'ldap' ORDER BY e.name"))
+    (present,) = conn.execute(
+        "SELECT count(*) FROM temp.sync_entries e JOIN users u ON u.name = e.name"
+        " WHERE u.source = 'ldap'").fetchone()
+    absent = "source = 'ldap' AND name NOT IN (SELECT name FROM temp.sync_entries)"
+    # Removal first, so that users disabled by this run are never removed by it.
+    removed = conn.execute(
+        f"DELETE FROM users WHERE {absent} AND disabled_since <= ?", (cutoff,)).rowcount
+    disabled = conn.execute(
+        f"UPDATE users SET disabled_since = ? WHERE {absent} AND disabled_since IS NULL",
+        (now,)).rowcount
+    reenabled = conn.execute(
+        "UPDATE users SET disabled_since = NULL, phone = e.phone FROM temp.sync_entries e"
+        " WHERE users.name = e.name AND users.source = 'ldap'"
+        " AND users.disabled_since IS NOT NULL").rowcount
+    updated = conn.execute(
+        "UPDATE users SET phone = e.phone FROM temp.sync_entries e"
+        " WHERE users.name = e.name AND users.source = 'ldap'"
+        " AND users.phone IS NOT e.phone").rowcount
+    added = conn.execute(
+        "INSERT INTO users (name, phone, source, blocked, failures, created)"
+        " SELECT name, phone, 'ldap', 0, 0, ? FROM temp.sync_entries e"
+        " WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.name = e.name)",
+        (now,)).rowcount
+    return SyncResult(
+        added=added, updated=updated, reenabled=reenabled, disabled=disabled,
+        removed=removed, unchanged=present - reenabled - updated, conflicts=conflicts,
+    )
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:

@@ -105,8 +105,21 @@ def _v1_initial(db: sqlite_utils.Database) -> None:
     db["audit"].create_index(["user", "time"], index_name="audit_user_time")
 
 
+def _v2_directory_sync(db: sqlite_utils.Database) -> None:
+    """Where each user comes from, and since when a synced user is disabled.
+
+    ``source`` is 'local' (added with the CLI) or 'ldap' (imported by the
+    directory sync, which only ever changes 'ldap' users). ``disabled_since``
+    is set when an 'ldap' user leaves the directory; NULL means enabled.
+    """
+    # Plain ALTER TABLE: existing rows get the defaults without a table rebuild.
+    db.execute("ALTER TABLE users ADD COLUMN source TEXT NOT NULL DEFAULT 'local'")
+    db.execute("ALTER TABLE users ADD COLUMN disabled_since REAL")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
+    _v2_directory_sync,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,447 @@
+"""LdapDirectory against a real slapd on 127.0.0.1, and the AD name and error rules.
+
+The integration tests run on the real reactor (pytest-twisted): real sockets,
+real worker threads, real timeouts (1 s, so the slow cases stay short).
+"""
+
+from __future__ import annotations
+
+import time
+
+import ldap3
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.internet import reactor as real_reactor
+
+import ldap_server
+from ldap_server import (
+    ADMINS_GROUP, BASE_DN, DUP_PASSWORD, MOBILE, PUBLIC_DN, PUBLIC_PASSWORD, SERVICE_DN,
+    SERVICE_PASSWORD, VPN_GROUP, user_password,
+)
+from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, UnknownUser
+from mfaserver.auth.model import Reason
+from mfaserver.config import LdapConfig
+from mfaserver.directory import ad
+from mfaserver.directory.ldap import LdapDirectory
+
+PW0 = user_password(0)
+
+INJECTIONS = [
+    "*", "user*", "adm*", "*)(uid=*", "*)(|(objectClass=*)", "user000)(uid=*",
+    "x)(memberOf=cn=admins*", "\\", "\\2a", "\x00", "user000\x00", "a,ou=x", "#x",
+    "uid=user000,ou=people,dc=example,dc=org", "(uid=user000)", "u" * 253,
+    "Üser000", "user000*",
+]
+
+
+def config(servers, **overrides) -> LdapConfig:
+    values = dict(servers=tuple(servers), base_dn=BASE_DN, bind_dn=SERVICE_DN,
+                  bind_password=SERVICE_PASSWORD, timeout=1.0, pool_size=4,
+                  retry_dead_after=30.0)
+    values.update(overrides)
+    return LdapConfig(**values)
+
+
+@pytest_twisted.async_yield_fixture
+async def directory():
+    """Makes started LdapDirectory objects on the real reactor; stops them afterwards."""
+    started = []
+
+    def make(servers, groups=(), **overrides) -> LdapDirectory:
+        made = LdapDirectory(config(servers, **overrides), real_reactor, groups=groups)
+        made.start()
+        started.append(made)
+        return made
+
+    yield make
+    for made in started:
+        await made.stop()
+
+
+async def failure(d, kind):
+    """The exception ``d`` fails with; the test fails if it succeeds or fails otherwise."""
+    try:
+        result = await d
+    except kind as e:
+        return e
+    pytest.fail(f"expected {kind.__name__}, got {result!r}")
+
+
+def failure_now(d, kind):
+    """The exception the already-fired ``d`` failed with."""
+    failures = []
+    d.addErrback(failures.append)
+    assert failures, f"expected {kind.__name__} at once"
+    return failures[0].trap(kind) and failures[0].value
+
+
+# --- Logins --------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_login_returns_the_canonical_name_and_phone(slapd, directory):
+    ldap = directory([slapd.url])
+    principal = await ldap.authenticate("USER000", PW0)
+    assert principal.username == "user000"
+    assert principal.phone == MOBILE
+    assert principal.groups == frozenset()
+    other = await ldap.authenticate("user005", user_password(5))
+    assert (other.username, other.phone) == ("user005", None)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_is_invalid_credentials(slapd, directory):
+    ldap = directory([slapd.url])
+    e = await failure(ldap.authenticate("user000", user_password(1)), InvalidCredentials)
+    assert e.reason is Reason.BAD_PASSWORD
+    # The pooled connections survive a refusal: the next login works.
+    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_unknown_user(slapd, directory):
+    ldap = directory([slapd.url])
+    await failure(ldap.authenticate("nobody", "whatever"), UnknownUser)
+    await failure(ldap.authenticate("", "whatever"), UnknownUser)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("password", ["", " ", "\t \n", "\u00a0", "\u200b", "\u00ad"])
+def test_empty_or_blank_password_is_refused_without_contacting_the_server(
+        password, hung_ldap):
+    ldap = LdapDirectory(config([hung_ldap.url]), real_reactor)  # no workers even started
+    d = ldap.authenticate("user000", password)
+    # Refused at once, before any connection (the hung server would stall).
+    e = failure_now(d, InvalidCredentials)
+    assert e.reason in (Reason.EMPTY_PASSWORD, Reason.BAD_PASSWORD)
+    assert hung_ldap.connections == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("password", ["pass\x00word", "pass\x07word"])
+def test_password_that_saslprep_refuses_is_refused_without_contacting_the_server(
+        password, hung_ldap):
+    ldap = LdapDirectory(config([hung_ldap.url]), real_reactor)
+    e = failure_now(ldap.authenticate("user000", password), InvalidCredentials)
+    assert e.reason is Reason.BAD_PASSWORD
+    assert hung_ldap.connections == 0
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_empty_password_sends_nothing_on_open_pooled_connections(slapd, ldap_proxy,
+                                                                       directory):
+    ldap = directory([ldap_proxy.url])
+    await ldap.authenticate("user000", PW0)  # the pools now hold open connections
+    sent = len(ldap_proxy.sent)
+    await failure(ldap.authenticate("user000", ""), InvalidCredentials)
+    await failure(ldap.authenticate("user000", "   "), InvalidCredentials)
+    assert len(ldap_proxy.sent) == sent
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_injection_attempts_match_nobody(slapd, directory):
+    ldap = directory([slapd.url])
+    for name in INJECTIONS:
+        await failure(ldap.authenticate(name, PW0), UnknownUser)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_two_matching_entries_are_refused_as_ambiguous(slapd, directory):
+    ldap = directory([slapd.url])
+    e = await failure(ldap.authenticate("dup", DUP_PASSWORD), InvalidCredentials)
+    assert e.reason is Reason.AMBIGUOUS_USER
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_anonymous_search_sees_only_what_anonymous_may_read(slapd, directory):
+    public = directory([slapd.url], bind_dn="", bind_password="", base_dn=PUBLIC_DN)
+    assert (await public.authenticate("public", PUBLIC_PASSWORD)).username == "public"
+    everything = directory([slapd.url], bind_dn="", bind_password="")
+    await failure(everything.authenticate("user000", PW0), UnknownUser)
+    assert (await everything.authenticate("public", PUBLIC_PASSWORD)).username == "public"
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_search_base_that_does_not_exist_makes_the_directory_unavailable(
+        slapd, directory):
+    ldap = directory([slapd.url], base_dn="ou=nowhere,dc=example,dc=org")
+    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_wrong_service_password_makes_the_directory_unavailable(slapd, directory):
+    ldap = directory([slapd.url], bind_password="wrong")
+    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+
+
+# --- Groups --------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_required_group_member_logs_in_and_others_are_refused(slapd, directory):
+    ldap = directory([slapd.url], required_group=VPN_GROUP)
+    principal = await ldap.authenticate("user050", user_password(50))
+    assert principal.groups == {VPN_GROUP}
+    e = await failure(ldap.authenticate("user150", user_password(150)), InvalidCredentials)
+    assert e.reason is Reason.NOT_IN_GROUP
+    # Groups are checked only after the bind: a wrong password is just that.
+    e = await failure(ldap.authenticate("user150", "wrong"), InvalidCredentials)
+    assert e.reason is Reason.BAD_PASSWORD
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_reply_groups_are_reported(slapd, directory):
+    missing = f"cn=missing,ou=groups,{BASE_DN}"
+    ldap = directory([slapd.url], groups=[ADMINS_GROUP, VPN_GROUP, missing])
+    assert (await ldap.authenticate("user000", PW0)).groups == {ADMINS_GROUP, VPN_GROUP}
+    assert (await ldap.authenticate("user050", user_password(50))).groups == {VPN_GROUP}
+    assert (await ldap.authenticate("user250", user_password(250))).groups == frozenset()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_referrals_in_the_search_result_are_not_followed(slapd, hung_ldap, directory):
+    referral = f"ou=elsewhere,{ldap_server.PEOPLE_DN}"
+    manage_dsa_it = [("2.16.840.1.113730.3.4.2", True, None)]
+    admin = ldap3.Connection(slapd.url, ldap_server.ROOT_DN, ldap_server.ROOT_PASSWORD,
+                             auto_bind=True)
+    assert admin.add(referral, ["referral", "extensibleObject"],
+                     {"ou": "elsewhere", "ref": f"{hung_ldap.url}/{referral}"},
+                     controls=manage_dsa_it), admin.result
+    try:
+        ldap = directory([slapd.url])
+        assert (await ldap.authenticate("user000", PW0)).username == "user000"
+        await failure(ldap.authenticate("nobody", PW0), UnknownUser)
+    finally:
+        admin.delete(referral, controls=manage_dsa_it)
+        admin.unbind()
+    assert hung_ldap.connections == 0
+
+
+# --- Failures of servers -------------------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_dead_first_server_fails_over_and_is_skipped_then_retried(
+        slapd, closing_ldap, directory):
+    ldap = directory([ldap_server.dead_url(), closing_ldap.url, slapd.url],
+                     retry_dead_after=0.5)
+    assert (await ldap.authenticate("user000", PW0)).username == "user000"
+    assert closing_ldap.connections == 1
+    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
+    assert closing_ldap.connections == 1  # skipped while marked dead
+    await task.deferLater(real_reactor, 0.6)
+    assert (await ldap.authenticate("user002", user_password(2))).username == "user002"
+    assert closing_ldap.connections == 2  # tried again after retry_dead_after
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_all_servers_down_is_unavailable(closing_ldap, directory):
+    ldap = directory([ldap_server.dead_url(), closing_ldap.url])
+    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+    # Every server is marked dead now, so all are tried again.
+    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+    assert closing_ldap.connections == 2
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_closed_by_the_server_are_replaced(slapd, ldap_proxy,
+                                                                  directory):
+    ldap = directory([ldap_proxy.url])
+    await ldap.authenticate("user000", PW0)
+    ldap_proxy.drop_connections()
+    await task.deferLater(real_reactor, 0.1)
+    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_hung_server_fails_in_time_while_a_healthy_directory_keeps_serving(
+        slapd, hung_ldap, directory):
+    hung = directory([hung_ldap.url], pool_size=2)
+    healthy = directory([slapd.url], pool_size=2)
+    start = time.monotonic()
+    stuck = [defer.ensureDeferred(failure(hung.authenticate(f"user{i:03d}", user_password(i)),
+                                          DirectoryUnavailable))
+             for i in range(6)]
+    names = await defer.gatherResults(
+        [healthy.authenticate(f"user{i:03d}", user_password(i)) for i in range(20)])
+    assert names[19].username == "user019"
+    assert time.monotonic() - start < 0.8
+    await defer.gatherResults(stuck)
+    # Two logins held the two threads for the 1 s timeout; the four queued
+    # behind them skipped the server that had just failed.
+    assert time.monotonic() - start < 1.8
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_hung_first_server_costs_one_timeout_then_fails_over(slapd, hung_ldap,
+                                                                   directory):
+    ldap = directory([hung_ldap.url, slapd.url], pool_size=2)
+    start = time.monotonic()
+    principals = await defer.gatherResults(
+        [ldap.authenticate(f"user{i:03d}", user_password(i)) for i in range(16)])
+    assert [p.username for p in principals] == [f"user{i:03d}" for i in range(16)]
+    assert time.monotonic() - start < 1.8
+    start = time.monotonic()
+    await ldap.authenticate("user000", PW0)  # the hung server is skipped now
+    assert time.monotonic() - start < 0.3
+
+
+def test_login_that_gets_no_worker_fails_at_the_deadline(hung_ldap):
+    clock = task.Clock()
+    ldap = LdapDirectory(config([hung_ldap.url]), clock)  # workers never started
+    d = ldap.authenticate("user000", PW0)
+    clock.advance(1.9)
+    assert not d.called
+    clock.advance(0.2)  # 1 s timeout: one per server plus one
+    failure_now(d, DirectoryUnavailable)
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_ldaps_with_the_right_ca_works(slapd, ldap_certs, directory):
+    ldap = directory([slapd.ldaps_url], ca_file=ldap_certs.ca_file)
+    assert (await ldap.authenticate("user000", PW0)).username == "user000"
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_start_tls_with_the_right_ca_works_and_hides_the_password(
+        slapd, ldap_proxy, ldap_certs, directory):
+    ldap = directory([ldap_proxy.url], start_tls=True, ca_file=ldap_certs.ca_file)
+    assert (await ldap.authenticate("user000", PW0)).username == "user000"
+    assert PW0.encode() not in ldap_proxy.sent
+    assert SERVICE_PASSWORD.encode() not in ldap_proxy.sent
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_plain_ldap_sends_the_password_in_clear(slapd, ldap_proxy, directory):
+    # The converse of the test above, to show that the recording works.
+    ldap = directory([ldap_proxy.url])
+    await ldap.authenticate("user000", PW0)
+    assert PW0.encode() in ldap_proxy.sent
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("ca", ["other", "system"])
+@pytest_twisted.ensureDeferred
+async def test_ldaps_with_an_untrusted_certificate_is_refused(ca, slapd, ldap_certs,
+                                                               directory):
+    ca_file = ldap_certs.other_ca_file if ca == "other" else None
+    ldap = directory([slapd.ldaps_url], ca_file=ca_file)
+    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_start_tls_with_an_untrusted_certificate_never_sends_the_password(
+        slapd, ldap_proxy, ldap_certs, directory):
+    ldap = directory([ldap_proxy.url], start_tls=True, ca_file=ldap_certs.other_ca_file)
+    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+    assert ldap_proxy.sent  # the StartTLS request went out...
+    assert SERVICE_PASSWORD.encode() not in ldap_proxy.sent  # ...but no bind
+    assert PW0.encode() not in ldap_proxy.sent
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_certificate_for_another_host_name_is_refused(slapd_wrong_name, ldap_certs,
+                                                             directory):
+    for url, tls in ((slapd_wrong_name.ldaps_url, False), (slapd_wrong_name.url, True)):
+        ldap = directory([url], start_tls=tls, ca_file=ldap_certs.ca_file)
+        await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_ad_mode_strips_the_domain_and_reports_the_canonical_name(slapd, directory):
+    # slapd stands in for AD here: only the name handling and the bind are AD-specific.
+    ldap = directory([slapd.url], active_directory=True, ad_domain="EXAMPLE")
+    assert (await ldap.authenticate("example\\USER000", PW0)).username == "user000"
+    await failure(ldap.authenticate("OTHER\\user000", PW0), UnknownUser)
+    e = await failure(ldap.authenticate("EXAMPLE\\user000", "wrong"), InvalidCredentials)
+    assert e.reason is Reason.BAD_PASSWORD
+
+
+# --- Active Directory: names and bind errors (no server) ----------------------------------------
+
+AD_FILTER = "(&(objectClass=user)(sAMAccountName={username}))"
+
+
+def test_ad_plain_and_domain_names_use_the_configured_filter():
+    assert ad.search_filter("alice", AD_FILTER, "") == (
+        "(&(objectClass=user)(sAMAccountName=alice))", "alice")
+    assert ad.search_filter("EXAMPLE\\alice", AD_FILTER, "example") == (
+        "(&(objectClass=user)(sAMAccountName=alice))", "alice")
+    assert ad.search_filter("OTHER\\alice", AD_FILTER, "")[1] == "alice"  # any domain
+
+
+def test_ad_upn_searches_user_principal_name_within_the_configured_filter():
+    assert ad.search_filter("alice@example.org", AD_FILTER, "EXAMPLE") == (
+        "(&(userPrincipalName=alice@example.org)"
+        "(&(objectClass=user)(sAMAccountName=*)))", "alice@example.org")
+
+
+@pytest.mark.parametrize("name", ["OTHER\\alice", "\\alice", "EXAMPLE\\", ""])
+def test_ad_names_from_another_domain_or_empty_are_unknown(name):
+    with pytest.raises(UnknownUser):
+        ad.search_filter(name, AD_FILTER, "EXAMPLE")
+
+
+def test_ad_names_are_escaped():
+    assert ad.search_filter("*)(cn=*@x", AD_FILTER, "")[0] == (
+        "(&(userPrincipalName=\\2a\\29\\28cn=\\2a@x)(&(objectClass=user)(sAMAccountName=*)))")
+    assert ad.search_filter("EXAMPLE\\a*\\", AD_FILTER, "")[0] == (
+        "(&(objectClass=user)(sAMAccountName=a\\2a\\5c))")
+    assert ad.member_filter("cn=smith\\, j,ou=g") == (
+        "(memberOf:1.2.840.113556.1.4.1941:=cn=smith\\5c, j,ou=g)")
+
+
+@pytest.mark.parametrize("code, reason", [
+    ("52e", Reason.BAD_PASSWORD),
+    ("525", Reason.BAD_PASSWORD),
+    ("530", Reason.LOGON_NOT_PERMITTED),
+    ("531", Reason.LOGON_NOT_PERMITTED),
+    ("532", Reason.PASSWORD_EXPIRED),
+    ("533", Reason.ACCOUNT_DISABLED),
+    ("701", Reason.ACCOUNT_EXPIRED),
+    ("773", Reason.MUST_CHANGE_PASSWORD),
+    ("775", Reason.ACCOUNT_LOCKED),
+    ("999", Reason.BAD_PASSWORD),
+])
+def test_ad_bind_error_codes(code, reason):
+    message = (f"80090308: LdapErr: DSID-0C09044E, comment: AcceptSecurityContext error, "
+               f"data {code}, v4563\x00")
+    e = ad.bind_failure(message)
+    assert e.reason is reason
+    assert f"data {code}" in e.detail
+
+
+def test_ad_bind_error_code_case_and_samba_version_suffix():
+    e = ad.bind_failure("80090308: LdapErr: DSID-0C0903A9, comment: AcceptSecurityContext "
+                        "error, data 775, v1db1")
+    assert e.reason is Reason.ACCOUNT_LOCKED
+    assert ad.bind_failure("... data 52E, v893").reason is Reason.BAD_PASSWORD
+
+
+def test_ad_bind_error_without_a_code_is_a_wrong_password():
+    e = ad.bind_failure("")
+    assert e.reason is Reason.BAD_PASSWORD
+    assert e.detail
