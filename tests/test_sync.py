@@ -536,3 +536,19 @@ def test_sync_gives_up_on_a_hung_server_and_uses_the_next(tmp_path, slapd, hung_
     assert result.exit_code == 0, result.output
     assert "added 302" in result.stdout
     assert hung_ldap.connections == 1
+
+
+def test_user_show_tells_a_disabled_directory_user(tmp_path):
+    from click.testing import CliRunner
+
+    from mfaserver.cli.main import cli
+    from mfaserver.store import Store
+
+    config = tmp_path / "mfaserver.toml"
+    config.write_text('[server]\nstate_dir = "state"\n[[radius.clients]]\nname = "t"\n'
+                      'address = "127.0.0.1"\nsecret = "0123456789abcdef0123"\n')
+    with Store.open(tmp_path / "state" / "mfaserver.sqlite3", tmp_path / "state" / "seed.key") as s:
+        s.sync_users([("gone", None)], now=1000.0, keep_days=30)
+        s.sync_users([("other", None)], now=2000.0, keep_days=30)
+    out = CliRunner().invoke(cli, ["-c", str(config), "user", "show", "gone"]).output
+    assert "disabled (left the directory" in out and "source:" in out and "ldap" in out

@@ -25,6 +25,8 @@ password_stdin_option = click.option(
 
 
 def _status(info: UserInfo, now: float) -> str:
+    if info.disabled_since is not None:
+        return f"disabled (left the directory {iso_utc(info.disabled_since)})"
     if info.blocked:
         return "blocked"
     if info.locked_until is not None and info.locked_until > now:
@@ -91,6 +93,7 @@ def show_user(state: CliState, name: str) -> None:
         ("failures", info.failures),
         ("locked until", iso_utc(info.locked_until)),
         ("password", "yes" if info.has_password else "no"),
+        ("source", info.source),
         ("created", iso_utc(info.created)),
         ("tokens", info.token_count),
     ]
