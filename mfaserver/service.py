@@ -244,7 +244,7 @@ def run_daemon(config: Config, log_format: str | None = None) -> int:
 
     from mfaserver.logs import start_logging
 
-    start_logging(log_format or config.server.log_format)
+    log_writer = start_logging(log_format or config.server.log_format, clock=reactor)
     return_large_buffers_to_the_os()
     for warning in config.warnings:
         log.warn("{config}: {warning}", config=str(config.path), warning=warning)
@@ -259,8 +259,10 @@ def run_daemon(config: Config, log_format: str | None = None) -> int:
         log.critical("cannot start: {error}", error=f"{type(e).__name__}: {e}")
         return 1
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
+    reactor.addSystemEventTrigger("after", "shutdown", log_writer.flush)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(daemon.reload))
     log.info("mfaserver started with {config}", config=str(config.path))
     reactor.run()
     log.info("mfaserver stopped")
+    log_writer.flush()
     return 0

@@ -124,6 +124,15 @@ class Daemon:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, needle: str, seconds: float = 5.0) -> str:
+        """The log once it contains ``needle`` (info lines are written in batches)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            text = self.log_text()
+            if needle in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
 
 def write_config(directory: Path, port: int, extra: str = "") -> Path:
     path = directory / "mfaserver.toml"

@@ -280,7 +280,7 @@ def test_no_password_code_or_secret_in_the_daemon_log(daemon, user):
     code = fresh_code(daemon, user)
     daemon.login(user, f"pw-{user},{code}")
     challenge = daemon.login(user, f"pw-{user}")
-    text = daemon.log_text()
+    text = daemon.wait_for_log(f"challenge {user}")
     assert f"pw-{user}" not in text
     assert code not in text
     assert SECRET not in text
