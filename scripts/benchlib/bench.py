@@ -14,6 +14,10 @@ Sections (``--only``, comma separated):
   logins      full "password,code" logins/s (local users, TOTP), hash cost share, RSS,
               with control runs over users whose password hash is trivially cheap
   scale       login rate and daemon RSS with 100,000 users and 100,000 tokens
+  ldap        "password,code" logins/s against slapd (LDAP directory + TOTP), 64 in flight,
+              side by side with the raw ldap3 search+bind rate of one Python process and
+              FreeRADIUS 3 (rlm_ldap + rlm_totp); p50/p99 latency at a fixed 200 logins/s
+              from an open-loop generator (benchlib/ldap_bench.py, benchlib/loadgen.py)
 
 Everything listens and sends on 127.0.0.1 only; every loop is bounded in count
 and every child process in time. A section whose piece is missing (no
@@ -33,6 +37,7 @@ import argparse
 import contextlib
 import hashlib
 import hmac
+import json
 import math
 import os
 import re
@@ -55,7 +60,7 @@ VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"  # the only address this script ever talks to
 SECRET = "bench-shared-secret-0123456789"
 LOGIN_PASSWORD = "bench-password"
-SECTIONS = ("ours", "freeradius", "bare", "logins", "scale")
+SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -714,6 +719,387 @@ def bench_logins(report: Report, args, workdir: Path, sections: set[str]) -> Non
         "runs: RADIUS decode/encode, SQLite reads/writes, TOTP, logging.")
 
 
+# --- section: ldap (issue #3) -------------------------------------------------------------
+
+def pid_cpu_seconds(pid: int) -> float:
+    """utime + stime of any process of ours, all threads (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_cpu_seconds(pid: int, depth: int = 4) -> float:
+    """CPU seconds of a process and its running descendants (an LDAP worker process, say)."""
+    total = pid_cpu_seconds(pid)
+    if depth:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return total
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            total += sum(tree_cpu_seconds(c, depth - 1) for c in children)
+    return total
+
+
+@dataclass
+class LdapRun:
+    """One throughput run: logins accepted per wall second, and who used the CPU."""
+    wall: float
+    sent: int
+    accepted: int
+    failed: int          # rejected + lost (radclient) or refused (raw ldap3)
+    server_cpu: float    # mfaserver / FreeRADIUS, or the raw ldap3 process
+    slapd_cpu: float
+    client_cpu: float    # radclient (0 for the raw ldap3 run: it is its own client)
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.wall if self.wall > 0 else 0.0
+
+
+def wait_for_step_room(seconds: float, lookback_steps: int) -> None:
+    """Sleep into the next 30 s TOTP step if codes made now could expire within ``seconds``.
+
+    FreeRADIUS 3.2.1's rlm_totp accepts the current step only (``lookback_steps``
+    0); mfaserver also the previous one (its window is +-1).
+    """
+    room = 30 - time.time() % 30 + 30 * lookback_steps
+    if seconds < 29 + 30 * lookback_steps and room < seconds:
+        progress(f"ldap: waiting {room - 30 * lookback_steps:.1f} s for the next TOTP step")
+        time.sleep(room - 30 * lookback_steps + 0.2)
+
+
+def ldap_login_file(path: Path, names: list[str], password: str) -> Path:
+    """A radclient file logging each name in once with "password,current code"."""
+    now = time.time()
+    with open(path, "w") as f:
+        for name in names:
+            f.write(f'User-Name = "{name}"\n'
+                    f'User-Password = "{password},{totp(seed_for(name), now)}"\n'
+                    "Message-Authenticator = 0x00\n\n")
+    return path
+
+
+def ldap_radclient_run(server: Server, slapd_pid: int, path: Path, args, sent: int) -> LdapRun:
+    """One radclient run; the server's CPU includes its child processes (LDAP workers)."""
+    s0, c0 = pid_cpu_seconds(slapd_pid), tree_cpu_seconds(server.proc.pid)
+    r = run_radclient(server, path, "auth", parallel=args.ldap_inflight, count=1, sent=sent,
+                      timeout=args.run_timeout, retries=1, reply_timeout=10)
+    return LdapRun(r.wall, sent, r.accepted, r.rejected + r.lost,
+                   tree_cpu_seconds(server.proc.pid) - c0, pid_cpu_seconds(slapd_pid) - s0,
+                   r.client_cpu)
+
+
+def ldap_raw_run(lb, ls, url: str, slapd_pid: int, workdir: Path, names: list[str],
+                 args) -> LdapRun:
+    """The raw ldap3 search+bind client as its own process (see ldap_bench.py)."""
+    path = workdir / f"raw-names-{names[0]}"
+    path.write_text("\n".join(names))
+    s0 = pid_cpu_seconds(slapd_pid)
+    try:
+        out = subprocess.run(lb.raw_command(sys.executable, url, ls, path, 8),
+                             capture_output=True, text=True, timeout=args.run_timeout,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise NotAvailable(f"raw ldap3 client did not finish in {args.run_timeout:.0f} s") \
+            from None
+    slapd_cpu = pid_cpu_seconds(slapd_pid) - s0
+    try:
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        return LdapRun(figures["wall"], len(names), figures["ok"], figures["failed"],
+                       figures["cpu"], slapd_cpu, 0.0)
+    except (IndexError, KeyError, ValueError):
+        raise NotAvailable("raw ldap3 client: " + (out.stderr or out.stdout)[-300:]) from None
+
+
+def ldap_probe(server: Server, workdir: Path, name: str, password: str) -> str:
+    """"accept", "reject" or "none": what the server answers one login (radclient)."""
+    path = workdir / f"probe-{server.name}-{name}"
+    path.write_text(f'User-Name = "{name}"\nUser-Password = "{password}"\n'
+                    "Message-Authenticator = 0x00\n")
+    try:
+        out = subprocess.run(["radclient", "-x", "-r", "1", "-t", "5", "-f", str(path),
+                              f"{HOST}:{server.port}", "auth", SECRET],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+    if "Received Access-Accept" in out:
+        return "accept"
+    return "reject" if "Received Access-Reject" in out else "none"
+
+
+def profile_ldap(report: Report, args, directory: Path, lb, ours: Server, slapd,
+                 names: list[str], password: str) -> None:
+    """One more mfaserver run with py-spy sampling the GIL holder; summary rows."""
+    section = "ldap"
+    spy = shutil.which("py-spy") or os.environ.get("PYSPY") or "/tmp/pyspy/bin/py-spy"
+    if not os.access(spy, os.X_OK):
+        report.na(section, "profile", "py-spy not found (PATH, $PYSPY or /tmp/pyspy/bin)")
+        return
+    raw = directory / "profile.txt"
+    argv = [spy, "record", "--gil", "--subprocesses", "--format", "raw", "--rate", "250",
+            "--duration", "120",
+            "--output", str(raw), "--pid", str(ours.proc.pid)]
+    with open(directory / "py-spy.log", "wb") as log:
+        spy_proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        path = ldap_login_file(directory / "run-profile", names, password)
+        run = ldap_radclient_run(ours, slapd.process.pid, path, args, len(names))
+    finally:
+        spy_proc.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+        try:
+            spy_proc.wait(30)
+        except subprocess.TimeoutExpired:
+            spy_proc.kill()
+            spy_proc.wait()
+    shares = lb.summarize_profile(raw, ours.proc.pid) if raw.exists() else []
+    if not shares:
+        report.na(section, "profile", f"py-spy wrote nothing: {tail(directory / 'py-spy.log')}")
+        return
+    report.add(section, "profile (mfaserver)", "logins/s while sampled", f"{run.rate:,.0f}",
+               "py-spy --gil --subprocesses --rate 250: samples of the thread holding the "
+               "GIL, in the daemon and its child processes, whole run")
+    for label, share in shares:
+        report.add(section, "profile (mfaserver)", label, f"{100 * share:.0f} %")
+
+
+def idle_share(seconds: float = 1.0) -> float:
+    """The share of all cores idle over ``seconds`` (from /proc/stat): other work on the box."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)
+    idle0, total0 = sample()
+    time.sleep(seconds)
+    idle1, total1 = sample()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def bench_ldap(report: Report, args, workdir: Path) -> None:
+    """Issue #3: password,code logins against slapd; raw ldap3 and FreeRADIUS side by side."""
+    section = "ldap"
+    idle = idle_share()
+    report.add(section, "machine", "cores idle before the section", f"{100 * idle:.0f} %",
+               f"load average {open('/proc/loadavg').read().split()[0]}; < 95 %: "
+               "something else is running, figures are low")
+    require("radclient", "freeradius-utils")
+    mfaserver_command()
+    import_store_api()
+    try:
+        import ldap_bench as lb
+        from loadgen import open_loop
+    except Exception as e:  # ldap3 or mfaserver not importable
+        raise NotAvailable(f"{type(e).__name__}: {e}") from None
+    n, runs = args.ldap_logins, args.ldap_runs
+    warm = min(n, 512)
+    latency_count = max(1, int(args.ldap_rate * args.ldap_latency_seconds))
+    # Every mfaserver login needs its own user (a TOTP code counts once per token);
+    # FreeRADIUS and the raw client get the same users again.
+    extra = n if args.ldap_profile else 0
+    names = [lb.ldap_name(i) for i in range(warm + runs * n + latency_count + 3 + extra)]
+    warm_names, names = names[:warm], names[warm:]
+    run_names = [names[r * n:(r + 1) * n] for r in range(runs)]
+    latency_names = names[runs * n:runs * n + latency_count]
+    probes = names[runs * n + latency_count:runs * n + latency_count + 3]
+    profile_names = names[runs * n + latency_count + 3:]
+    all_names = warm_names + names
+    directory = workdir / "ldap"
+    directory.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        ls, slapd = lb.start_slapd(directory / "slapd", all_names, seed_for)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raise NotAvailable(f"slapd: {e}") from None
+    try:
+        slapd_s = time.perf_counter() - t0
+        progress(f"ldap: slapd with {len(all_names):,} bench users in {slapd_s:.1f} s; "
+                 "building the mfaserver store")
+        build_s, created = build_store(directory, [(x, None) for x in all_names],
+                                       len(all_names), None, args.build_timeout)
+        if created < len(all_names):
+            raise NotAvailable(f"store build reached only {created:,} users in {build_s:.0f} s")
+        report.add(section, "setup", "users in slapd and the store", f"{len(all_names):,}",
+                   f"slapadd + start {slapd_s:.1f} s; store build {build_s:.1f} s")
+        _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_names,
+                            latency_names, probes, profile_names, open_loop)
+    finally:
+        slapd.stop()
+
+
+def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_names,
+                        latency_names, probes, profile_names, open_loop) -> None:
+    section = "ldap"
+    password = lb.LDAP_PASSWORD
+    fr_label = f"FreeRADIUS {freeradius_version()} rlm_ldap+rlm_totp".replace("  ", " ")
+    port = free_udp_port()
+    config = ours_config(directory, port)
+    with open(config, "a") as f:
+        f.write("\n" + lb.mfaserver_ldap_section(ls, slapd.url))
+    check = subprocess.run(mfaserver_command() + ["-c", str(config), "check-config"],
+                           capture_output=True, text=True, timeout=60)
+    if check.returncode != 0:
+        raise NotAvailable("mfaserver check-config failed: "
+                           + (check.stderr or check.stdout).strip()[-300:])
+    targets = []  # (key, label, Server, lookback steps)
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(Server(
+            "mfaserver", mfaserver_command() + ["-c", str(config), "run"], port,
+            directory / "mfaserver.log", env=dict(os.environ, PYTHONUNBUFFERED="1")))
+        targets.append(("ours", "mfaserver", ours, 1))
+        try:
+            binary = require("freeradius", "freeradius")
+            if not Path("/usr/lib/freeradius/rlm_ldap.so").exists():
+                raise NotAvailable("rlm_ldap not installed (apt package freeradius-ldap)")
+            fr_port = free_udp_port()
+            fr_dir = lb.write_freeradius_config(directory / "freeradius", ls, host=HOST,
+                                                port=fr_port, secret=SECRET,
+                                                ldap_port=slapd.port)
+            chk = subprocess.run([binary, "-C", "-d", str(fr_dir)], capture_output=True,
+                                 text=True, timeout=60)
+            if chk.returncode != 0:
+                raise NotAvailable("freeradius -C failed: " + (chk.stderr or chk.stdout)[-300:])
+            fr = stack.enter_context(Server(
+                "freeradius", [binary, "-f", "-d", str(fr_dir), "-l", "stdout"], fr_port,
+                fr_dir / "freeradius.log"))
+            targets.append(("freeradius", fr_label, fr, 0))
+        except NotAvailable as e:
+            report.na(section, fr_label, str(e))
+
+        # By hand, once: the right login is accepted, a wrong code or password is not.
+        good = totp(seed_for(probes[0]), time.time())
+        wrong_code = f"{(int(good) + 1) % 1_000_000:06d}"
+        for key, label, server, _ in targets:
+            seen = [ldap_probe(server, directory, probes[0], f"{password},{good}"),
+                    ldap_probe(server, directory, probes[1], f"{password},{wrong_code}"),
+                    ldap_probe(server, directory, probes[2],
+                               f"wrong-{password},{totp(seed_for(probes[2]), time.time())}")]
+            expected = ["accept", "reject", "reject"]
+            ok = sum(a == b for a, b in zip(seen, expected))
+            report.add(section, label, "checks: right / wrong code / wrong password",
+                       " / ".join(seen), "as expected" if ok == 3 else "NOT AS EXPECTED")
+
+        # Warm-up: connection pools filled, first-use costs paid; gives a rate estimate.
+        estimate = {}
+        for key, label, server, lookback in targets:
+            wait_for_step_room(10, lookback)
+            path = ldap_login_file(directory / f"warm-{key}", warm_names, password)
+            w = ldap_radclient_run(server, slapd.process.pid, path, args, len(warm_names))
+            estimate[key] = max(w.rate, 50.0)
+            if w.accepted == 0:
+                report.na(section, label, f"no login accepted in the warm-up "
+                                          f"({w.failed} failed); see {server.log_path.name}")
+                targets = [t for t in targets if t[0] != key]
+
+        progress(f"ldap: {len(run_names)} rounds of {len(run_names[0]):,} logins, "
+                 f"{args.ldap_inflight} in flight: raw ldap3, "
+                 + ", ".join(label for _, label, _, _ in targets))
+        results: dict[str, list[LdapRun]] = {"raw": []}
+        for key, *_ in targets:
+            results[key] = []
+        for chunk in run_names:
+            results["raw"].append(ldap_raw_run(lb, ls, slapd.url, slapd.process.pid,
+                                               directory, chunk, args))
+            for key, label, server, lookback in targets:
+                wait_for_step_room(1.5 * len(chunk) / estimate[key] + 1, lookback)
+                path = ldap_login_file(directory / f"run-{key}-{chunk[0]}", chunk, password)
+                results[key].append(ldap_radclient_run(server, slapd.process.pid, path, args,
+                                                       len(chunk)))
+
+        labels = {"raw": "raw ldap3, 1 process, 8 threads"}
+        labels.update((key, label) for key, label, _, _ in targets)
+        medians = {}
+        for key, runs in results.items():
+            if not runs:
+                continue
+            rates = [r.rate for r in runs]
+            median = statistics.median(rates)
+            medians[key] = median
+            mid = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+            failed = sum(r.failed for r in runs)
+            note = f"runs {', '.join(f'{x:,.0f}' for x in rates)}"
+            if failed:
+                note += f"; FAILED: {failed} of {sum(r.sent for r in runs)}"
+            else:
+                note += f"; all {sum(r.accepted for r in runs):,} accepted"
+            report.add(section, labels[key], "logins/s (median)", f"{median:,.0f}", note)
+            per = 1e3 / mid.accepted if mid.accepted else float("nan")
+            cpu_note = f"slapd {mid.slapd_cpu * per:.2f} ms"
+            if key != "raw":
+                cpu_note += f", radclient {mid.client_cpu * per:.2f} ms"
+            busy = (mid.server_cpu + mid.slapd_cpu + mid.client_cpu) / mid.wall
+            cpu_note += f"; cores busy {busy:.2f} of {os.cpu_count()}"
+            report.add(section, labels[key],
+                       "CPU per login: " + ("client" if key == "raw" else "server"),
+                       f"{mid.server_cpu * per:.2f} ms", cpu_note)
+        if medians.get("ours") and medians.get("raw"):
+            report.add(section, "ratio", "mfaserver / raw ldap3",
+                       f"{medians['ours'] / medians['raw']:.2f}", "[>= 0.8]")
+        if medians.get("ours") and medians.get("freeradius"):
+            report.add(section, "ratio", "mfaserver / FreeRADIUS",
+                       f"{medians['ours'] / medians['freeradius']:.2f}",
+                       "[explain if < 0.5: README, Benchmarks]")
+        if medians.get("ours"):
+            report.add(section, "target", "mfaserver logins/s >= 1,000",
+                       "yes" if medians["ours"] >= 1000 else "no")
+
+        if profile_names:
+            profile_ldap(report, args, directory, lb, ours, slapd, profile_names, password)
+
+        # Latency: open loop at a fixed rate, fresh users for mfaserver, the same for FreeRADIUS.
+        duration = len(latency_names) / args.ldap_rate
+        progress(f"ldap: latency at {args.ldap_rate:,.0f} logins/s for {duration:.0f} s against "
+                 + ", ".join(label for _, label, _, _ in targets))
+        for key, label, server, _ in targets:
+            s0, c0 = pid_cpu_seconds(slapd.process.pid), tree_cpu_seconds(server.proc.pid)
+            res = open_loop(HOST, server.port, SECRET.encode(), latency_names,
+                            lambda name, now: f"{password},{totp(seed_for(name), now)}",
+                            rate=args.ldap_rate, timeout=5.0)
+            server.check_alive()
+            answered = len(res.latencies)
+            worst = max(res.latencies or [0])
+            note = (f"p50 {1e3 * res.percentile(50):.1f} ms, max {1e3 * worst:.1f} ms; "
+                    f"{res.sent:,} sent in {res.duration:.1f} s, {res.accepted:,} accepted")
+            bad = res.sent - res.accepted
+            if bad:
+                note += (f"; NOT ACCEPTED {bad} (rejected {res.rejected}, lost {res.lost}, "
+                         f"other {res.other})")
+            if res.late_sends:
+                note += f"; {res.late_sends} sent > 5 ms late"
+            if answered:
+                server_cpu = tree_cpu_seconds(server.proc.pid) - c0
+                slapd_cpu = pid_cpu_seconds(slapd.process.pid) - s0
+                note += (f"; server CPU {1e3 * server_cpu / answered:.2f} ms/login, "
+                         f"slapd {1e3 * slapd_cpu / answered:.2f}")
+            report.add(section, label, f"p99 latency at {args.ldap_rate:,.0f}/s",
+                       f"{1e3 * res.percentile(99):.1f} ms", note)
+    report.notes.append(
+        f"LDAP logins (issue #3): slapd (tests/ldap_server.py config, 8 threads, mdb) holds "
+        f"the bench users; every mfaserver login is a distinct user with the current TOTP code, "
+        f"\"password,code\", radclient -p {args.ldap_inflight} over a file of "
+        f"{args.ldap_logins:,} logins; mfaserver: [directory] backend = \"ldap\" over "
+        "ldap://127.0.0.1 (service account search, size limit 2, then a bind as the user; "
+        "pool_size 8), TOTP from its store with replay guard and audit row. Raw ldap3: one "
+        "Python process, 8 threads, each with one bound search connection and one bind "
+        "connection reused, the same search + bind, nothing else (the ceiling of one Python "
+        "process). FreeRADIUS: regex split of User-Password, rlm_ldap search (seed from the "
+        "entry's description into control:TOTP-Secret), Auth-Type bind as the user, rlm_totp "
+        "(current step only, no replay record); 32 threads and 32 LDAP connections. Runs are "
+        "interleaved (raw, mfaserver, FreeRADIUS) after a warm-up; medians. slapd, radclient "
+        "and the server share the cores, so 'cores busy' shows who had them. Latency: "
+        "benchlib/loadgen.py sends at a fixed rate (open loop, 8 sockets), fresh users; "
+        "nearest-rank percentiles over answered requests.")
+
+
 # --- main ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -723,7 +1109,8 @@ def parse_args(argv=None):
                     "and a bare Twisted/pyrad responder; prints a table. 127.0.0.1 only.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="sections: ours, freeradius, bare (Status-Server req/s); logins (password,code "
-               "logins/s, hash share, RSS); scale (100,000 users and tokens)")
+               "logins/s, hash share, RSS); scale (100,000 users and tokens); ldap (logins "
+               "against slapd vs raw ldap3 and FreeRADIUS rlm_ldap+rlm_totp, latency)")
     parser.add_argument("--only", metavar="LIST", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: all)")
     parser.add_argument("--count", type=int, default=20000,
@@ -746,6 +1133,21 @@ def parse_args(argv=None):
                         help="seconds allowed to build a store (default 300)")
     parser.add_argument("--run-timeout", type=float, default=300,
                         help="seconds allowed for one radclient run (default 300)")
+    parser.add_argument("--ldap-logins", type=int, default=4096,
+                        help="ldap: logins per run, one distinct user each (default 4096)")
+    parser.add_argument("--ldap-runs", type=int, default=3,
+                        help="ldap: runs per target, interleaved; the median is reported "
+                             "(default 3)")
+    parser.add_argument("--ldap-inflight", type=int, default=64,
+                        help="ldap: logins in flight from radclient -p (default 64)")
+    parser.add_argument("--ldap-rate", type=float, default=200,
+                        help="ldap: logins/s of the open-loop latency run (default 200)")
+    parser.add_argument("--ldap-latency-seconds", type=float, default=10,
+                        help="ldap: length of the latency run per server (default 10)")
+    parser.add_argument("--ldap-profile", action="store_true",
+                        help="ldap: one more mfaserver run under py-spy (--gil), its samples "
+                             "summarized by component as table rows; py-spy from PATH, $PYSPY "
+                             "(pip install --target /tmp/pyspy py-spy)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, logs, stores)")
     args = parser.parse_args(argv)
@@ -755,10 +1157,11 @@ def parse_args(argv=None):
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}; "
                      f"choose from {', '.join(SECTIONS)}")
     for name in ("count", "inflight", "repeat", "login_runs", "logins", "login_inflight",
-                 "scale_users"):
+                 "scale_users", "ldap_logins", "ldap_runs", "ldap_inflight", "ldap_rate",
+                 "ldap_latency_seconds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.inflight > 255 or args.login_inflight > 255:
+    if args.inflight > 255 or args.login_inflight > 255 or args.ldap_inflight > 255:
         parser.error("at most 255 requests in flight (one radclient socket, 8-bit IDs)")
     return args
 
@@ -804,6 +1207,13 @@ def main(argv=None) -> int:
                 "responder checks nothing (no client list, no Message-Authenticator check).")
         if args.sections & {"logins", "scale"}:
             bench_logins(report, args, workdir, args.sections)
+        if "ldap" in args.sections:
+            try:
+                bench_ldap(report, args, workdir)
+            except NotAvailable as e:
+                report.na("ldap", "all", str(e))
+            except Exception as e:  # a piece under construction must not stop the table
+                report.na("ldap", "all", f"error: {type(e).__name__}: {e}")
     except KeyboardInterrupt:
         progress("interrupted")
         report.notes.append("INTERRUPTED: partial results.")
