@@ -36,7 +36,7 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 from mfaserver.auth.model import Account, AuditEntry, Token, TokenKind
 from mfaserver.store.crypto import (
@@ -205,6 +205,17 @@ _ACCOUNT_SQL = """
     WHERE u.name = ?
     ORDER BY t.id
 """
+
+
+_AUDIT_INSERT = (
+    "INSERT INTO audit (time, user, client, nas_ip, calling_station_id, factor,"
+    " outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _audit_row(entry: AuditEntry) -> tuple:
+    return (entry.time, entry.user, entry.client, entry.nas_ip, entry.calling_station_id,
+            entry.factor, entry.outcome, entry.reason)
 
 
 def _user_info(row) -> UserInfo:
@@ -701,14 +712,13 @@ class Store:
     @_guarded
     def record_audit(self, entry: AuditEntry) -> None:
         """Append one decision to the audit log (``entry.id`` is ignored)."""
-        self._conn.execute(
-            "INSERT INTO audit (time, user, client, nas_ip, calling_station_id, factor,"
-            " outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                entry.time, entry.user, entry.client, entry.nas_ip, entry.calling_station_id,
-                entry.factor, entry.outcome, entry.reason,
-            ),
-        )
+        self._conn.execute(_AUDIT_INSERT, _audit_row(entry))
+
+    @_guarded
+    def record_audits(self, entries: Sequence[AuditEntry]) -> None:
+        """Append several decisions in one transaction (group commit under load)."""
+        with self._immediate() as conn:
+            conn.executemany(_AUDIT_INSERT, [_audit_row(e) for e in entries])
 
     @_guarded
     def recent_audit(self, *, user: str | None = None, limit: int = 20) -> list[AuditEntry]:

@@ -1,0 +1,64 @@
+"""The store on its database thread: audit rows committed together under load."""
+
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.trial.unittest import SynchronousTestCase
+
+from mfaserver.auth.model import AuditEntry
+from mfaserver.store import Store
+from mfaserver.store.threaded import ThreadedStore
+
+
+def entry(i):
+    return AuditEntry(time=1000.0 + i, user=f"u{i}", client="vpn", nas_ip=None,
+                      calling_station_id=None, factor="totp", outcome="accept", reason="ok")
+
+
+class AuditBatchTests(SynchronousTestCase):
+    def setUp(self):
+        d = Path(tempfile.mkdtemp())
+        self.db = Store.open(d / "db.sqlite3", d / "seed.key")
+        self.addCleanup(self.db.close)
+        self.calls = []
+
+        def run_later(f, *args):
+            # Like the database thread while it is busy: the call runs later.
+            result = defer.Deferred()
+            self.calls.append((f, args, result))
+            return result
+
+        self.store = ThreadedStore(self.db, run_later)
+
+    def run_pending(self):
+        calls, self.calls = self.calls, []
+        for f, args, result in calls:
+            result.callback(f(*args))
+
+    def test_rows_queued_while_the_thread_is_busy_share_one_call(self):
+        written = [self.store.record_audit(entry(i)) for i in range(5)]
+        self.assertEqual(len(self.calls), 1)
+        for d in written:
+            self.assertNoResult(d)
+        self.run_pending()
+        for d in written:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual([e.user for e in self.db.recent_audit(limit=10)],
+                         ["u4", "u3", "u2", "u1", "u0"])
+
+    def test_a_row_after_the_batch_was_taken_starts_the_next_one(self):
+        first = self.store.record_audit(entry(0))
+        self.run_pending()
+        second = self.store.record_audit(entry(1))
+        self.assertEqual(len(self.calls), 1)
+        self.run_pending()
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+    def test_a_failed_commit_fails_every_row_of_the_batch(self):
+        self.db.close()
+        written = [self.store.record_audit(entry(i)) for i in range(2)]
+        self.run_pending()
+        for d in written:
+            self.failureResultOf(d)
