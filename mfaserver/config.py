@@ -109,6 +109,7 @@ class LdapConfig:
     ad_domain: str = ""               # NetBIOS name accepted in DOMAIN\user ("" = any)
     pool_size: int = 8
     retry_dead_after: float = 30.0
+    processes: int = 0                # LDAP worker processes; 0 = automatic
 
 
 @dataclass(frozen=True)
@@ -510,6 +511,7 @@ SCHEMA = Table({
             "ad_domain": text(""),
             "pool_size": integer(8, 1, 64),
             "retry_dead_after": number(30, 1, 3600),
+            "processes": integer(0, 0, 16),
         }, optional=True),
         "radius": Table({
             "servers": string_list(REQUIRED, _host_port),

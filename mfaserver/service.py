@@ -174,8 +174,10 @@ class MfaDaemon(tservice.MultiService):
                 continue
             if name == "ldap":
                 from mfaserver.directory.ldap import LdapDirectory
-                directory = LdapDirectory(config.directory.ldap, reactor,
-                                          groups=[rule.group for rule in config.radius.reply])
+                ldap = config.directory.ldap
+                directory = LdapDirectory(ldap, reactor,
+                                          groups=[rule.group for rule in config.radius.reply],
+                                          processes=ldap.processes or None)
             else:
                 from mfaserver.directory.radius import RadiusDirectory
                 directory = RadiusDirectory(config.directory.radius, reactor)
