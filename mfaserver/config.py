@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mfaserver.addresses import is_loopback
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -605,13 +607,10 @@ def _check_clients_unique(clients: Sequence[ClientConfig]) -> None:
 
 
 def _is_loopback_url(url: str) -> bool:
-    host = url.partition("://")[2].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    host = url.partition("://")[2].split("/", 1)[0]
+    if not host.startswith("["):
+        host = host.rsplit(":", 1)[0]
+    return is_loopback(host.split("]", 1)[0])
 
 
 def _build_ldap(values: dict[str, Any], base: Path) -> LdapConfig:

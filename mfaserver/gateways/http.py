@@ -31,7 +31,6 @@ or the kind of failure, never the URL, the fields, the headers or the text.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from twisted.web.client import Agent, ResponseFailed
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from mfaserver.addresses import is_loopback
 from mfaserver.gateways.base import GatewayError, is_e164
 
 METHODS = ("POST", "PUT", "GET")
@@ -93,16 +93,6 @@ def check_e164(to: str, gateway: str) -> str:
     if not isinstance(to, str) or not is_e164(to):
         raise GatewayError(f"{gateway} gateway: the number is not in E.164 form")
     return to
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine (localhost or a loopback address)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def trust_root(ca_file: Path | str | None):

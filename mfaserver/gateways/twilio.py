@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -45,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from mfaserver.addresses import is_loopback
 from mfaserver.gateways.base import GatewayError, is_e164, mask_number
 
 log = Logger(namespace="mfaserver.gateways.twilio")
@@ -102,18 +102,9 @@ def _check_api_base(api_base: str) -> None:
         raise ValueError("api_base: must be an https:// URL")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError("api_base: must not contain credentials, a query or a fragment")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         # Plain http only for a local test server: basic auth carries the token.
         raise ValueError("api_base: must be https:// (http:// only for 127.0.0.1 or localhost)")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _TooLarge(Exception):
