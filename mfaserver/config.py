@@ -147,6 +147,25 @@ class DirectoryConfig:
 
 
 @dataclass(frozen=True)
+class SmsConfig:
+    """[sms]: one-time codes by text message. Absent: no SMS."""
+
+    gateway: str = "console"          # a configured [gateways.NAME], or "console"
+    code_length: int = 6
+    code_ttl: float = 300.0
+    max_per_user_per_hour: int = 5
+    max_per_number_per_hour: int = 10
+
+
+@dataclass(frozen=True)
+class GatewaysConfig:
+    """[gateways.*]: delivery channels, as the gateway modules' settings objects."""
+
+    twilio: Any = None                # mfaserver.gateways.twilio.TwilioSettings
+    http: Any = None                  # mfaserver.gateways.http.HttpGatewaySettings
+
+
+@dataclass(frozen=True)
 class MfaConfig:
     """[mfa]: how the second factor is asked for and checked."""
 
@@ -158,6 +177,7 @@ class MfaConfig:
     lockout_minutes: float = 15.0
     totp_window: int = 1
     hotp_look_ahead: int = 10
+    failmode: str = "secure"          # a gateway that cannot deliver: reject, or "safe": accept
 
 
 @dataclass(frozen=True)
@@ -170,6 +190,8 @@ class Config:
     directory: DirectoryConfig
     mfa: MfaConfig
     warnings: tuple[str, ...] = ()
+    sms: SmsConfig | None = None
+    gateways: GatewaysConfig = GatewaysConfig()
 
     @property
     def database_path(self) -> Path:
@@ -463,6 +485,20 @@ def _reply_attribute_name(value: str) -> str:
     return value
 
 
+def _string_table(value: dict) -> dict:
+    for name, item in value.items():
+        if not isinstance(item, str):
+            raise ValueError(f"{name}: expected a string, got {_describe(item)}")
+    return dict(value)
+
+
+def _statuses(value: list) -> tuple[int, ...]:
+    if not value or not all(isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599
+                            for v in value):
+        raise ValueError("expected HTTP status codes (100..599)")
+    return tuple(value)
+
+
 def _delimiter(value: str) -> str:
     if len(value) != 1 or value.isalnum():
         raise ValueError(f"{value!r} must be exactly one character, not a letter or digit")
@@ -540,6 +576,37 @@ SCHEMA = Table({
         "lockout_minutes": number(15, 1, 1440),
         "totp_window": integer(1, 0, 5),
         "hotp_look_ahead": integer(10, 1, 100),
+        "failmode": one_of("secure", "secure", "safe"),
+    }),
+    "sms": Table({
+        "gateway": one_of("console", "console", "twilio", "http"),
+        "code_length": integer(6, 6, 8),
+        "code_ttl": number(300, 60, 600),
+        "max_per_user_per_hour": integer(5, 1, 100),
+        "max_per_number_per_hour": integer(10, 1, 1000),
+    }, optional=True),
+    "gateways": Table({
+        "twilio": Table({
+            "account_sid": string(REQUIRED),
+            "auth_token": string(None),         # or auth_token_file
+            "auth_token_file": string(None),
+            "from_number": string(REQUIRED),
+            "api_base": string("https://api.twilio.com"),
+            "timeout": number(10, 1, 60),
+            "ring_timeout": integer(30, 5, 600),
+        }, optional=True),
+        "http": Table({
+            "url": string(REQUIRED),
+            "method": one_of("POST", "POST", "PUT", "GET"),
+            "format": one_of("json", "json", "form"),
+            "fields": Field("a table of name = template", (dict,), {"to": "{to}", "text": "{text}"},
+                            _string_table),
+            "headers": Field("a table of name = value", (dict,), {}, _string_table),
+            "timeout": number(10, 1, 60),
+            "success_status": Field("an array of integers", (list,), [200, 201, 202, 204],
+                                    _statuses),
+            "ca_file": text(""),
+        }, optional=True),
     }),
 })
 
@@ -662,6 +729,35 @@ def _build_directory(values: dict[str, Any], base: Path,
     )
 
 
+def _settings(factory, key: str, **values):
+    """A gateway's own settings object; its ValueError ("name: problem") names the key."""
+    try:
+        return factory(**values)
+    except ValueError as e:
+        name, sep, message = str(e).partition(": ")
+        if sep and name.isidentifier():
+            raise _Problem(f"{key}.{name}", message) from None
+        raise _Problem(key, str(e)) from None
+
+
+def _build_gateways(values: dict[str, Any], base: Path) -> GatewaysConfig:
+    twilio = http = None
+    if values["twilio"] is not None:
+        # Imported only when configured: these pull in the HTTP client.
+        from mfaserver.gateways.twilio import TwilioSettings
+        fields = dict(values["twilio"])
+        _, token = _secret(fields, "gateways.twilio", base, "auth_token")
+        del fields["auth_token"], fields["auth_token_file"]
+        twilio = _settings(TwilioSettings, "gateways.twilio",
+                           auth_token=token.decode("utf-8"), **fields)
+    if values["http"] is not None:
+        from mfaserver.gateways.http import HttpGatewaySettings
+        fields = dict(values["http"])
+        fields["ca_file"] = _resolve(base, fields["ca_file"]) if fields["ca_file"] else None
+        http = _settings(HttpGatewaySettings, "gateways.http", **fields)
+    return GatewaysConfig(twilio=twilio, http=http)
+
+
 def _build(values: dict[str, Any], path: Path) -> Config:
     base = path.parent
     warnings: list[str] = []
@@ -672,6 +768,10 @@ def _build(values: dict[str, Any], path: Path) -> Config:
     reply = tuple(ReplyRule(group=r["group"].lower(), attributes=r["attributes"])
                   for r in radius.pop("reply"))
     server = values["server"]
+    gateways = _build_gateways(values["gateways"], base)
+    sms = SmsConfig(**values["sms"]) if values["sms"] is not None else None
+    if sms is not None and sms.gateway != "console" and getattr(gateways, sms.gateway) is None:
+        raise _Problem("sms.gateway", f"[gateways.{sms.gateway}] is not configured")
     return Config(
         path=path,
         server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
@@ -680,6 +780,8 @@ def _build(values: dict[str, Any], path: Path) -> Config:
         directory=_build_directory(values["directory"], base, warnings),
         mfa=MfaConfig(**values["mfa"]),
         warnings=tuple(f"{path}: {w}" for w in warnings),
+        sms=sms,
+        gateways=gateways,
     )
 
 

@@ -56,6 +56,17 @@ class LifecycleService(tservice.Service):
         return self.part.stop()
 
 
+class ClosingService(tservice.Service):
+    """Calls ``part.close()`` when the daemon stops (pooled HTTP connections)."""
+
+    def __init__(self, part):
+        self.part = part
+
+    def stopService(self):
+        super().stopService()
+        return self.part.close()
+
+
 class RadiusListenerService(tservice.Service):
     """Binds the UDP port on start, closes it on stop (abandoning undecided requests)."""
 
@@ -155,7 +166,8 @@ class MfaDaemon(tservice.MultiService):
                                     LocalDirectory(threaded.lookup_password, hash_threads.run))
         self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
         self.authenticator = Authenticator(directory, threaded, self.challenges, config.mfa,
-                                           reactor, reply_rules=config.radius.reply)
+                                           reactor, reply_rules=config.radius.reply,
+                                           sms=self._sms(config, reactor))
         self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
         self.protocol = RadiusAuthProtocol(listener_settings(config),
                                            self.authenticator.authenticate, self.cache, reactor)
@@ -164,6 +176,26 @@ class MfaDaemon(tservice.MultiService):
         self.listener.setServiceParent(self)
         if config.directory.ldap is not None and config.directory.sync.interval > 0:
             PeriodicSync(self, reactor).setServiceParent(self)
+
+    def _sms(self, config: Config, reactor):
+        """The SMS code sender for [sms], or None when SMS is not configured."""
+        if config.sms is None:
+            return None
+        from mfaserver.factors.sms import SmsCodes
+        if config.sms.gateway == "twilio":
+            from mfaserver.gateways.twilio import TwilioGateway
+            gateway = TwilioGateway(config.gateways.twilio, reactor)
+            ClosingService(gateway).setServiceParent(self)
+        elif config.sms.gateway == "http":
+            from mfaserver.gateways.http import HttpGateway
+            gateway = HttpGateway(config.gateways.http, reactor)
+        else:
+            from mfaserver.gateways.console import ConsoleGateway
+            gateway = ConsoleGateway()
+        return SmsCodes(gateway, reactor, code_length=config.sms.code_length,
+                        ttl=config.sms.code_ttl,
+                        per_user_per_hour=config.sms.max_per_user_per_hour,
+                        per_number_per_hour=config.sms.max_per_number_per_hour)
 
     def _directory(self, config: Config, reactor, local: LocalDirectory):
         """The directory (or chain of them) named by [directory] backend."""
@@ -202,7 +234,8 @@ class MfaDaemon(tservice.MultiService):
                 ("radius.listen", old.radius.listen, new.radius.listen),
                 ("radius.port", old.radius.port, new.radius.port),
                 ("server.state_dir", old.server.state_dir, new.server.state_dir),
-                ("directory.backend", old.directory.backends, new.directory.backends)):
+                ("directory.backend", old.directory.backends, new.directory.backends),
+                ("[sms] and [gateways]", (old.sms, old.gateways), (new.sms, new.gateways))):
             if before != after:
                 log.warn("{key} changed: takes effect after a restart", key=what)
         self.protocol.settings = listener_settings(new)

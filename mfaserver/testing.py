@@ -75,3 +75,21 @@ def status_server(secret: bytes, *, identifier: int = 1,
     data = codec.encode_request(codec.STATUS_SERVER, identifier, authenticator, secret, [],
                                 message_authenticator=message_authenticator)
     return data, authenticator
+
+
+class MemorySmsGateway:
+    """`SmsGateway` that records texts; set ``failure`` to make sends fail with it."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, str]] = []
+        self.failure: Exception | None = None
+
+    def send_sms(self, to: str, text: str) -> defer.Deferred:
+        if self.failure is not None:
+            return defer.fail(self.failure)
+        self.sent.append((to, text))
+        return defer.succeed(None)
+
+    def last_code(self) -> str:
+        """The digits of the last text sent."""
+        return "".join(c for c in self.sent[-1][1].split(".")[0] if c.isdigit())

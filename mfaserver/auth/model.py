@@ -47,6 +47,11 @@ class Reason(str, enum.Enum):
     LOGON_NOT_PERMITTED = "logon_not_permitted"
     NOT_IN_GROUP = "not_in_group"
     AMBIGUOUS_USER = "ambiguous_user"
+    # Out-of-band delivery:
+    RATE_LIMITED = "rate_limited"
+    GATEWAY_FAILED = "gateway_failed"
+    FAILMODE_SAFE = "failmode_safe"
+    NO_PHONE = "no_phone"
     SEED_INTEGRITY = "seed_integrity"
     INTERNAL_ERROR = "internal_error"
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -36,6 +37,8 @@ from mfaserver.auth.model import (
     Account, AuditEntry, AuthRequest, Decision, Outcome, Principal, Reason, TokenKind,
 )
 from mfaserver.factors import oath
+from mfaserver.factors.sms import SendRefused, SmsCodes, mask_phone
+from mfaserver.gateways.base import GatewayError
 from mfaserver.store.crypto import SeedIntegrityError
 
 log = Logger(namespace="mfaserver.auth")
@@ -51,6 +54,8 @@ MSG_WRONG_CODE = "Wrong or already used code."
 MSG_SESSION_EXPIRED = "Your sign-in session expired. Please sign in again."
 MSG_TRY_LATER = "The sign-in service is unavailable. Try again later."
 MSG_BYPASS = "Signed in with a one-time bypass."
+MSG_NO_PHONE = "No phone number is set up for text messages. Contact your administrator."
+MSG_TOO_MANY_CODES = "Too many codes were sent. Wait a while, then try again."
 
 # What a directory's refusal tells the user: only what they may know once
 # their password was right (AD reports these states only then).
@@ -67,17 +72,23 @@ DIRECTORY_MESSAGES = {
 CODE_LENGTHS = range(6, 9)
 
 
-def split_password(field: str, delimiter: str) -> tuple[str, str | None]:
-    """Split ``password<delimiter>code`` into its parts.
+METHOD_KEYWORDS = ("sms",)
 
-    Only a suffix that looks like an OATH code (6 to 8 ASCII digits) is split
-    off, so a password that merely contains the delimiter still works. A
-    password ending in ``<delimiter>`` plus 6-8 digits must be entered with a
-    code (or through the challenge) - documented in the README.
+
+def split_password(field: str, delimiter: str) -> tuple[str, str | None]:
+    """Split ``password<delimiter>code`` (or ``password<delimiter>sms``) into its parts.
+
+    Only a suffix that looks like an OATH or SMS code (6 to 8 ASCII digits)
+    or names a method (``sms``, any case; returned lower-cased) is split off,
+    so a password that merely contains the delimiter still works. A password
+    ending in ``<delimiter>`` plus such a suffix must be entered with a code
+    (or through the challenge) - documented in the README.
     """
     password, sep, suffix = field.rpartition(delimiter)
     if sep and suffix.isascii() and suffix.isdigit() and len(suffix) in CODE_LENGTHS:
         return password, suffix
+    if sep and suffix.lower() in METHOD_KEYWORDS:
+        return password, suffix.lower()
     return field, None
 
 
@@ -86,13 +97,14 @@ class Authenticator:
     and may be replaced on reload."""
 
     def __init__(self, directory: Directory, store: AccountStore, challenges: ChallengeRegistry,
-                 policy, clock: IReactorTime, reply_rules: tuple = ()):
+                 policy, clock: IReactorTime, reply_rules: tuple = (), sms: SmsCodes | None = None):
         self.directory = directory
         self.store = store
         self.challenges = challenges
         self.policy = policy
         # `mfaserver.config.ReplyRule`s: group DN -> attributes for the Accept.
         self.reply_rules = reply_rules
+        self.sms = sms  # None: no [sms] configured
         self._clock = clock
 
     def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
@@ -159,7 +171,12 @@ class Authenticator:
                 and await self.store.consume_bypass(name, now=now)):
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
                                    attributes=grants)
-        if account is None or not account.tokens:
+        sms_ready = self.sms is not None and account is not None and bool(account.phone)
+        if code == "sms":
+            if not sms_ready:
+                return Decision.reject(Reason.NO_PHONE, MSG_NO_PHONE, factor="sms")
+            return await self._send_sms(request, account, grants)
+        if account is None or not (account.tokens or sms_ready):
             if self.policy.unenrolled == "allow":
                 return Decision.accept(Reason.UNENROLLED_ALLOWED, factor="password",
                                        attributes=grants)
@@ -169,6 +186,9 @@ class Authenticator:
             if decision.outcome is Outcome.ACCEPT:
                 decision = dataclasses.replace(decision, attributes=grants)
             return decision
+        if not account.tokens:
+            # Enrolled by phone only: a bare password asks for a texted code.
+            return await self._send_sms(request, account, grants)
         if self.policy.challenge:
             # Bound to the name as typed (the NAS sends it again with the
             # State); the canonical name and the grants ride along.
@@ -179,6 +199,24 @@ class Authenticator:
             Reason.CODE_MISSING,
             f"Enter your password followed by '{self.policy.delimiter}' and your code.",
             factor="password")
+
+    async def _send_sms(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
+        """Text a code to the user and challenge for it (or fail per [mfa] failmode)."""
+        try:
+            await self.sms.send(account.name, account.phone)
+        except SendRefused:
+            log.warn("SMS limit reached for {user}: no code sent", user=account.name)
+            return Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES, factor="sms")
+        except (GatewayError, defer.TimeoutError) as e:
+            log.error("could not text a code to {user}: {error}", user=account.name,
+                      error=str(e))
+            if self.policy.failmode == "safe":
+                return Decision.accept(Reason.FAILMODE_SAFE, factor="sms", attributes=grants)
+            return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor="sms")
+        state = self.challenges.issue(request.client_name, request.username,
+                                      {"user": account.name, "attributes": grants})
+        return Decision.challenge(
+            state, f"Enter the code sent to {mask_phone(account.phone)}.", factor="sms")
 
     def _grants(self, principal: Principal) -> tuple:
         """Reply attributes for ``principal``: the directory's own, then [[radius.reply]]."""
@@ -196,7 +234,7 @@ class Authenticator:
         refusal = self._refuse_account(account)
         if refusal is not None:
             return refusal
-        if account is None or not account.tokens:
+        if account is None:
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
         decision = await self._check_code(account, request.password.strip())
         if decision.outcome is Outcome.ACCEPT:
@@ -237,7 +275,12 @@ class Authenticator:
                     reused_by = token
                 elif oath.hotp_replayed(token, code, look_back=policy.hotp_look_ahead):
                     reused_by = token
-        factor = (reused_by or account.tokens[0]).kind.value
+        if self.sms is not None and self.sms.check(account.name, code.strip()):
+            return await self._success(account, "sms")
+        if reused_by is not None or account.tokens:
+            factor = (reused_by or account.tokens[0]).kind.value
+        else:
+            factor = "sms"
         _, locked_until = await self.store.register_failure(
             account.name, now=now, threshold=policy.lockout_threshold,
             lock_seconds=policy.lockout_minutes * 60)

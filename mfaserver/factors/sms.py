@@ -1,0 +1,89 @@
+"""One-time codes sent by text message.
+
+A code is random (``secrets``), ``code_length`` digits, valid ``code_ttl``
+seconds, good for one login of the user it was sent to, and only the newest
+code of a user counts. Codes live in memory (a restart voids them, like
+challenge States). Sends are limited per user and per destination number
+(toll-fraud and annoyance guard) before the gateway is asked.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from mfaserver.auth.approvals import RateLimiter
+
+
+class SendRefused(Exception):
+    """Over a send limit: nothing was sent."""
+
+
+@dataclass(frozen=True)
+class _Code:
+    code: str
+    expires: float
+
+
+def mask_phone(number: str) -> str:
+    """``+*******1234``: enough for the user to recognise their phone, no more."""
+    return "+" + "*" * max(0, len(number) - 5) + number[-4:]
+
+
+class SmsCodes:
+    """Sends codes through an `SmsGateway` and checks what users type back."""
+
+    def __init__(self, gateway, clock: IReactorTime, *, code_length: int = 6,
+                 ttl: float = 300.0, per_user_per_hour: int = 5,
+                 per_number_per_hour: int = 10, max_entries: int = 100_000):
+        self.gateway = gateway
+        self._clock = clock
+        self.code_length = code_length
+        self.ttl = ttl
+        # A burst of 3 lets a user retry at once; the hourly rate caps abuse.
+        self._per_user = RateLimiter(clock, burst=min(3, per_user_per_hour),
+                                     per_hour=per_user_per_hour)
+        self._per_number = RateLimiter(clock, burst=min(3, per_number_per_hour),
+                                       per_hour=per_number_per_hour)
+        self._max_entries = max_entries
+        self._codes: OrderedDict[str, _Code] = OrderedDict()
+
+    def send(self, user: str, phone: str) -> Deferred[None]:
+        """Text a new code to ``phone`` for ``user``.
+
+        Raises `SendRefused` (nothing sent) over a limit; the Deferred fails
+        with the gateway's error if it cannot deliver. The code is valid
+        from the moment it is handed to the gateway.
+        """
+        if not self._per_user.allow(user) or not self._per_number.allow(phone):
+            raise SendRefused()
+        code = "".join(secrets.choice("0123456789") for _ in range(self.code_length))
+        self._codes.pop(user, None)
+        self._codes[user] = _Code(code, self._clock.seconds() + self.ttl)
+        while len(self._codes) > self._max_entries:
+            self._codes.popitem(last=False)
+        minutes = max(1, round(self.ttl / 60))
+        return self.gateway.send_sms(
+            phone, f"Your sign-in code is {code}. It expires in {minutes} minutes.")
+
+    def has_code(self, user: str) -> bool:
+        entry = self._codes.get(user)
+        return entry is not None and entry.expires > self._clock.seconds()
+
+    def check(self, user: str, code: str) -> bool:
+        """True, once, if ``code`` is ``user``'s live code (constant-time compare)."""
+        entry = self._codes.get(user)
+        if entry is None:
+            return False
+        if entry.expires <= self._clock.seconds():
+            del self._codes[user]
+            return False
+        if len(code) != len(entry.code) or not hmac.compare_digest(code, entry.code):
+            return False
+        del self._codes[user]
+        return True
