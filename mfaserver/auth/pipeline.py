@@ -12,9 +12,11 @@ The flow, for a request without State::
     directory.authenticate    -> Reject on a wrong password / unknown user
     account blocked / locked  -> Reject
     pending bypass            -> Accept (consumed)
-    no token                  -> Accept or Reject per [mfa] unenrolled
+    password,sms              -> text a code, Access-Challenge for it
+    no token and no phone     -> Accept or Reject per [mfa] unenrolled
     code given                -> check it (atomic replay guard) -> Accept / Reject
-    no code                   -> Access-Challenge (if [mfa] challenge) or Reject
+    no code                   -> Access-Challenge (if [mfa] challenge) or Reject;
+                                 a phone-only user gets a texted code
 
 and for a request with State: redeem the State (bound to client and user,
 single use), then check the code in User-Password.
@@ -251,7 +253,8 @@ class Authenticator:
         return None
 
     async def _check_code(self, account: Account, code: str) -> Decision:
-        """Check ``code`` against each of the account's tokens; record use atomically."""
+        """Check ``code`` against the account's tokens (use recorded atomically), then
+        against a code texted to the user; a miss counts towards the lockout."""
         now = self._clock.seconds()
         policy = self.policy
         reused_by = None
