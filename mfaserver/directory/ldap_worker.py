@@ -162,7 +162,7 @@ class _ServerDown(Exception):
     """This server could not answer (the next one may): the message says why."""
 
 
-class _VerifiedTls(ldap3.Tls):
+class VerifiedTls(ldap3.Tls):
     """ldap3's Tls, with the certificate and host name checked by OpenSSL in the handshake.
 
     ldap3 turns OpenSSL's host name check off and redoes it with
@@ -219,7 +219,7 @@ class Logins:
                  pool_size: int | None = None):
         self._config = config
         self._log = log
-        tls = _VerifiedTls(tls_context(config))
+        tls = VerifiedTls(tls_context(config))
         size = pool_size or config.pool_size
         self._servers = [_Server(url, tls, config, size) for url in config.servers]
         names = [config.required_group, *(g.lower() for g in groups)]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-import ssl
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -29,6 +28,7 @@ import phonenumbers
 from ldap3.core.exceptions import LDAPOperationResult
 
 from mfaserver.config import Config, LdapConfig, SyncConfig
+from mfaserver.directory.ldap_worker import VerifiedTls, tls_context
 from mfaserver.store.db import Store, StoreError, SyncResult, check_user_name
 
 __all__ = [
@@ -242,32 +242,12 @@ def _value(attributes, name: str) -> str | None:
     return None
 
 
-class _VerifiedTls(ldap3.Tls):
-    """ldap3's Tls with certificate and host name checked by OpenSSL, as for logins.
-
-    ldap3 switches OpenSSL's host name check off and redoes it with
-    ``ssl.match_hostname``, which Python 3.12 removed; a standard verifying
-    context is simpler. (The same as `mfaserver.directory.ldap`'s.)
-    """
-
-    def __init__(self, ldap: LdapConfig):
-        super().__init__(validate=ssl.CERT_REQUIRED)
-        self._context = ssl.create_default_context(
-            cafile=str(ldap.ca_file) if ldap.ca_file else None)
-        self._context.minimum_version = ssl.TLSVersion.TLSv1_2
-
-    def wrap_socket(self, connection, do_handshake=False):
-        connection.socket = self._context.wrap_socket(
-            connection.socket, server_hostname=connection.server.host,
-            do_handshake_on_connect=do_handshake)
-
-
 def _search_server(url: str, ldap: LdapConfig, search_filter: str) -> list[DirectoryUser]:
     """All matching users from the server at ``url``; raises SyncError on any failure."""
     stage = "connect"
     conn = None
     try:
-        tls = _VerifiedTls(ldap)
+        tls = VerifiedTls(tls_context(ldap))
         server = ldap3.Server(url, tls=tls, connect_timeout=ldap.timeout, get_info=ldap3.NONE)
         conn = ldap3.Connection(
             server,
