@@ -301,37 +301,12 @@ def ours_server(directory: Path, port: int) -> Server:
                   directory / "mfaserver.log", env=env)
 
 
+from freeradius_conf import FREERADIUS_PRELUDE  # noqa: E402 (next to its one use)
+
 FREERADIUS_CONF = """\
 # Minimal FreeRADIUS 3 config written by scripts/bench: one auth listener on
 # {host}:{port}, one client, Status-Server answered with Access-Accept.
-prefix = /usr
-exec_prefix = /usr
-sysconfdir = /etc
-localstatedir = /var
-sbindir = /usr/sbin
-raddbdir = {dir}
-confdir = {dir}
-modconfdir = {dir}/mods-config
-logdir = {dir}
-run_dir = {dir}
-db_dir = {dir}
-libdir = /usr/lib/freeradius
-pidfile = {dir}/radiusd.pid
-name = freeradius
-max_request_time = 30
-cleanup_delay = 5
-max_requests = 65536
-hostname_lookups = no
-log {{
-	destination = stdout
-	auth = no
-}}
-security {{
-	allow_core_dumps = no
-	max_attributes = 200
-	reject_delay = 0
-	status_server = yes
-}}
+""" + FREERADIUS_PRELUDE + """\
 thread pool {{
 	start_servers = 5
 	max_servers = 32

@@ -118,37 +118,12 @@ def mfaserver_ldap_section(ls, url: str) -> str:
 
 # --- FreeRADIUS 3 with rlm_ldap + rlm_totp ----------------------------------------------------
 
+from freeradius_conf import FREERADIUS_PRELUDE  # noqa: E402 (next to its one use)
+
 FREERADIUS_LDAP_CONF = """\
 # FreeRADIUS 3 config written by scripts/bench (section "ldap"): password,code
 # logins against slapd. One auth listener on {host}:{port}, one client.
-prefix = /usr
-exec_prefix = /usr
-sysconfdir = /etc
-localstatedir = /var
-sbindir = /usr/sbin
-raddbdir = {dir}
-confdir = {dir}
-modconfdir = {dir}/mods-config
-logdir = {dir}
-run_dir = {dir}
-db_dir = {dir}
-libdir = /usr/lib/freeradius
-pidfile = {dir}/radiusd.pid
-name = freeradius
-max_request_time = 30
-cleanup_delay = 5
-max_requests = 65536
-hostname_lookups = no
-log {{
-	destination = stdout
-	auth = no
-}}
-security {{
-	allow_core_dumps = no
-	max_attributes = 200
-	reject_delay = 0
-	status_server = yes
-}}
+""" + FREERADIUS_PRELUDE + """\
 thread pool {{
 	start_servers = {threads}
 	max_servers = {threads}
