@@ -192,6 +192,7 @@ class Config:
     warnings: tuple[str, ...] = ()
     sms: SmsConfig | None = None
     gateways: GatewaysConfig = GatewaysConfig()
+    web: Any = None                   # mfaserver.web.server.WebSettings; None: no listener
 
     @property
     def database_path(self) -> Path:
@@ -585,6 +586,15 @@ SCHEMA = Table({
         "max_per_user_per_hour": integer(5, 1, 100),
         "max_per_number_per_hour": integer(10, 1, 1000),
     }, optional=True),
+    "web": Table({
+        "listen": string("127.0.0.1", _ip_address),
+        "port": integer(8443, 1, 65535),
+        "public_url": text(""),
+        "tls_certificate": text(""),
+        "tls_key": text(""),
+        "max_body": integer(64 * 1024, 1024, 1024 * 1024),
+        "request_timeout": number(30, 1, 300),
+    }, optional=True),
     "gateways": Table({
         "twilio": Table({
             "account_sid": string(REQUIRED),
@@ -740,6 +750,20 @@ def _settings(factory, key: str, **values):
         raise _Problem(key, str(e)) from None
 
 
+def _build_web(values: dict[str, Any], base: Path):
+    from mfaserver.web.server import WebSettings
+    fields = dict(values)
+    for name in ("tls_certificate", "tls_key"):
+        fields[name] = _resolve(base, fields[name]) if fields[name] else None
+    settings = _settings(WebSettings, "web", **fields)
+    try:
+        settings.validate()
+    except ValueError as e:
+        name, _, message = str(e).partition(": ")
+        raise _Problem(f"web.{name}", message) from None
+    return settings
+
+
 def _build_gateways(values: dict[str, Any], base: Path) -> GatewaysConfig:
     twilio = http = None
     if values["twilio"] is not None:
@@ -772,6 +796,7 @@ def _build(values: dict[str, Any], path: Path) -> Config:
     sms = SmsConfig(**values["sms"]) if values["sms"] is not None else None
     if sms is not None and sms.gateway != "console" and getattr(gateways, sms.gateway) is None:
         raise _Problem("sms.gateway", f"[gateways.{sms.gateway}] is not configured")
+    web = _build_web(values["web"], base) if values["web"] is not None else None
     return Config(
         path=path,
         server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
@@ -782,6 +807,7 @@ def _build(values: dict[str, Any], path: Path) -> Config:
         warnings=tuple(f"{path}: {w}" for w in warnings),
         sms=sms,
         gateways=gateways,
+        web=web,
     )
 
 

@@ -67,6 +67,33 @@ class ClosingService(tservice.Service):
         return self.part.close()
 
 
+class WebListenerService(tservice.Service):
+    """Serves the HTTP listener ([web]) while the daemon runs."""
+
+    def __init__(self, reactor, settings, app):
+        self._reactor = reactor
+        self._settings = settings
+        self.app = app
+        self.port = None
+
+    def startService(self):
+        from mfaserver.web.server import listen
+        failures = []
+        # TCP and TLS endpoints listen at once: a port in use fails here, at start.
+        listen(self._reactor, self._settings, self.app).addCallbacks(
+            lambda port: setattr(self, "port", port), failures.append)
+        if failures:
+            failures[0].raiseException()
+        super().startService()
+        host = self.port.getHost()
+        log.info("HTTP listening on {host}:{port}", host=host.host, port=host.port)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+
+
 class RadiusListenerService(tservice.Service):
     """Binds the UDP port on start, closes it on stop (abandoning undecided requests)."""
 
@@ -174,6 +201,9 @@ class MfaDaemon(tservice.MultiService):
         self.listener = RadiusListenerService(reactor, self.protocol, config.radius.port,
                                               config.radius.listen)
         self.listener.setServiceParent(self)
+        if config.web is not None:
+            from mfaserver.web.server import WebApp
+            WebListenerService(reactor, config.web, WebApp(reactor)).setServiceParent(self)
         if config.directory.ldap is not None and config.directory.sync.interval > 0:
             PeriodicSync(self, reactor).setServiceParent(self)
 
@@ -235,7 +265,8 @@ class MfaDaemon(tservice.MultiService):
                 ("radius.port", old.radius.port, new.radius.port),
                 ("server.state_dir", old.server.state_dir, new.server.state_dir),
                 ("directory.backend", old.directory.backends, new.directory.backends),
-                ("[sms] and [gateways]", (old.sms, old.gateways), (new.sms, new.gateways))):
+                ("[sms] and [gateways]", (old.sms, old.gateways), (new.sms, new.gateways)),
+                ("[web]", old.web, new.web)):
             if before != after:
                 log.warn("{key} changed: takes effect after a restart", key=what)
         self.protocol.settings = listener_settings(new)

@@ -244,7 +244,7 @@ def client_with(**keys: str) -> str:
 @pytest.mark.parametrize("text, key, message", [
     # unknown keys
     ("colour = 1\n" + CLIENT, "colour", "unknown key"),
-    ("[web]\nport = 8080\n" + CLIENT, "web", "unknown key"),
+    ("[metrics]\nport = 8080\n" + CLIENT, "metrics", "unknown key"),
     ("[mfa]\ndelimeter = ':'\n" + CLIENT, "mfa.delimeter",
      "unknown key (did you mean 'delimiter'?)"),
     ("[radius]\nlisten_port = 1\n" + CLIENT, "radius.listen_port", "unknown key"),

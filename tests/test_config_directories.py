@@ -131,3 +131,14 @@ attributes = { Session-Timeout = "soon" }
 def test_sync_defaults(tmp_path):
     c = load(tmp_path, "")
     assert c.directory.sync == config.SyncConfig(interval=0, keep_days=30, filter="")
+
+
+def test_web_section_is_checked_at_load(tmp_path):
+    c = load(tmp_path, '[web]\nport = 18443\npublic_url = "https://mfa.example.org:8443"\n')
+    assert (c.web.listen, c.web.port) == ("127.0.0.1", 18443)
+    message = error(tmp_path, '[web]\nlisten = "0.0.0.0"\n')
+    assert "web.tls_certificate" in message
+
+
+def test_no_web_section_no_listener(tmp_path):
+    assert load(tmp_path, "").web is None

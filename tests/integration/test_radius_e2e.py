@@ -310,3 +310,18 @@ def test_sighup_reloads_clients_without_a_restart(tmp_path):
         assert "reload failed" in d.log_text()
     finally:
         assert stop_daemon(d) == 0
+
+
+def test_web_listener_serves_health_while_radius_runs(tmp_path):
+    import json
+    import urllib.request
+
+    from ldap_server import free_tcp_port
+    port = free_tcp_port()
+    d = start_daemon(tmp_path, f"\n[web]\nport = {port}\n")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            assert json.load(response) == {"status": "ok"}
+        assert d.alive()
+    finally:
+        assert stop_daemon(d) == 0
