@@ -902,20 +902,10 @@ class ClientIndex:
         return None
 
 
-# The daemon passes the same clients tuple for every packet: keep its index.
-_last_index: tuple[Sequence[ClientConfig], ClientIndex] | None = None
-
-
 def find_client(clients: Sequence[ClientConfig], address: str) -> ClientConfig | None:
     """The client for a packet from ``address`` (longest prefix wins), or None.
 
     "::ffff:1.2.3.4" is matched as 1.2.3.4; an invalid address matches nothing.
-    The index of a tuple of clients is cached; a list is indexed on every call.
+    For one lookup; the daemon keeps a `ClientIndex` for all its packets.
     """
-    global _last_index
-    cached = _last_index
-    if cached is None or cached[0] is not clients:
-        cached = (clients, ClientIndex(clients))
-        if isinstance(clients, tuple):  # a list could change under the cache
-            _last_index = cached
-    return cached[1].find(address)
+    return ClientIndex(clients).find(address)

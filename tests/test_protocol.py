@@ -8,7 +8,7 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from mfaserver.auth.model import Decision, Reason
-from mfaserver.config import ClientConfig, find_client
+from mfaserver.config import ClientConfig, ClientIndex
 from mfaserver.radius import codec
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
@@ -32,7 +32,7 @@ class ProtocolTests(SynchronousTestCase):
         self.hold = False
         self.clients = (client(), client("legacy", "10.0.0.1", require_ma=False))
         self.proto = RadiusAuthProtocol(
-            ListenerSettings(lambda a: find_client(self.clients, a), reject_delay=1.0,
+            ListenerSettings(ClientIndex(self.clients).find, reject_delay=1.0,
                              status_server=True),
             self.authenticate, ReplyCache(self.clock, ttl=30), self.clock)
         self.transport = FakeDatagramTransport()
