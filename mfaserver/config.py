@@ -65,6 +65,8 @@ class ClientConfig:
     network: IPNetwork
     secret: bytes = field(repr=False)
     require_message_authenticator: bool = True
+    timeout: float | None = None      # overrides [mfa] timeout for this client
+    failmode: str | None = None       # overrides [mfa] failmode for this client
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,36 @@ class GatewaysConfig:
 
     twilio: Any = None                # mfaserver.gateways.twilio.TwilioSettings
     http: Any = None                  # mfaserver.gateways.http.HttpGatewaySettings
+    smtp: Any = None                  # mfaserver.gateways.smtp.SmtpSettings
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    """[voice]: approval by phone call. Absent: no calls."""
+
+    gateway: str = "twilio"
+    pin: bool = False                 # the user keys a PIN (user set-pin), then #
+    max_per_user_per_hour: int = 5
+    max_per_number_per_hour: int = 10
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    """[push]: approval on an enrolled device. Absent: push with the defaults below."""
+
+    notify: str = "none"              # wake-ups sent: ntfy | webhook | none (devices long-poll)
+    number_matching: bool = False
+    enrollment_minutes: float = 10.0
+    max_per_user_per_hour: int = 30
+    notify_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """[alerts]: where fraud reports and other admin alerts go."""
+
+    gateway: str = "console"          # console | smtp | http
+    to: tuple[str, ...] = ()          # e-mail recipients, for smtp
 
 
 @dataclass(frozen=True)
@@ -178,6 +210,11 @@ class MfaConfig:
     totp_window: int = 1
     hotp_look_ahead: int = 10
     failmode: str = "secure"          # a gateway that cannot deliver: reject, or "safe": accept
+    default_method: str = "push"      # push | phone | sms | totp, when the user has none
+    timeout: float = 60.0             # seconds a login is held for an out-of-band answer
+    challenge_menu: bool = False      # a bare password gets a menu of methods
+    max_pending_per_user: int = 1
+    max_pending: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -193,6 +230,9 @@ class Config:
     sms: SmsConfig | None = None
     gateways: GatewaysConfig = GatewaysConfig()
     web: Any = None                   # mfaserver.web.server.WebSettings; None: no listener
+    voice: VoiceConfig | None = None
+    push: PushConfig = PushConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @property
     def database_path(self) -> Path:
@@ -500,6 +540,20 @@ def _statuses(value: list) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _choice(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} must be one of {', '.join(map(repr, choices))}")
+        return value
+    return check
+
+
+def _mail_address(value: str) -> str:
+    if value.count("@") != 1 or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an e-mail address")
+    return value
+
+
 def _delimiter(value: str) -> str:
     if len(value) != 1 or value.isalnum():
         raise ValueError(f"{value!r} must be exactly one character, not a letter or digit")
@@ -523,6 +577,8 @@ SCHEMA = Table({
             "secret": string(None),          # exactly one of secret and secret_file,
             "secret_file": string(None),     # checked in _build_client
             "require_message_authenticator": boolean(True),
+            "timeout": Field("a number", (int, float), None, _in_range(5, 600, float)),
+            "failmode": Field("a string", (str,), None, _choice("secure", "safe")),
         }), min_items=1),
         "reply": TableArray(Table({
             "group": string(REQUIRED),
@@ -578,9 +634,31 @@ SCHEMA = Table({
         "totp_window": integer(1, 0, 5),
         "hotp_look_ahead": integer(10, 1, 100),
         "failmode": one_of("secure", "secure", "safe"),
+        "default_method": one_of("push", "push", "phone", "sms", "totp"),
+        "timeout": number(60, 5, 600),
+        "challenge_menu": boolean(False),
+        "max_pending_per_user": integer(1, 1, 10),
+        "max_pending": integer(20_000, 1, 1_000_000),
+    }),
+    "voice": Table({
+        "gateway": one_of("twilio", "twilio"),
+        "pin": boolean(False),
+        "max_per_user_per_hour": integer(5, 1, 100),
+        "max_per_number_per_hour": integer(10, 1, 1000),
+    }, optional=True),
+    "push": Table({
+        "notify": one_of("none", "none", "ntfy", "webhook"),
+        "number_matching": boolean(False),
+        "enrollment_minutes": number(10, 1, 1440),
+        "max_per_user_per_hour": integer(30, 1, 1000),
+        "notify_timeout": number(5, 1, 60),
+    }),
+    "alerts": Table({
+        "gateway": one_of("console", "console", "smtp", "http"),
+        "to": string_list([], _mail_address, min_items=0),
     }),
     "sms": Table({
-        "gateway": one_of("console", "console", "twilio", "http"),
+        "gateway": one_of("console", "console", "twilio", "http", "smtp"),
         "code_length": integer(6, 6, 8),
         "code_ttl": number(300, 60, 600),
         "max_per_user_per_hour": integer(5, 1, 100),
@@ -616,6 +694,18 @@ SCHEMA = Table({
             "success_status": Field("an array of integers", (list,), [200, 201, 202, 204],
                                     _statuses),
             "ca_file": text(""),
+        }, optional=True),
+        "smtp": Table({
+            "host": string(REQUIRED),
+            "port": integer(25, 1, 65535),
+            "starttls": one_of("required", "required", "optional", "none"),
+            "username": text(""),
+            "password": string(None),           # or password_file
+            "password_file": string(None),
+            "sender": string(REQUIRED),
+            "ca_file": text(""),
+            "timeout": number(10, 1, 120),
+            "sms_address": text(""),
         }, optional=True),
     }),
 })
@@ -664,7 +754,8 @@ def _build_client(values: dict[str, Any], key: str, base: Path,
         warnings.append(f"{secret_key}: shorter than {MIN_SECRET_LENGTH} bytes;"
                         " use a long random secret")
     return ClientConfig(name=values["name"], network=values["address"], secret=data,
-                        require_message_authenticator=values["require_message_authenticator"])
+                        require_message_authenticator=values["require_message_authenticator"],
+                        timeout=values["timeout"], failmode=values["failmode"])
 
 
 def _check_clients_unique(clients: Sequence[ClientConfig]) -> None:
@@ -779,7 +870,16 @@ def _build_gateways(values: dict[str, Any], base: Path) -> GatewaysConfig:
         fields = dict(values["http"])
         fields["ca_file"] = _resolve(base, fields["ca_file"]) if fields["ca_file"] else None
         http = _settings(HttpGatewaySettings, "gateways.http", **fields)
-    return GatewaysConfig(twilio=twilio, http=http)
+    smtp = None
+    if values["smtp"] is not None:
+        from mfaserver.gateways.smtp import SmtpSettings
+        fields = dict(values["smtp"])
+        _, password = _secret(fields, "gateways.smtp", base, "password", required=False)
+        del fields["password"], fields["password_file"]
+        fields["ca_file"] = _resolve(base, fields["ca_file"]) if fields["ca_file"] else None
+        smtp = _settings(SmtpSettings, "gateways.smtp",
+                         password=(password or b"").decode("utf-8"), **fields)
+    return GatewaysConfig(twilio=twilio, http=http, smtp=smtp)
 
 
 def _build(values: dict[str, Any], path: Path) -> Config:
@@ -797,6 +897,19 @@ def _build(values: dict[str, Any], path: Path) -> Config:
     if sms is not None and sms.gateway != "console" and getattr(gateways, sms.gateway) is None:
         raise _Problem("sms.gateway", f"[gateways.{sms.gateway}] is not configured")
     web = _build_web(values["web"], base) if values["web"] is not None else None
+    voice = VoiceConfig(**values["voice"]) if values["voice"] is not None else None
+    if voice is not None:
+        if gateways.twilio is None:
+            raise _Problem("voice.gateway", "[gateways.twilio] is not configured")
+        if web is None or not web.public_url:
+            # Twilio fetches the call's instructions from our web listener.
+            raise _Problem("voice", "phone calls need [web] with public_url set")
+    push = PushConfig(**values["push"])
+    alerts = AlertsConfig(**values["alerts"])
+    if alerts.gateway != "console" and getattr(gateways, alerts.gateway) is None:
+        raise _Problem("alerts.gateway", f"[gateways.{alerts.gateway}] is not configured")
+    if alerts.gateway == "smtp" and not alerts.to:
+        raise _Problem("alerts.to", "name at least one recipient for smtp alerts")
     return Config(
         path=path,
         server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
@@ -808,6 +921,9 @@ def _build(values: dict[str, Any], path: Path) -> Config:
         sms=sms,
         gateways=gateways,
         web=web,
+        voice=voice,
+        push=push,
+        alerts=alerts,
     )
 
 

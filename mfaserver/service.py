@@ -14,6 +14,7 @@ import signal
 
 from twisted.application import service as tservice
 from twisted.internet import error as terror
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mfaserver.auth.challenges import ChallengeRegistry
@@ -28,6 +29,10 @@ from mfaserver.store.threaded import ThreadedStore
 from mfaserver.workers import WorkerThreads
 
 log = Logger(namespace="mfaserver.service")
+
+
+def clients_by_name(config: Config) -> dict:
+    return {client.name: client for client in config.radius.clients}
 
 
 def listener_settings(config: Config) -> ListenerSettings:
@@ -65,6 +70,17 @@ class ClosingService(tservice.Service):
     def stopService(self):
         super().stopService()
         return self.part.close()
+
+
+class StoppingService(tservice.Service):
+    """Calls ``stop()`` when the daemon stops (closes pending pushes, drops wake-ups)."""
+
+    def __init__(self, stop):
+        self._stop = stop
+
+    def stopService(self):
+        super().stopService()
+        self._stop()
 
 
 class WebListenerService(tservice.Service):
@@ -192,9 +208,15 @@ class MfaDaemon(tservice.MultiService):
         directory = self._directory(config, reactor,
                                     LocalDirectory(threaded.lookup_password, hash_threads.run))
         self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
-        self.authenticator = Authenticator(directory, threaded, self.challenges, config.mfa,
-                                           reactor, reply_rules=config.radius.reply,
-                                           sms=self._sms(config, reactor))
+        self._gateways: dict[str, object] = {}
+        self.push = self._push(config, reactor, threaded)
+        self.voice = self._voice(config, reactor, threaded, hash_threads)
+        self.authenticator = Authenticator(
+            directory, threaded, self.challenges, config.mfa, reactor,
+            reply_rules=config.radius.reply, sms=self._sms(config, reactor),
+            push=self.push, voice=self.voice, alerts=self._alerts(config, reactor),
+            clients=clients_by_name(config),
+            pushes_per_user_per_hour=config.push.max_per_user_per_hour)
         self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
         self.protocol = RadiusAuthProtocol(listener_settings(config),
                                            self.authenticator.authenticate, self.cache, reactor)
@@ -202,30 +224,97 @@ class MfaDaemon(tservice.MultiService):
                                               config.radius.listen)
         self.listener.setServiceParent(self)
         if config.web is not None:
-            from mfaserver.web.server import WebApp
-            WebListenerService(reactor, config.web, WebApp(reactor)).setServiceParent(self)
+            WebListenerService(reactor, config.web,
+                               self._web_app(config, reactor, threaded)).setServiceParent(self)
         if config.directory.ldap is not None and config.directory.sync.interval > 0:
             PeriodicSync(self, reactor).setServiceParent(self)
+
+    def _gateway(self, name: str, config: Config, reactor):
+        """The gateway ``name`` ([gateways.NAME] or "console"), built once and shared."""
+        if name not in self._gateways:
+            if name == "twilio":
+                from mfaserver.gateways.twilio import TwilioGateway
+                gateway = TwilioGateway(config.gateways.twilio, reactor)
+                ClosingService(gateway).setServiceParent(self)
+            elif name == "http":
+                from mfaserver.gateways.http import HttpGateway
+                gateway = HttpGateway(config.gateways.http, reactor)
+            elif name == "smtp":
+                from mfaserver.gateways.smtp import SmtpGateway
+                gateway = SmtpGateway(config.gateways.smtp, reactor)
+            else:
+                from mfaserver.gateways.console import ConsoleGateway
+                gateway = ConsoleGateway()
+            self._gateways[name] = gateway
+        return self._gateways[name]
 
     def _sms(self, config: Config, reactor):
         """The SMS code sender for [sms], or None when SMS is not configured."""
         if config.sms is None:
             return None
         from mfaserver.factors.sms import SmsCodes
-        if config.sms.gateway == "twilio":
-            from mfaserver.gateways.twilio import TwilioGateway
-            gateway = TwilioGateway(config.gateways.twilio, reactor)
-            ClosingService(gateway).setServiceParent(self)
-        elif config.sms.gateway == "http":
-            from mfaserver.gateways.http import HttpGateway
-            gateway = HttpGateway(config.gateways.http, reactor)
-        else:
-            from mfaserver.gateways.console import ConsoleGateway
-            gateway = ConsoleGateway()
-        return SmsCodes(gateway, reactor, code_length=config.sms.code_length,
-                        ttl=config.sms.code_ttl,
+        return SmsCodes(self._gateway(config.sms.gateway, config, reactor), reactor,
+                        code_length=config.sms.code_length, ttl=config.sms.code_ttl,
                         per_user_per_hour=config.sms.max_per_user_per_hour,
                         per_number_per_hour=config.sms.max_per_number_per_hour)
+
+    def _alerts(self, config: Config, reactor):
+        """Where fraud reports go ([alerts])."""
+        gateway = self._gateway(config.alerts.gateway, config, reactor)
+        if config.alerts.gateway == "smtp":
+            return gateway.alerts_to(config.alerts.to)
+        return gateway
+
+    def _push(self, config: Config, reactor, threaded: ThreadedStore):
+        """The push transaction registry, with wake-ups per [push] notify."""
+        from mfaserver.factors.push import PushTransactions
+        wake = None
+        if config.push.notify != "none":
+            from mfaserver.gateways.wake import WakeNotifier
+            wake = WakeNotifier(reactor, threaded.list_devices,
+                                kinds=frozenset({config.push.notify}),
+                                timeout=config.push.notify_timeout)
+            StoppingService(wake.stop).setServiceParent(self)
+        push = PushTransactions(reactor, number_matching=config.push.number_matching,
+                                wake=wake)
+        StoppingService(push.close_all).setServiceParent(self)
+        return push
+
+    def _voice(self, config: Config, reactor, threaded: ThreadedStore, hash_threads):
+        """Approval by phone call for [voice], or None."""
+        if config.voice is None:
+            return None
+        from mfaserver import passwords
+        from mfaserver.factors.voice import VoiceCalls
+
+        async def check_pin(user: str, pin: str) -> bool:
+            encoded = await threaded.get_pin_hash(user)
+            if encoded is None:
+                return False
+            return await hash_threads.run(passwords.verify_password, pin, encoded)
+
+        return VoiceCalls(
+            self._gateway(config.voice.gateway, config, reactor), reactor,
+            public_url=config.web.public_url, pin_mode=config.voice.pin,
+            check_pin=lambda user, pin: Deferred.fromCoroutine(check_pin(user, pin)),
+            per_user_per_hour=config.voice.max_per_user_per_hour,
+            per_number_per_hour=config.voice.max_per_number_per_hour,
+            max_calls=config.mfa.max_pending)
+
+    def _web_app(self, config: Config, reactor, threaded: ThreadedStore):
+        """The HTTP side: /health, the device API, and the voice callbacks."""
+        from mfaserver.web.devices import DeviceApi
+        from mfaserver.web.server import WebApp
+        app = WebApp(reactor)
+        DeviceApi(threaded, self.push, reactor,
+                  report_fraud=lambda user, client: Deferred.fromCoroutine(
+                      self.authenticator.report_fraud(user, client, "push")),
+                  audit=threaded.record_audit).add_routes(app)
+        if self.voice is not None:
+            from mfaserver.web.voice import add_voice_routes
+            add_voice_routes(app, self.voice, auth_token=config.gateways.twilio.auth_token,
+                             public_url=config.web.public_url)
+        return app
 
     def _directory(self, config: Config, reactor, local: LocalDirectory):
         """The directory (or chain of them) named by [directory] backend."""
@@ -266,12 +355,18 @@ class MfaDaemon(tservice.MultiService):
                 ("server.state_dir", old.server.state_dir, new.server.state_dir),
                 ("directory.backend", old.directory.backends, new.directory.backends),
                 ("[sms] and [gateways]", (old.sms, old.gateways), (new.sms, new.gateways)),
+                ("[voice] and [alerts]", (old.voice, old.alerts), (new.voice, new.alerts)),
+                ("push.notify", old.push.notify, new.push.notify),
                 ("[web]", old.web, new.web)):
             if before != after:
                 log.warn("{key} changed: takes effect after a restart", key=what)
         self.protocol.settings = listener_settings(new)
         self.authenticator.policy = new.mfa
         self.authenticator.reply_rules = new.radius.reply
+        self.authenticator.clients = clients_by_name(new)
+        self.authenticator.pending.max_per_user = new.mfa.max_pending_per_user
+        self.authenticator.pending.max_total = new.mfa.max_pending
+        self.push.number_matching = new.push.number_matching
         self.challenges.ttl = new.mfa.challenge_timeout
         self.cache.ttl = new.radius.response_cache_seconds
         self.config = new

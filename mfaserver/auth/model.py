@@ -52,8 +52,24 @@ class Reason(str, enum.Enum):
     GATEWAY_FAILED = "gateway_failed"
     FAILMODE_SAFE = "failmode_safe"
     NO_PHONE = "no_phone"
+    NO_DEVICE = "no_device"
+    FACTOR_DENIED = "factor_denied"
+    FACTOR_TIMEOUT = "factor_timeout"
+    FRAUD_REPORTED = "fraud_reported"
+    NO_ANSWER = "no_answer"
+    WRONG_NUMBER = "wrong_number"
+    TOO_MANY_PENDING = "too_many_pending"
     SEED_INTEGRITY = "seed_integrity"
     INTERNAL_ERROR = "internal_error"
+
+
+class Verdict(str, enum.Enum):
+    """What the user answered to an out-of-band request (push or phone call)."""
+
+    APPROVE = "approve"
+    DENY = "deny"
+    FRAUD = "fraud"
+    NO_ANSWER = "no_answer"    # the call ended (busy, not picked up) without an answer
 
 
 class TokenKind(str, enum.Enum):
@@ -155,6 +171,25 @@ class Account:
     tokens: tuple[Token, ...] = ()
     has_password: bool = False
     bypass_until: float | None = None  # expiry of a pending one-login bypass, if any
+    default_method: str | None = None  # push | phone | sms | totp; None: [mfa] default_method
+    devices: int = 0                   # push devices enrolled
+    has_pin: bool = False              # a voice PIN is set
+
+
+METHODS = ("push", "phone", "sms", "totp")
+
+
+@dataclass(frozen=True)
+class Device:
+    """An enrolled push device (see docs/device-api.rst)."""
+
+    id: str
+    user: str
+    public_key: str
+    notify_type: str | None = None     # "ntfy" | "webhook" | None
+    notify_url: str | None = None
+    created: float = 0.0
+    last_used: float | None = None
 
 
 @dataclass(frozen=True)

@@ -25,20 +25,23 @@ single use), then check the code in User-Password.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from mfaserver.auth.approvals import PendingLogins, RateLimiter, TooManyPending
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
     AccountStore, Directory, DirectoryUnavailable, InvalidCredentials, UnknownUser,
 )
 from mfaserver.auth.model import (
-    Account, AuditEntry, AuthRequest, Decision, Outcome, Principal, Reason, TokenKind,
+    Account, AuditEntry, AuthRequest, Decision, Outcome, Principal, Reason, TokenKind, Verdict,
 )
 from mfaserver.factors import oath
+from mfaserver.factors.push import TransactionClosed
 from mfaserver.factors.sms import SendRefused, SmsCodes, mask_phone
 from mfaserver.gateways.base import GatewayError
 from mfaserver.store.crypto import SeedIntegrityError
@@ -58,6 +61,20 @@ MSG_TRY_LATER = "The sign-in service is unavailable. Try again later."
 MSG_BYPASS = "Signed in with a one-time bypass."
 MSG_NO_PHONE = "No phone number is set up for text messages. Contact your administrator."
 MSG_TOO_MANY_CODES = "Too many codes were sent. Wait a while, then try again."
+MSG_NO_DEVICE = "No authenticator app is set up for your account. Contact your administrator."
+MSG_NO_VOICE = "Sign-in by phone call is not set up for your account."
+MSG_DENIED = "The sign-in was denied."
+MSG_FRAUD = "Fraud reported: your account is now blocked. Contact your administrator."
+MSG_TIMEOUT = "No answer in time. Please sign in again."
+MSG_NO_ANSWER = "The call was not answered. Please sign in again."
+MSG_WRONG_NUMBER = "Wrong number. Please sign in again."
+MSG_TOO_MANY_PENDING = "A sign-in is already waiting for your answer. Answer it or wait for it to expire."
+MSG_TOO_MANY_PUSHES = "Too many sign-in requests. Wait a while, then try again."
+MSG_MATCH_NUMBER = "Approve the sign-in in your app, then enter the number it shows."
+
+# How each method is offered in the [mfa] challenge_menu prompt.
+MENU_LABELS = {"push": "push to your app", "phone": "phone call", "sms": "text message",
+               "totp": "a code from your app or token"}
 
 # What a directory's refusal tells the user: only what they may know once
 # their password was right (AD reports these states only then).
@@ -74,14 +91,31 @@ DIRECTORY_MESSAGES = {
 CODE_LENGTHS = range(6, 9)
 
 
-METHOD_KEYWORDS = ("sms",)
+METHOD_KEYWORDS = ("sms", "push", "phone")
+
+
+class _Refused(Exception):
+    """Raised inside a PendingLogins start function: refuse with ``decision``."""
+
+    def __init__(self, decision: Decision):
+        super().__init__(decision.reason.value)
+        self.decision = decision
+
+
+def _menu_choice(answer: str, choices: tuple) -> str | None:
+    """The method picked at the menu: its number or its name; None for anything else."""
+    answer = answer.lower()
+    if answer.isascii() and answer.isdigit() and 1 <= int(answer) <= len(choices):
+        return choices[int(answer) - 1]
+    return answer if answer in choices else None
 
 
 def split_password(field: str, delimiter: str) -> tuple[str, str | None]:
-    """Split ``password<delimiter>code`` (or ``password<delimiter>sms``) into its parts.
+    """Split ``password<delimiter>code`` (or ``password<delimiter>push|phone|sms``).
 
     Only a suffix that looks like an OATH or SMS code (6 to 8 ASCII digits)
-    or names a method (``sms``, any case; returned lower-cased) is split off,
+    or names a method (``sms``, ``push``, ``phone``, any case; returned
+    lower-cased) is split off,
     so a password that merely contains the delimiter still works. A password
     ending in ``<delimiter>`` plus such a suffix must be entered with a code
     (or through the challenge) - documented in the README.
@@ -99,7 +133,9 @@ class Authenticator:
     and may be replaced on reload."""
 
     def __init__(self, directory: Directory, store: AccountStore, challenges: ChallengeRegistry,
-                 policy, clock: IReactorTime, reply_rules: tuple = (), sms: SmsCodes | None = None):
+                 policy, clock: IReactorTime, reply_rules: tuple = (), sms: SmsCodes | None = None,
+                 *, push=None, voice=None, alerts=None, clients: dict | None = None,
+                 pushes_per_user_per_hour: int = 30):
         self.directory = directory
         self.store = store
         self.challenges = challenges
@@ -107,6 +143,18 @@ class Authenticator:
         # `mfaserver.config.ReplyRule`s: group DN -> attributes for the Accept.
         self.reply_rules = reply_rules
         self.sms = sms  # None: no [sms] configured
+        # `mfaserver.factors.push.PushTransactions`; None: no push.
+        self.push = push
+        # `mfaserver.factors.voice.VoiceCalls`; None: no [voice].
+        self.voice = voice
+        # An AlertSink (send_alert(subject, text)) for fraud reports; None: log only.
+        self.alerts = alerts
+        # Client name -> ClientConfig, for per-client timeout and failmode.
+        self.clients = clients or {}
+        self.pending = PendingLogins(max_per_user=policy.max_pending_per_user,
+                                     max_total=policy.max_pending)
+        self._push_limit = RateLimiter(clock, burst=min(5, pushes_per_user_per_hour),
+                                       per_hour=pushes_per_user_per_hour)
         self._clock = clock
 
     def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
@@ -120,6 +168,8 @@ class Authenticator:
     async def _authenticate(self, request: AuthRequest) -> Decision:
         try:
             decision = await self._decide(request)
+        except defer.CancelledError:
+            raise  # shutdown, or the NAS's copy was dropped: no decision, no audit row
         except SeedIntegrityError:
             log.critical("token seed failed its integrity check for user {user}: "
                          "the store was tampered with or the key file is wrong",
@@ -173,12 +223,10 @@ class Authenticator:
                 and await self.store.consume_bypass(name, now=now)):
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
                                    attributes=grants)
-        sms_ready = self.sms is not None and account is not None and bool(account.phone)
-        if code == "sms":
-            if not sms_ready:
-                return Decision.reject(Reason.NO_PHONE, MSG_NO_PHONE, factor="sms")
-            return await self._send_sms(request, account, grants)
-        if account is None or not (account.tokens or sms_ready):
+        methods = self._methods(account)
+        if code in METHOD_KEYWORDS:
+            return await self._start_method(code, request, account, grants)
+        if not methods:
             if self.policy.unenrolled == "allow":
                 return Decision.accept(Reason.UNENROLLED_ALLOWED, factor="password",
                                        attributes=grants)
@@ -188,19 +236,224 @@ class Authenticator:
             if decision.outcome is Outcome.ACCEPT:
                 decision = dataclasses.replace(decision, attributes=grants)
             return decision
-        if not account.tokens:
-            # Enrolled by phone only: a bare password asks for a texted code.
+        if self.policy.challenge_menu and len(methods) > 1:
+            return self._offer_menu(request, account, grants, methods)
+        return await self._start_method(self._preferred(account, methods), request, account,
+                                        grants)
+
+    # --- choosing and starting a method ---
+
+    def _methods(self, account: Account | None) -> list[str]:
+        """The second factors ``account`` can use now, in fallback order."""
+        if account is None:
+            return []
+        methods = []
+        if self.push is not None and account.devices:
+            methods.append("push")
+        if account.tokens:
+            methods.append("totp")
+        if self.sms is not None and account.phone:
+            methods.append("sms")
+        if self.voice is not None and account.phone:
+            methods.append("phone")
+        return methods
+
+    def _preferred(self, account: Account, methods: list[str]) -> str:
+        """The user's default method, else the server's, else the first one usable."""
+        for method in (account.default_method, self.policy.default_method):
+            if method in methods:
+                return method
+        return methods[0]
+
+    async def _start_method(self, method: str, request: AuthRequest, account: Account | None,
+                            grants: tuple) -> Decision:
+        """Start ``method`` (named by the user, the menu or the default) for this login."""
+        if method == "sms":
+            if self.sms is None or account is None or not account.phone:
+                return Decision.reject(Reason.NO_PHONE, MSG_NO_PHONE, factor="sms")
             return await self._send_sms(request, account, grants)
+        if method == "push":
+            if self.push is None or account is None or not account.devices:
+                return Decision.reject(Reason.NO_DEVICE, MSG_NO_DEVICE, factor="push")
+            return await self._push(request, account, grants)
+        if method == "phone":
+            if self.voice is None or account is None or not account.phone:
+                return Decision.reject(Reason.NO_PHONE, MSG_NO_VOICE, factor="phone")
+            return await self._call(request, account, grants)
+        # totp: ask for the code.
         if self.policy.challenge:
             # Bound to the name as typed (the NAS sends it again with the
             # State); the canonical name and the grants ride along.
             state = self.challenges.issue(request.client_name, request.username,
-                                          {"user": name, "attributes": grants})
+                                          {"user": account.name, "attributes": grants})
             return Decision.challenge(state, MSG_ENTER_CODE, factor="password")
         return Decision.reject(
             Reason.CODE_MISSING,
             f"Enter your password followed by '{self.policy.delimiter}' and your code.",
             factor="password")
+
+    def _offer_menu(self, request: AuthRequest, account: Account, grants: tuple,
+                    methods: list[str]) -> Decision:
+        choices = [m for m in methods if m != "totp"]
+        numbered = ", ".join(f"{i} for {MENU_LABELS[m]}" for i, m in enumerate(choices, 1))
+        text = f"Enter {numbered}"
+        text += ", or a code from your app or token." if "totp" in methods else "."
+        state = self.challenges.issue(request.client_name, request.username,
+                                      {"user": account.name, "attributes": grants,
+                                       "menu": tuple(choices)})
+        return Decision.challenge(state, text, factor="password")
+
+    def _timeout(self, request: AuthRequest) -> float:
+        client = self.clients.get(request.client_name)
+        if client is not None and client.timeout is not None:
+            return client.timeout
+        return self.policy.timeout
+
+    def _failmode(self, request: AuthRequest) -> str:
+        client = self.clients.get(request.client_name)
+        if client is not None and client.failmode is not None:
+            return client.failmode
+        return self.policy.failmode
+
+    @staticmethod
+    def _login_key(request: AuthRequest, account: Account) -> tuple:
+        """What makes two requests "the same login": one push or call for both."""
+        return (account.name, request.client_name, request.calling_station_id)
+
+    async def _push(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
+        """Push to the user's devices and hold the request for the answer; or, with
+        number matching, challenge for the number the app shows."""
+        push = self.push
+        key = self._login_key(request, account)
+        if push.number_matching:
+            txn = push.find(key)
+            if txn is None:
+                refusal = self._refuse_new_push(account)
+                if refusal is not None:
+                    return refusal
+                txn = push.open(account.name, client=request.client_name,
+                                nas_ip=request.nas_ip,
+                                calling_station_id=request.calling_station_id,
+                                timeout=self._timeout(request), login_key=key)
+            state = self.challenges.issue(request.client_name, request.username,
+                                          {"user": account.name, "attributes": grants,
+                                           "push": txn.txid})
+            return Decision.challenge(state, MSG_MATCH_NUMBER, factor="push")
+
+        def start() -> Deferred:
+            refusal = self._refuse_new_push(account, count_pending=False)
+            if refusal is not None:
+                raise _Refused(refusal)
+            txn = push.open(account.name, client=request.client_name, nas_ip=request.nas_ip,
+                            calling_station_id=request.calling_station_id,
+                            timeout=self._timeout(request), login_key=key)
+            return push.wait(txn.txid)
+
+        return await self._hold(key, account, start, "push", grants)
+
+    def _refuse_new_push(self, account: Account, count_pending: bool = True) -> Decision | None:
+        if count_pending:
+            pending = self.push.count_for(account.name)
+            if pending >= self.policy.max_pending_per_user:
+                log.warn("{user} already has a push pending: refused another", user=account.name)
+                return Decision.reject(Reason.TOO_MANY_PENDING, MSG_TOO_MANY_PENDING,
+                                       factor="push")
+            if len(self.push) + len(self.pending) >= self.policy.max_pending:
+                log.warn("{n} logins pending: refused a push for {user}",
+                         n=len(self.push) + len(self.pending), user=account.name)
+                return Decision.reject(Reason.TOO_MANY_PENDING, MSG_TRY_LATER, factor="push")
+        if not self._push_limit.allow(account.name):
+            log.warn("push limit reached for {user}: no push sent", user=account.name)
+            return Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_PUSHES, factor="push")
+        return None
+
+    async def _call(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
+        """Call the user's phone and hold the request until they key an answer."""
+        key = self._login_key(request, account)
+        timeout = self._timeout(request)
+
+        def start() -> Deferred:
+            try:
+                d = self.voice.request_approval(account.name, account.phone,
+                                                client=request.client_name)
+            except SendRefused:
+                log.warn("call limit reached for {user}: no call placed", user=account.name)
+                raise _Refused(Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES,
+                                               factor="phone")) from None
+            d.addTimeout(timeout, self._clock)
+            return d
+
+        try:
+            return await self._hold(key, account, start, "phone", grants)
+        except GatewayError as e:
+            log.error("could not call {user}: {error}", user=account.name, error=str(e))
+            if self._failmode(request) == "safe":
+                return Decision.accept(Reason.FAILMODE_SAFE, factor="phone", attributes=grants)
+            return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor="phone")
+
+    async def _hold(self, key: tuple, account: Account, start, factor: str,
+                    grants: tuple) -> Decision:
+        """Wait for the out-of-band answer of the login ``key``, joining it if pending."""
+        try:
+            waiter = self.pending.join_or_start(key, account.name, start)
+        except _Refused as e:
+            return e.decision
+        except TooManyPending as e:
+            log.warn("too many logins pending ({scope}): refused {factor} for {user}",
+                     scope=e.scope, factor=factor, user=account.name)
+            message = MSG_TOO_MANY_PENDING if e.scope == "user" else MSG_TRY_LATER
+            return Decision.reject(Reason.TOO_MANY_PENDING, message, factor=factor)
+        try:
+            verdict = await waiter
+        except defer.TimeoutError:
+            return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor=factor)
+        except TransactionClosed:
+            # Closed under us: the user was blocked meanwhile (fraud), or shutdown.
+            return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=factor)
+        return await self._verdict(verdict, account, factor, grants)
+
+    async def _verdict(self, verdict: Verdict, account: Account, factor: str,
+                       grants: tuple, client: str = "") -> Decision:
+        if verdict is Verdict.APPROVE:
+            return await self._success(account, factor, grants)
+        if verdict is Verdict.FRAUD:
+            if factor == "phone":
+                # Push fraud is reported by the device API as it arrives.
+                await self.report_fraud(account.name, client, factor)
+            return Decision.reject(Reason.FRAUD_REPORTED, MSG_FRAUD, factor=factor)
+        if verdict is Verdict.NO_ANSWER:
+            return Decision.reject(Reason.NO_ANSWER, MSG_NO_ANSWER, factor=factor)
+        return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=factor)
+
+    async def report_fraud(self, user: str, client: str, factor: str = "push") -> None:
+        """The user says a sign-in was not theirs: block them at once, close their
+        pending pushes, alert the administrators. Never raises."""
+        log.critical("FRAUD reported by {user} for a sign-in to {client} ({factor}):"
+                     " user blocked", user=user, client=client or "?", factor=factor)
+        try:
+            await self.store.block_user(user)
+        except Exception:
+            log.failure("could not block {user} after a fraud report", user=user)
+        if self.push is not None:
+            self.push.close_user(user)
+        try:
+            await self.store.record_audit(AuditEntry(
+                time=self._clock.seconds(), user=user, client=client or "", nas_ip=None,
+                calling_station_id=None, factor=factor, outcome="block",
+                reason=Reason.FRAUD_REPORTED.value))
+        except Exception:
+            log.failure("could not audit the fraud report of {user}", user=user)
+        if self.alerts is not None:
+            try:
+                await self.alerts.send_alert(
+                    f"mfaserver: fraud reported by {user}",
+                    f"User {user} reported a sign-in to {client or 'a RADIUS client'} "
+                    f"({factor}) as not theirs. The user is blocked until an administrator "
+                    f"runs `mfaserver user unblock {user}`. Their password is likely known "
+                    "to someone else: have it changed.")
+            except Exception as e:
+                log.error("could not send the fraud alert for {user}: {error}", user=user,
+                          error=str(e))
 
     async def _send_sms(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
         """Text a code to the user and challenge for it (or fail per [mfa] failmode)."""
@@ -212,7 +465,7 @@ class Authenticator:
         except (GatewayError, defer.TimeoutError) as e:
             log.error("could not text a code to {user}: {error}", user=account.name,
                       error=str(e))
-            if self.policy.failmode == "safe":
+            if self._failmode(request) == "safe":
                 return Decision.accept(Reason.FAILMODE_SAFE, factor="sms", attributes=grants)
             return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor="sms")
         state = self.challenges.issue(request.client_name, request.username,
@@ -238,10 +491,43 @@ class Authenticator:
             return refusal
         if account is None:
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
-        decision = await self._check_code(account, request.password.strip())
+        answer = request.password.strip()
+        grants = pending.context["attributes"]
+        if "push" in pending.context:
+            return await self._match_number(pending.context["push"], answer, account, grants)
+        if "menu" in pending.context:
+            method = _menu_choice(answer, pending.context["menu"])
+            if method is not None:
+                return await self._start_method(method, request, account, grants)
+        decision = await self._check_code(account, answer)
         if decision.outcome is Outcome.ACCEPT:
             decision = dataclasses.replace(decision, attributes=pending.context["attributes"])
         return decision
+
+    async def _match_number(self, txid: str, typed: str, account: Account,
+                            grants: tuple) -> Decision:
+        """The number-matching round: the typed number must be the transaction's, and
+        a device must approve it (before or after)."""
+        txn = self.push.get(txid) if self.push is not None else None
+        if txn is None:
+            return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor="push")
+        if typed.isascii() and typed.isdigit() and len(typed) in CODE_LENGTHS:
+            # A code instead of the number: fine, if it is right.
+            self.push.close(txid)
+            decision = await self._check_code(account, typed)
+            if decision.outcome is Outcome.ACCEPT:
+                decision = dataclasses.replace(decision, attributes=grants)
+            return decision
+        if txn.number is None or not hmac.compare_digest(typed.encode(), txn.number.encode()):
+            self.push.close(txid)
+            return Decision.reject(Reason.WRONG_NUMBER, MSG_WRONG_NUMBER, factor="push")
+        try:
+            verdict = await self.push.wait(txid)
+        except defer.TimeoutError:
+            return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor="push")
+        except TransactionClosed:
+            return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor="push")
+        return await self._verdict(verdict, account, "push", grants, client=txn.client)
 
     def _refuse_account(self, account: Account | None) -> Decision | None:
         if account is None:
@@ -294,10 +580,10 @@ class Authenticator:
         reason = Reason.CODE_REUSED if reused_by is not None else Reason.BAD_CODE
         return Decision.reject(reason, MSG_WRONG_CODE, factor=factor)
 
-    async def _success(self, account: Account, factor: str) -> Decision:
+    async def _success(self, account: Account, factor: str, grants: tuple = ()) -> Decision:
         if account.failures:
             await self.store.clear_failures(account.name)
-        return Decision.accept(Reason.OK, factor=factor)
+        return Decision.accept(Reason.OK, factor=factor, attributes=grants)
 
     async def _audit(self, request: AuthRequest, decision: Decision) -> None:
         entry = AuditEntry(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from mfaserver.cli import tokens, users
+from mfaserver.cli import authenticator, devices, tokens, users
 from mfaserver.cli.common import (
     CliError,
     CliState,
@@ -43,6 +43,8 @@ def cli(ctx: click.Context, config_option: str | None) -> None:
 
 cli.add_command(users.user)
 cli.add_command(tokens.token)
+cli.add_command(devices.device)
+cli.add_command(authenticator.authenticator)
 
 
 @cli.command("check-config")

@@ -15,6 +15,7 @@ from mfaserver.cli.common import (
     region_option,
     require_user,
 )
+from mfaserver.auth.model import METHODS
 from mfaserver.passwords import hash_password
 from mfaserver.store import UserInfo
 
@@ -131,6 +132,42 @@ def set_phone(state: CliState, name: str, number: str | None, clear: bool,
     require_user(store, name)
     store.set_phone(name, e164)
     click.echo(f"phone of {name} {'cleared' if clear else 'set to ' + e164}")
+
+
+@user.command("set-default")
+@click.argument("name")
+@click.argument("method", type=click.Choice(METHODS + ("none",)))
+@pass_state
+def set_default(state: CliState, name: str, method: str) -> None:
+    """Set the second factor a bare password starts for NAME ("none": the server's)."""
+    store = state.store()
+    require_user(store, name)
+    store.set_default_method(name, None if method == "none" else method)
+    click.echo(f"default method of {name} set to {method}")
+
+
+@user.command("set-pin")
+@click.argument("name")
+@click.option("--pin-stdin", is_flag=True, help="Read the PIN as one line from stdin.")
+@click.option("--clear", is_flag=True, help="Remove the PIN.")
+@pass_state
+def set_pin(state: CliState, name: str, pin_stdin: bool, clear: bool) -> None:
+    """Set NAME's PIN for phone calls in [voice] pin mode (4 to 12 digits)."""
+    store = state.store()
+    require_user(store, name)
+    if clear:
+        store.set_pin(name, None)
+        click.echo(f"PIN of {name} cleared")
+        return
+    if pin_stdin:
+        pin = click.get_text_stream("stdin").readline().rstrip("\r\n")
+    else:
+        pin = click.prompt("PIN", hide_input=True, confirmation_prompt=True)
+    # "0" alone reports fraud on the call, so a PIN is at least 4 digits.
+    if not (pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 12):
+        raise CliError("a PIN is 4 to 12 digits")
+    store.set_pin(name, hash_password(pin))
+    click.echo(f"PIN of {name} set")
 
 
 @user.command("block")

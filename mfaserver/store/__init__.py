@@ -6,10 +6,11 @@ from mfaserver.store.crypto import (
     SeedIntegrityError,
     load_or_create_key,
 )
-from mfaserver.store.db import NewToken, Store, StoreError, UserInfo
+from mfaserver.store.db import EnrollmentRefused, NewToken, Store, StoreError, UserInfo
 from mfaserver.store.migrations import SCHEMA_VERSION
 
 __all__ = [
+    "EnrollmentRefused",
     "KeyFileError",
     "NewToken",
     "SCHEMA_VERSION",

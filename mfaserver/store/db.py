@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from mfaserver.auth.model import Account, AuditEntry, Token, TokenKind
+from mfaserver.auth.model import METHODS, Account, AuditEntry, Device, Token, TokenKind
 from mfaserver.store.crypto import (
     KeyFileError,
     SeedCipher,
@@ -61,6 +61,14 @@ _PURGE_BATCH = 5000
 
 class StoreError(Exception):
     """A store operation failed; the message is one line fit for an operator."""
+
+
+class EnrollmentRefused(StoreError):
+    """A device enrollment token is unknown (404), or expired or used (410)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -200,10 +208,18 @@ _ACCOUNT_SQL = """
            u.password_hash IS NOT NULL,
            t.id, t.serial, t.kind, t.secret, t.digits, t.period, t.algorithm,
            t.counter, t.last_step, t.drift,
+           u.default_method, (SELECT count(*) FROM devices d WHERE d.user_id = u.id),
+           u.pin_hash IS NOT NULL,
            (SELECT b.expires FROM bypass b WHERE b.user_id = u.id)
     FROM users u LEFT JOIN tokens t ON t.user_id = u.id
     WHERE u.name = ?
     ORDER BY t.id
+"""
+
+
+_DEVICE_SQL = """
+    SELECT d.id, u.name, d.public_key, d.notify_type, d.notify_url, d.created, d.last_used
+    FROM devices d JOIN users u ON u.id = d.user_id
 """
 
 
@@ -612,6 +628,83 @@ class Store:
         if cursor.rowcount != 1:
             raise StoreError(f"no such user {user!r}")
 
+    # --- out-of-band methods: default method, voice PIN, push devices ---
+
+    @_guarded
+    def set_default_method(self, name: str, method: str | None) -> None:
+        """Set the user's default second factor (push, phone, sms, totp) or clear it."""
+        if method is not None and method not in METHODS:
+            raise StoreError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        self._update_user(name, "UPDATE users SET default_method = ? WHERE name = ?", (method,))
+
+    @_guarded
+    def set_pin(self, name: str, pin_hash: str | None) -> None:
+        """Set (a `mfaserver.passwords` hash) or clear the user's voice-call PIN."""
+        self._update_user(name, "UPDATE users SET pin_hash = ? WHERE name = ?", (pin_hash,))
+
+    @_guarded
+    def get_pin_hash(self, name: str) -> str | None:
+        row = self._conn.execute("SELECT pin_hash FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else row[0]
+
+    @_guarded
+    def add_enrollment(self, user: str, digest: str, expires: float, *, now: float) -> None:
+        """Record a one-time enrollment token (by its digest) for ``user``.
+
+        Expired ones are purged on the way: they are small but never used again.
+        """
+        user_id = self._require_user_id(user)
+        with self._immediate() as conn:
+            conn.execute("DELETE FROM enrollments WHERE expires < ?", (now - 86400,))
+            conn.execute("INSERT INTO enrollments (digest, user_id, expires) VALUES (?, ?, ?)",
+                         (digest, user_id, expires))
+
+    @_guarded
+    def enroll_device(self, digest: str, device: Device, *, now: float) -> str:
+        """Use the enrollment token with ``digest`` to add ``device``; return its user.
+
+        Atomic: of two uses of one token exactly one succeeds. Raises
+        `EnrollmentRefused` with ``status`` 404 (unknown token) or 410 (expired
+        or already used).
+        """
+        with self._immediate() as conn:
+            row = conn.execute(
+                "SELECT e.user_id, e.expires, e.device_id, u.name FROM enrollments e"
+                " JOIN users u ON u.id = e.user_id WHERE e.digest = ?", (digest,)).fetchone()
+            if row is None:
+                raise EnrollmentRefused(404, "no such enrollment")
+            user_id, expires, used_by, name = row
+            if used_by is not None or expires <= now:
+                raise EnrollmentRefused(410, "the enrollment link expired or was used")
+            conn.execute("UPDATE enrollments SET device_id = ? WHERE digest = ?",
+                         (device.id, digest))
+            conn.execute(
+                "INSERT INTO devices (id, user_id, public_key, notify_type, notify_url, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (device.id, user_id, device.public_key, device.notify_type, device.notify_url,
+                 now))
+        return name
+
+    @_guarded
+    def get_device(self, device_id: str) -> Device | None:
+        row = self._conn.execute(_DEVICE_SQL + " WHERE d.id = ?", (device_id,)).fetchone()
+        return None if row is None else Device(*row)
+
+    @_guarded
+    def list_devices(self, user: str) -> list[Device]:
+        """The user's devices, oldest first."""
+        rows = self._conn.execute(_DEVICE_SQL + " WHERE u.name = ? ORDER BY d.created, d.id",
+                                  (user,)).fetchall()
+        return [Device(*row) for row in rows]
+
+    @_guarded
+    def delete_device(self, user: str, device_id: str) -> None:
+        cursor = self._conn.execute(
+            "DELETE FROM devices WHERE id = ? AND user_id = (SELECT id FROM users WHERE name = ?)",
+            (device_id, user))
+        if cursor.rowcount != 1:
+            raise StoreError(f"user {user!r} has no device {device_id!r}")
+
     # --- login path (daemon) ---
 
     @_guarded
@@ -627,11 +720,12 @@ class Store:
         first = rows[0]
         tokens = ()
         if first[6] is not None:
-            tokens = tuple(self._token((r[6], r[7], r[0]) + r[8:-1]) for r in rows)
+            tokens = tuple(self._token((r[6], r[7], r[0]) + r[8:16]) for r in rows)
         return Account(
             name=first[0], phone=first[1], blocked=bool(first[2]), failures=first[3],
             locked_until=first[4], tokens=tokens, has_password=bool(first[5]),
-            bypass_until=first[-1],
+            bypass_until=first[-1], default_method=first[16], devices=first[17],
+            has_pin=bool(first[18]),
         )
 
     @_guarded

@@ -117,9 +117,39 @@ def _v2_directory_sync(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE users ADD COLUMN disabled_since REAL")
 
 
+def _v3_out_of_band(db: sqlite_utils.Database) -> None:
+    """Push devices, their one-time enrollment tokens, the user's default
+    method and voice PIN.
+
+    A device row holds the device's public key (text form, see
+    docs/device-api.rst) and an optional wake-up target. An enrollment row
+    holds only the SHA-256 digest of its token; ``device_id`` is set when it
+    is used, so a second use is told apart from an unknown token.
+    """
+    db.execute("ALTER TABLE users ADD COLUMN default_method TEXT")
+    db.execute("ALTER TABLE users ADD COLUMN pin_hash TEXT")
+    db.execute(
+        "CREATE TABLE devices ("
+        " id TEXT PRIMARY KEY,"
+        " user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,"
+        " public_key TEXT NOT NULL,"
+        " notify_type TEXT,"
+        " notify_url TEXT,"
+        " created REAL NOT NULL,"
+        " last_used REAL)")
+    db.execute("CREATE INDEX devices_user_id ON devices (user_id)")
+    db.execute(
+        "CREATE TABLE enrollments ("
+        " digest TEXT PRIMARY KEY,"
+        " user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,"
+        " expires REAL NOT NULL,"
+        " device_id TEXT)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_directory_sync,
+    _v3_out_of_band,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

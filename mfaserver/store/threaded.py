@@ -14,7 +14,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mfaserver.auth.model import Account, AuditEntry
+from mfaserver.auth.model import Account, AuditEntry, Device
 
 
 class ThreadedStore:
@@ -48,6 +48,21 @@ class ThreadedStore:
 
     def consume_bypass(self, name: str, *, now: float) -> Deferred[bool]:
         return self._run(self._store.consume_bypass, name, now=now)
+
+    def block_user(self, name: str) -> Deferred[None]:
+        return self._run(self._store.set_blocked, name, True)
+
+    def get_device(self, device_id: str) -> Deferred[Device | None]:
+        return self._run(self._store.get_device, device_id)
+
+    def list_devices(self, user: str) -> Deferred[list[Device]]:
+        return self._run(self._store.list_devices, user)
+
+    def enroll_device(self, digest: str, device: Device, *, now: float) -> Deferred[str]:
+        return self._run(self._store.enroll_device, digest, device, now=now)
+
+    def get_pin_hash(self, name: str) -> Deferred[str | None]:
+        return self._run(self._store.get_pin_hash, name)
 
     def record_audit(self, entry: AuditEntry) -> Deferred[None]:
         """Fires once the row is committed. Rows that arrive while the database

@@ -1,0 +1,292 @@
+"""Push transactions: sign-ins waiting for an answer from the user's device.
+
+A login that asks for a push opens a `PushTransaction`; the user's devices
+learn of it from a wake-up and a long poll (`wait_for_new`), and answer it
+through the device API (`answer`). Everything here is in memory, on the
+injected clock: a restart voids pending transactions, like RADIUS States.
+
+The registry also remembers closed transactions for ``late_window``
+seconds, so that a late answer is told apart from a forged one: it gets
+"expired" (410) or "already answered" (409), and is logged, instead of
+"not found".
+
+One login, one push: a transaction carries the login's key (user, NAS,
+Calling-Station-Id), and `find` returns the pending one for a key so that a
+repeated login joins it instead of pushing again.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from typing import Callable, Hashable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mfaserver.auth.model import Verdict
+from mfaserver.factors.push_protocol import new_match_number, new_transaction_id
+
+log = Logger(namespace="mfaserver.push")
+
+PENDING = "pending"
+ANSWERED = "answered"   # approve, deny or fraud recorded
+EXPIRED = "expired"     # nobody answered in time
+CLOSED = "closed"       # closed from the sign-in side: wrong number, NAS gave up, user blocked
+
+
+class AnswerRefused(Exception):
+    """A device's answer cannot be taken: ``status`` and ``code`` as in docs/device-api.rst."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class TransactionClosed(Exception):
+    """The transaction was closed from the sign-in side before an answer."""
+
+
+class PushTransaction:
+    """One sign-in waiting for a device's answer. Small on purpose: thousands may wait."""
+
+    __slots__ = ("txid", "user", "client", "nas_ip", "calling_station_id", "created",
+                 "expires", "number", "login_key", "state", "verdict", "answered_by",
+                 "_waiters", "_expiry")
+
+    def __init__(self, txid: str, user: str, client: str, nas_ip: str | None,
+                 calling_station_id: str | None, created: float, expires: float,
+                 number: str | None, login_key: Hashable):
+        self.txid = txid
+        self.user = user
+        self.client = client
+        self.nas_ip = nas_ip
+        self.calling_station_id = calling_station_id
+        self.created = created
+        self.expires = expires
+        self.number = number
+        self.login_key = login_key
+        self.state = PENDING
+        self.verdict: Verdict | None = None
+        self.answered_by: str | None = None
+        self._waiters: list[Deferred] = []
+        self._expiry = None
+
+    def to_json(self) -> dict:
+        """The transaction as a device sees it (docs/device-api.rst)."""
+        return {
+            "txid": self.txid, "user": self.user, "client": self.client,
+            "nas_ip": self.nas_ip, "calling_station_id": self.calling_station_id,
+            "created": int(self.created), "expires": int(self.expires),
+            "number": self.number,
+        }
+
+
+class PushTransactions:
+    """The registry of push transactions, their waiters and the devices' long polls.
+
+    ``wake(user)`` is called once per new transaction (never for a joined
+    login): it sends the wake-up notifications, best effort.
+    """
+
+    def __init__(self, clock: IReactorTime, *, number_matching: bool = False,
+                 wake: Callable[[str], None] | None = None, late_window: float = 600.0,
+                 max_remembered: int = 100_000):
+        self._clock = clock
+        self.number_matching = number_matching
+        self._wake = wake
+        self.late_window = late_window
+        self._max_remembered = max_remembered
+        self._pending: dict[str, PushTransaction] = {}
+        self._by_login: dict[Hashable, PushTransaction] = {}
+        self._by_user: dict[str, list[PushTransaction]] = {}
+        self._done: OrderedDict[str, tuple[PushTransaction, float]] = OrderedDict()
+        self._pollers: dict[str, list[Deferred]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def count_for(self, user: str) -> int:
+        return len(self._by_user.get(user, ()))
+
+    # --- the sign-in side ---
+
+    def open(self, user: str, *, client: str, nas_ip: str | None,
+             calling_station_id: str | None, timeout: float,
+             login_key: Hashable = None) -> PushTransaction:
+        """Open a transaction for ``user``, expiring in ``timeout`` seconds, and wake
+        the user's devices and long polls."""
+        now = self._clock.seconds()
+        txn = PushTransaction(
+            new_transaction_id(), user, client, nas_ip, calling_station_id, now,
+            now + timeout, new_match_number() if self.number_matching else None,
+            login_key)
+        txn._expiry = self._clock.callLater(timeout, self._expire, txn)
+        self._pending[txn.txid] = txn
+        if login_key is not None:
+            self._by_login[login_key] = txn
+        self._by_user.setdefault(user, []).append(txn)
+        for poller in self._pollers.pop(user, ()):
+            poller.callback(None)
+        if self._wake is not None:
+            try:
+                self._wake(user)
+            except Exception:
+                log.failure("could not wake the devices of {user}", user=user)
+        return txn
+
+    def find(self, login_key: Hashable) -> PushTransaction | None:
+        """The pending transaction of a login, to join it."""
+        return self._by_login.get(login_key)
+
+    def get(self, txid: str) -> PushTransaction | None:
+        """A pending transaction, or a closed one still remembered."""
+        txn = self._pending.get(txid)
+        if txn is not None:
+            return txn
+        done = self._done.get(txid)
+        return done[0] if done is not None else None
+
+    def wait(self, txid: str) -> Deferred[Verdict]:
+        """Fire with the device's `Verdict` for ``txid``.
+
+        Fails with `defer.TimeoutError` when the transaction expires, with
+        `TransactionClosed` when it was closed without an answer (or is
+        unknown). Cancelling the last waiter of a pending transaction closes
+        it: the sign-in side gave up.
+        """
+        txn = self.get(txid)
+        if txn is None or txn.state == CLOSED:
+            return defer.fail(TransactionClosed(txid))
+        if txn.state == ANSWERED:
+            return defer.succeed(txn.verdict)
+        if txn.state == EXPIRED:
+            return defer.fail(defer.TimeoutError(txid))
+        waiter = Deferred(lambda d: self._leave(txn, d))
+        txn._waiters.append(waiter)
+        return waiter
+
+    def close(self, txid: str) -> None:
+        """Close a pending transaction from the sign-in side (wrong number, gave up)."""
+        txn = self._pending.get(txid)
+        if txn is not None:
+            self._finish(txn, CLOSED)
+
+    def close_user(self, user: str) -> int:
+        """Close every pending transaction of ``user`` (blocked after a fraud report)."""
+        txns = list(self._by_user.get(user, ()))
+        for txn in txns:
+            self._finish(txn, CLOSED)
+        return len(txns)
+
+    def close_all(self) -> None:
+        """Shutdown: close everything pending; waiters fail with TransactionClosed."""
+        for txn in list(self._pending.values()):
+            self._finish(txn, CLOSED)
+        for pollers in self._pollers.values():
+            for poller in pollers:
+                poller.callback(None)
+        self._pollers.clear()
+
+    # --- the device side ---
+
+    def pending_for(self, user: str) -> list[PushTransaction]:
+        """The user's pending transactions, oldest first."""
+        return list(self._by_user.get(user, ()))
+
+    def wait_for_new(self, user: str, timeout: float) -> Deferred[None]:
+        """A long poll: fire with None when a transaction opens for ``user``, or after
+        ``timeout`` seconds, whichever is first."""
+        d = Deferred(lambda d: self._drop_poller(user, d))
+        self._pollers.setdefault(user, []).append(d)
+        call = self._clock.callLater(timeout, self._poll_timed_out, user, d)
+        d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return d
+
+    def answer(self, txid: str, device_user: str, decision: str,
+               number: str | None = None, device_id: str = "") -> PushTransaction:
+        """Record a device's answer; the first answer wins.
+
+        Raises `AnswerRefused`: 404 when there is no such transaction for
+        ``device_user``, 410 when it expired or was closed, 409 when it was
+        already answered. With number matching on, an approval carrying a
+        wrong ``number`` counts as a denial.
+        """
+        txn = self.get(txid)
+        if txn is None or txn.user != device_user:
+            raise AnswerRefused(404, "not_found", "no such transaction for this device")
+        if txn.state in (EXPIRED, CLOSED) or (
+                txn.state == PENDING and self._clock.seconds() >= txn.expires):
+            raise AnswerRefused(410, "expired", "this transaction expired or was closed")
+        if txn.state == ANSWERED:
+            raise AnswerRefused(409, "already_answered", "this transaction was already answered")
+        verdict = Verdict(decision)
+        if (verdict is Verdict.APPROVE and number is not None and txn.number is not None
+                and not hmac.compare_digest(number.encode(), txn.number.encode())):
+            verdict = Verdict.DENY
+        txn.verdict = verdict
+        txn.answered_by = device_id
+        self._finish(txn, ANSWERED)
+        return txn
+
+    # --- internals ---
+
+    def _leave(self, txn: PushTransaction, waiter: Deferred) -> None:
+        if waiter in txn._waiters:
+            txn._waiters.remove(waiter)
+        if not txn._waiters and txn.state == PENDING:
+            self._finish(txn, CLOSED)
+
+    def _expire(self, txn: PushTransaction) -> None:
+        txn._expiry = None
+        if txn.state == PENDING:
+            self._finish(txn, EXPIRED)
+
+    def _finish(self, txn: PushTransaction, state: str) -> None:
+        if txn.state != PENDING:
+            return
+        txn.state = state
+        if txn._expiry is not None and txn._expiry.active():
+            txn._expiry.cancel()
+        txn._expiry = None
+        del self._pending[txn.txid]
+        if txn.login_key is not None and self._by_login.get(txn.login_key) is txn:
+            del self._by_login[txn.login_key]
+        of_user = self._by_user[txn.user]
+        of_user.remove(txn)
+        if not of_user:
+            del self._by_user[txn.user]
+        self._remember(txn)
+        waiters, txn._waiters = txn._waiters, []
+        for waiter in waiters:
+            if state == ANSWERED:
+                waiter.callback(txn.verdict)
+            elif state == EXPIRED:
+                waiter.errback(defer.TimeoutError(txn.txid))
+            else:
+                waiter.errback(TransactionClosed(txn.txid))
+
+    def _remember(self, txn: PushTransaction) -> None:
+        now = self._clock.seconds()
+        self._done[txn.txid] = (txn, now + self.late_window)
+        while self._done:
+            _, (oldest, until) = next(iter(self._done.items()))
+            if until > now and len(self._done) <= self._max_remembered:
+                break
+            self._done.popitem(last=False)
+
+    def _poll_timed_out(self, user: str, d: Deferred) -> None:
+        self._drop_poller(user, d)
+        if not d.called:
+            d.callback(None)
+
+    def _drop_poller(self, user: str, d: Deferred) -> None:
+        pollers = self._pollers.get(user)
+        if pollers is not None and d in pollers:
+            pollers.remove(d)
+            if not pollers:
+                del self._pollers[user]

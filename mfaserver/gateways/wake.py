@@ -1,0 +1,111 @@
+"""Wake-up notifications to push devices: ntfy topics and webhook relays.
+
+A wake-up says only "a sign-in needs you" (docs/device-api.rst): no user,
+number or transaction id, so the notification service learns nothing and a
+forged wake-up costs one poll. Delivery is best effort: one attempt with a
+short timeout, never retried (a retry could wake a device twice), and a
+failure never fails the sign-in, since devices also long-poll.
+
+Sends go through a bounded queue with at most ``max_in_flight`` requests at
+once, so a burst of logins cannot open thousands of connections.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mfaserver.auth.model import Device
+
+log = Logger(namespace="mfaserver.wake")
+
+NTFY_TEXT = b"A sign-in needs you"
+WEBHOOK_BODY = b'{"type": "wake"}'
+
+
+class WakeNotifier:
+    """Called with a user name when a transaction opens; wakes that user's devices.
+
+    ``list_devices(user)`` fires with the user's `Device`s (the store, on its
+    thread); only targets whose type is in ``kinds`` are used.
+    """
+
+    def __init__(self, reactor, list_devices: Callable[[str], Deferred], *,
+                 kinds: frozenset[str], timeout: float = 5.0, max_in_flight: int = 32,
+                 max_queued: int = 100_000, http_client: HTTPClient | None = None):
+        self._reactor = reactor
+        self._list_devices = list_devices
+        self.kinds = kinds
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
+        if http_client is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = max_in_flight
+            http_client = HTTPClient(Agent(reactor, pool=pool, connectTimeout=timeout))
+        self._client = http_client
+        self._queue: deque[tuple[str, str]] = deque()
+        self._in_flight: set[Deferred] = set()
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+
+    def __call__(self, user: str) -> None:
+        if not self.kinds:
+            return
+        d = self._list_devices(user)
+        d.addCallback(self._enqueue)
+        d.addErrback(lambda f: log.failure("could not list the devices of {user}", f,
+                                           user=user))
+
+    def _enqueue(self, devices: list[Device]) -> None:
+        for device in devices:
+            if device.notify_type in self.kinds and device.notify_url:
+                if len(self._queue) >= self.max_queued:
+                    self.dropped += 1
+                    continue
+                self._queue.append((device.notify_type, device.notify_url))
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and len(self._in_flight) < self.max_in_flight:
+            kind, url = self._queue.popleft()
+            d = Deferred.fromCoroutine(self._send(kind, url))
+            d.addTimeout(self.timeout, self._reactor)
+            self._in_flight.add(d)
+            d.addBoth(self._done, d)
+
+    async def _send(self, kind: str, url: str) -> None:
+        if kind == "ntfy":
+            body, content_type = NTFY_TEXT, b"text/plain; charset=utf-8"
+        else:
+            body, content_type = WEBHOOK_BODY, b"application/json"
+        response = await self._client.post(url, data=body, allow_redirects=False,
+                                           headers={b"Content-Type": [content_type]})
+        await treq.content(response)
+        if not 200 <= response.code < 300:
+            raise RuntimeError(f"status {response.code}")
+
+    def _done(self, result, d: Deferred) -> None:
+        self._in_flight.discard(d)
+        if isinstance(result, Failure):
+            self.failed += 1
+            # The URL holds the device's private topic: not logged.
+            log.warn("a wake-up notification failed: {error}",
+                     error=result.getErrorMessage()[:200])
+        else:
+            self.sent += 1
+        self._pump()
+
+    def stop(self) -> None:
+        """Drop what is queued and cancel what is in flight (shutdown)."""
+        self._queue.clear()
+        for d in list(self._in_flight):
+            d.cancel()

@@ -1,0 +1,232 @@
+"""The push device API (docs/device-api.rst): enrollment, long poll, answers.
+
+Each handler verifies and parses, then calls the core: the store for devices
+and enrollment tokens (through the database thread), `PushTransactions` for
+transactions. Checks run in the order the document gives, and every refusal
+is a JSON error with the document's status and code.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mfaserver.addresses import is_loopback
+from mfaserver.auth.model import AuditEntry, Device, Verdict
+from mfaserver.factors import push_protocol as proto
+from mfaserver.factors.push import AnswerRefused, PushTransactions
+from mfaserver.store.db import EnrollmentRefused
+from mfaserver.web import validation as v
+from mfaserver.web.server import WebApp, WebRequest
+from mfaserver.web.validation import HttpError
+
+log = Logger(namespace="mfaserver.devices")
+
+MAX_POLL_SECONDS = 30
+SKEW_SECONDS = 60
+_ID_PATTERN = "[A-Za-z0-9_-]+"
+
+ENROLL = v.object(
+    required={"public_key": v.string(256), "timestamp": v.integer(0, 2**53),
+              "signature": v.string(256)},
+    optional={"notify": v.object(required={"type": v.enum("ntfy", "webhook"),
+                                           "url": v.string(2048, min_len=1)})},
+)
+ANSWER = v.object(
+    required={"device_id": v.string(128, pattern=_ID_PATTERN, min_len=1),
+              "decision": v.enum(*proto.DECISIONS),
+              "timestamp": v.integer(0, 2**53), "signature": v.string(256)},
+    # Not signed: it can only turn an approval into a denial (see the docs).
+    optional={"number": v.string(2, pattern="[0-9]{2}", min_len=2)},
+)
+
+
+def _unauthorized() -> HttpError:
+    return HttpError(401, "unauthorized", "unknown device, bad signature or replayed request")
+
+
+def _stale() -> HttpError:
+    return HttpError(401, "stale_timestamp",
+                     f"the timestamp is more than {SKEW_SECONDS} seconds from the server's"
+                     " clock: check the phone's time")
+
+
+def _json(request: WebRequest, schema: dict) -> dict:
+    try:
+        return request.json(schema)
+    except HttpError as e:
+        if e.status == 400:
+            raise HttpError(400, "invalid_request", e.message) from None
+        raise
+
+
+def check_notify_url(url: str) -> str:
+    """A wake-up URL must be https (http only to this host, for tests and relays)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        return url
+    raise HttpError(400, "invalid_request", "notify.url: must be an https:// URL")
+
+
+class DeviceApi:
+    """Serves the device API over ``store`` (a `ThreadedStore`) and ``push``.
+
+    ``report_fraud(user, client)`` is called once for every fraud answer,
+    whether or not the sign-in is still waiting: it blocks the user and
+    alerts. ``audit`` writes an `AuditEntry` (late answers are audited).
+    """
+
+    def __init__(self, store, push: PushTransactions, clock: IReactorTime, *,
+                 report_fraud: Callable[[str, str], Deferred],
+                 audit: Callable[[AuditEntry], Deferred],
+                 max_poll_seconds: int = MAX_POLL_SECONDS):
+        self._store = store
+        self._push = push
+        self._clock = clock
+        self._report_fraud = report_fraud
+        self._audit = audit
+        self._max_poll = max_poll_seconds
+        self._polls = proto.FreshnessWindow(skew=SKEW_SECONDS)
+
+    def add_routes(self, app: WebApp) -> None:
+        app.route("POST", "/v1/enroll/{token}", self.enroll)
+        app.route("GET", "/v1/devices/{device_id}/transactions", self.transactions)
+        app.route("POST", "/v1/transactions/{txid}", self.answer)
+
+    # --- POST /v1/enroll/{token} ---
+
+    async def enroll(self, request: WebRequest):
+        body = _json(request, ENROLL)
+        try:
+            public_key = proto.load_public_key(body["public_key"])
+        except ValueError as e:
+            raise HttpError(400, "invalid_request", f"public_key: {e}") from None
+        notify = body.get("notify")
+        if notify is not None:
+            check_notify_url(notify["url"])
+        digest = proto.token_digest(request.params["token"])
+        message = proto.enroll_message(digest, body["public_key"], body["timestamp"])
+        if not proto.verify(public_key, message, body["signature"]):
+            raise _unauthorized()
+        now = self._clock.seconds()
+        if not proto.is_fresh(body["timestamp"], now, SKEW_SECONDS):
+            raise _stale()
+        device = Device(id=proto.new_device_id(), user="", public_key=body["public_key"],
+                        notify_type=notify["type"] if notify else None,
+                        notify_url=notify["url"] if notify else None)
+        try:
+            user = await self._store.enroll_device(digest, device, now=now)
+        except EnrollmentRefused as e:
+            code = "not_found" if e.status == 404 else "expired"
+            raise HttpError(e.status, code, str(e)) from None
+        log.info("device {device} enrolled for {user}", device=device.id, user=user)
+        return 201, {"device_id": device.id, "user": user}
+
+    # --- GET /v1/devices/{device_id}/transactions ---
+
+    async def transactions(self, request: WebRequest):
+        device_id = request.params["device_id"]
+        timestamp_text = request.headers.get("x-mfa-timestamp", "")
+        nonce = request.headers.get("x-mfa-nonce", "")
+        signature = request.headers.get("x-mfa-signature", "")
+        if not (timestamp_text.isascii() and timestamp_text.isdigit()
+                and len(timestamp_text) <= 16):
+            raise HttpError(400, "invalid_request", "X-MFA-Timestamp: must be an integer")
+        timestamp = int(timestamp_text)
+        try:
+            message = proto.poll_message(device_id, timestamp, nonce)
+        except ValueError as e:
+            raise HttpError(400, "invalid_request", str(e)) from None
+        wait = self._wait_seconds(request)
+        device = await self._store.get_device(device_id)
+        if device is None or not proto.verify(self._key(device), message, signature):
+            raise _unauthorized()
+        now = self._clock.seconds()
+        if not proto.is_fresh(timestamp, now, SKEW_SECONDS):
+            raise _stale()
+        if not self._polls.check((device_id, nonce), timestamp, now):
+            raise _unauthorized()
+        found = self._live(device.user)
+        if not found and wait > 0:
+            await self._push.wait_for_new(device.user, wait)
+            found = self._live(device.user)
+        return {"transactions": [txn.to_json() for txn in found]}
+
+    def _wait_seconds(self, request: WebRequest) -> int:
+        values = request.query.get("wait")
+        if not values:
+            return self._max_poll
+        text = values[0]
+        if not (text.isascii() and text.isdigit() and int(text) <= self._max_poll):
+            raise HttpError(400, "invalid_request",
+                            f"wait: must be an integer from 0 to {self._max_poll}")
+        return int(text)
+
+    def _live(self, user: str) -> list:
+        now = self._clock.seconds()
+        return [txn for txn in self._push.pending_for(user) if txn.expires > now]
+
+    # --- POST /v1/transactions/{txid} ---
+
+    async def answer(self, request: WebRequest):
+        txid = request.params["txid"]
+        body = _json(request, ANSWER)
+        device = await self._store.get_device(body["device_id"])
+        message = proto.answer_message(body["device_id"], txid, body["decision"],
+                                       body["timestamp"])
+        if device is None or not proto.verify(self._key(device), message, body["signature"]):
+            raise _unauthorized()
+        if not proto.is_fresh(body["timestamp"], self._clock.seconds(), SKEW_SECONDS):
+            raise _stale()
+        try:
+            txn = self._push.answer(txid, device.user, body["decision"],
+                                    number=body.get("number"), device_id=device.id)
+        except AnswerRefused as e:
+            if e.status in (409, 410):
+                await self._late(txid, device, body["decision"], e)
+            raise HttpError(e.status, e.code, e.message) from None
+        log.info("push {decision} from device {device} for {user} ({txid})",
+                 decision=txn.verdict.value, device=device.id, user=device.user, txid=txid)
+        if txn.verdict is Verdict.FRAUD:
+            await self._report_fraud(device.user, txn.client)
+        return {"txid": txid, "decision": body["decision"]}
+
+    async def _late(self, txid: str, device: Device, decision: str, refusal) -> None:
+        txn = self._push.get(txid)
+        log.warn("refused a late {decision} from device {device} for {user} ({txid}):"
+                 " {why}", decision=decision, device=device.id, user=device.user,
+                 txid=txid, why=refusal.code)
+        entry = AuditEntry(
+            time=self._clock.seconds(), user=device.user,
+            client=txn.client if txn is not None else "", nas_ip=txn.nas_ip if txn else None,
+            calling_station_id=txn.calling_station_id if txn else None,
+            factor="push", outcome="refused", reason=f"late_{decision}")
+        try:
+            await self._audit(entry)
+        except Exception:
+            log.failure("could not audit a late answer from {device}", device=device.id)
+        if decision == "fraud":
+            # Someone says the sign-in was not theirs: too late to stop it,
+            # but never too late to block the account and tell the admins.
+            await self._report_fraud(device.user, txn.client if txn is not None else "")
+
+    @staticmethod
+    def _key(device: Device):
+        return _public_key(device.public_key)
+
+
+@functools.lru_cache(maxsize=50_000)
+def _public_key(text: str):
+    """A device's key object. Cached by its text: parsing checks the point, which
+    costs more than the signature check, and a key text has one meaning."""
+    try:
+        return proto.load_public_key(text)
+    except ValueError:
+        return None
