@@ -98,6 +98,13 @@ def show_user(state: CliState, name: str) -> None:
         ("created", iso_utc(info.created)),
         ("tokens", info.token_count),
     ]
+    account = store.load_account(name)
+    if account is not None:
+        lines[-1:-1] = [
+            ("default", account.default_method or "(server default)"),
+            ("devices", account.devices),
+            ("voice PIN", "set" if account.has_pin else "-"),
+        ]
     for label, value in lines:
         click.echo(f"{label + ':':<14}{value}")
     for token in store.list_tokens(name):

@@ -149,7 +149,10 @@ class PushTransactions:
         if txn is not None:
             return txn
         done = self._done.get(txid)
-        return done[0] if done is not None else None
+        # Pruning happens only when another transaction finishes: check the time here.
+        if done is None or done[1] <= self._clock.seconds():
+            return None
+        return done[0]
 
     def wait(self, txid: str) -> Deferred[Verdict]:
         """Fire with the device's `Verdict` for ``txid``.

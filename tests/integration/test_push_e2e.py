@@ -312,3 +312,55 @@ def test_device_list_and_delete(daemon, phone):
     # And the deleted device can no longer poll.
     result = phone.run("pending", check=False)
     assert result.returncode != 0 and "401" in result.stderr
+
+
+SEED_B32 = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+
+
+def totp_now() -> str:
+    import pyotp
+    return pyotp.TOTP(SEED_B32).now()
+
+
+def test_user_default_method_overrides_the_server_default(daemon, phone):
+    daemon.cli("token", "add", "alice", "--type", "totp", "--secret", SEED_B32, "--no-qr")
+    # Server default push: a bare password pushes.
+    login = Login(daemon, "alice", PASSWORD)
+    phone.run("approve", phone.wait_for_transaction()["txid"])
+    assert login.reply().code == "Access-Accept"
+    # The user's own default, totp: a bare password asks for the code, no push.
+    daemon.cli("user", "set-default", "alice", "totp")
+    assert "totp" in daemon.cli("user", "show", "alice").stdout
+    challenge = daemon.login("alice", PASSWORD)
+    assert challenge.code == "Access-Challenge"
+    assert "code" in challenge.get("Reply-Message")
+    assert phone.pending() == []
+    answer = daemon.login("alice", totp_now(), f"State = {challenge.get('State')}")
+    assert answer.code == "Access-Accept"
+    # password,push still pushes.
+    login = Login(daemon, "alice", PASSWORD + ",push")
+    phone.run("approve", phone.wait_for_transaction()["txid"])
+    assert login.reply().code == "Access-Accept"
+
+
+def test_challenge_menu_offers_the_methods(tmp_path, web_port):
+    daemon = start_daemon(tmp_path, "challenge_menu = true\n" + push_config(web_port))
+    try:
+        daemon.cli("user", "add", "alice", "--password-stdin", input=PASSWORD + "\n")
+        daemon.cli("token", "add", "alice", "--type", "totp", "--secret", SEED_B32, "--no-qr")
+        phone = enroll(daemon, tmp_path, "alice")
+        menu = daemon.login("alice", PASSWORD)
+        assert menu.code == "Access-Challenge"
+        assert "1 for push to your app" in menu.get("Reply-Message")
+        assert "code" in menu.get("Reply-Message")
+        assert phone.pending() == []
+        # Choosing 1 pushes and holds the State request until approved.
+        login = Login(daemon, "alice", "1", f"State = {menu.get('State')}")
+        phone.run("approve", phone.wait_for_transaction()["txid"])
+        assert login.reply().code == "Access-Accept"
+        # Or a code at the menu.
+        menu = daemon.login("alice", PASSWORD)
+        answer = daemon.login("alice", totp_now(), f"State = {menu.get('State')}")
+        assert answer.code == "Access-Accept"
+    finally:
+        stop_daemon(daemon)
