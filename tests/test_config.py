@@ -514,3 +514,63 @@ def test_demo_config_loads():
     assert demo.secret == b"demo-shared-secret-change-me"
     assert cfg.mfa.challenge is True
     assert cfg.warnings == ()
+
+
+# --- Out-of-band methods: [mfa] additions, [push], [voice], [alerts] -------------------------
+
+TWILIO = """
+[gateways.twilio]
+account_sid = "AC0123456789abcdef0123456789abcdef"
+auth_token = "token"
+from_number = "+15550001111"
+"""
+
+WEB = """
+[web]
+listen = "127.0.0.1"
+port = 8443
+public_url = "http://127.0.0.1:8443"
+"""
+
+
+def test_out_of_band_defaults(tmp_path):
+    cfg = load(tmp_path, CLIENT)
+    assert (cfg.mfa.default_method, cfg.mfa.timeout, cfg.mfa.failmode) == ("push", 60, "secure")
+    assert cfg.mfa.challenge_menu is False
+    assert (cfg.mfa.max_pending_per_user, cfg.mfa.max_pending) == (1, 20_000)
+    assert (cfg.push.notify, cfg.push.number_matching) == ("none", False)
+    assert cfg.voice is None
+    assert cfg.alerts.gateway == "console"
+    assert (cfg.radius.clients[0].timeout, cfg.radius.clients[0].failmode) == (None, None)
+
+
+def test_per_client_timeout_and_failmode(tmp_path):
+    cfg = load(tmp_path, CLIENT + 'timeout = 90\nfailmode = "safe"\n')
+    assert (cfg.radius.clients[0].timeout, cfg.radius.clients[0].failmode) == (90.0, "safe")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[mfa]\ndefault_method = "carrier-pigeon"', "mfa.default_method"),
+    ("[mfa]\ntimeout = 1", "mfa.timeout"),
+    ('[push]\nnotify = "apns"', "push.notify"),
+    ('failmode = "open"', "radius.clients[0].failmode"),
+])
+def test_bad_out_of_band_values_are_named(tmp_path, text, key):
+    assert error(tmp_path, CLIENT + text).key == key
+
+
+def test_voice_needs_twilio_and_a_public_url(tmp_path):
+    assert error(tmp_path, CLIENT + "[voice]\n" + WEB).key == "voice.gateway"
+    assert error(tmp_path, CLIENT + "[voice]\n" + TWILIO).key == "voice"
+    cfg = load(tmp_path, CLIENT + "[voice]\npin = true\n" + TWILIO + WEB)
+    assert cfg.voice.pin is True
+
+
+def test_smtp_alerts_need_the_gateway_and_recipients(tmp_path):
+    smtp = '[gateways.smtp]\nhost = "127.0.0.1"\nstarttls = "none"\nsender = "m@example.org"\n'
+    assert error(tmp_path, CLIENT + '[alerts]\ngateway = "smtp"\nto = ["a@example.org"]\n'
+                 ).key == "alerts.gateway"
+    assert error(tmp_path, CLIENT + '[alerts]\ngateway = "smtp"\n' + smtp).key == "alerts.to"
+    cfg = load(tmp_path, CLIENT + '[alerts]\ngateway = "smtp"\nto = ["a@example.org"]\n' + smtp)
+    assert cfg.alerts.to == ("a@example.org",)
+    assert cfg.gateways.smtp.host == "127.0.0.1"

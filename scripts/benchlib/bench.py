@@ -18,6 +18,9 @@ Sections (``--only``, comma separated):
               side by side with the raw ldap3 search+bind rate of one Python process and
               FreeRADIUS 3 (rlm_ldap + rlm_totp); p50/p99 latency at a fixed 200 logins/s
               from an open-loop generator (benchlib/ldap_bench.py, benchlib/loadgen.py)
+  push        issue #4: 10,000 logins held pending a push in one daemon, then approved
+              through the device API: memory per pending login, Status-Server p99 while
+              pending, approvals/s end to end, lost/duplicate wake-ups (scripts/push_load.py)
 
 Everything listens and sends on 127.0.0.1 only; every loop is bounded in count
 and every child process in time. A section whose piece is missing (no
@@ -60,7 +63,7 @@ VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"  # the only address this script ever talks to
 SECRET = "bench-shared-secret-0123456789"
 LOGIN_PASSWORD = "bench-password"
-SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap")
+SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "push")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -1075,6 +1078,49 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
         "nearest-rank percentiles over answered requests.")
 
 
+# --- section: push (issue #4) -------------------------------------------------------------
+
+def bench_push(report: Report, args) -> None:
+    """Issue #4: scripts/push_load.py in a child process; its rows become table rows."""
+    section = "push"
+    mfaserver_command()
+    script = HERE.parent / "push_load.py"
+    argv = [sys.executable, str(script), "--json", "--logins", str(args.push_logins)]
+    progress(f"push: {args.push_logins:,} logins held pending a push, then approved "
+             "(scripts/push_load.py; progress below)")
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True,
+                             timeout=args.push_timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise NotAvailable(f"push_load.py did not finish in {args.push_timeout:.0f} s") \
+            from None
+    try:
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise NotAvailable(f"push_load.py printed no result (exit {out.returncode})") from None
+    if "error" in figures:
+        raise NotAvailable(figures["error"])
+    label = f"{figures['logins']:,} pending"
+    for metric, value, target, met, note in figures["rows"]:
+        if target != "-":
+            note = f"[{target}: {'met' if met == 'yes' else 'NOT MET'}] {note}"
+        report.add(section, label, metric, value, note)
+    machine = figures["machine"]
+    report.notes.append(
+        f"Push (issue #4): scripts/push_load.py holds {figures['logins']:,} logins "
+        "(\"password,push\", one user and one Ed25519 device each, created in the store "
+        "before the daemon starts; scrypt log2 N=1, the cheapest hash verify_password "
+        "accepts) pending in one daemon ([mfa] timeout 300, max_pending 20000, [push] notify "
+        "webhook to a sink in the generator, one URL per user), sent from UDP sockets paced "
+        "by the wake-ups. With all pending: daemon VmRSS (after a warm-up of 50 approved "
+        "logins) and Status-Server round trips one at a time; then every device polls "
+        "(wait=0) for its txid and all are approved through POST /v1/transactions/{txid} "
+        "from 2 worker processes over 8 keep-alive connections. approvals/s = accepts / "
+        "(first approval POST -> last Access-Accept). Lost = users with no wake-up, "
+        f"duplicates = users with more than one. Machine: {machine['cores']} cores "
+        f"({machine['cpu']}); the generator shares them with the daemon.")
+
+
 # --- main ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -1085,7 +1131,8 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="sections: ours, freeradius, bare (Status-Server req/s); logins (password,code "
                "logins/s, hash share, RSS); scale (100,000 users and tokens); ldap (logins "
-               "against slapd vs raw ldap3 and FreeRADIUS rlm_ldap+rlm_totp, latency)")
+               "against slapd vs raw ldap3 and FreeRADIUS rlm_ldap+rlm_totp, latency); "
+               "push (10,000 logins pending a push, approved through the device API)")
     parser.add_argument("--only", metavar="LIST", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: all)")
     parser.add_argument("--count", type=int, default=20000,
@@ -1123,6 +1170,10 @@ def parse_args(argv=None):
                         help="ldap: one more mfaserver run under py-spy (--gil), its samples "
                              "summarized by component as table rows; py-spy from PATH, $PYSPY "
                              "(pip install --target /tmp/pyspy py-spy)")
+    parser.add_argument("--push-logins", type=int, default=10_000,
+                        help="push: logins held pending at once (default 10000)")
+    parser.add_argument("--push-timeout", type=float, default=1200,
+                        help="push: seconds allowed for scripts/push_load.py (default 1200)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, logs, stores)")
     args = parser.parse_args(argv)
@@ -1133,7 +1184,7 @@ def parse_args(argv=None):
                      f"choose from {', '.join(SECTIONS)}")
     for name in ("count", "inflight", "repeat", "login_runs", "logins", "login_inflight",
                  "scale_users", "ldap_logins", "ldap_runs", "ldap_inflight", "ldap_rate",
-                 "ldap_latency_seconds"):
+                 "ldap_latency_seconds", "push_logins"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.inflight > 255 or args.login_inflight > 255 or args.ldap_inflight > 255:
@@ -1189,6 +1240,13 @@ def main(argv=None) -> int:
                 report.na("ldap", "all", str(e))
             except Exception as e:  # a piece under construction must not stop the table
                 report.na("ldap", "all", f"error: {type(e).__name__}: {e}")
+        if "push" in args.sections:
+            try:
+                bench_push(report, args)
+            except NotAvailable as e:
+                report.na("push", "all", str(e))
+            except Exception as e:  # a piece under construction must not stop the table
+                report.na("push", "all", f"error: {type(e).__name__}: {e}")
     except KeyboardInterrupt:
         progress("interrupted")
         report.notes.append("INTERRUPTED: partial results.")

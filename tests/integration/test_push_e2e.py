@@ -364,3 +364,17 @@ def test_challenge_menu_offers_the_methods(tmp_path, web_port):
         assert answer.code == "Access-Accept"
     finally:
         stop_daemon(daemon)
+
+
+def test_shutdown_with_a_push_pending_exits_cleanly_without_a_reply(tmp_path, web_port):
+    daemon = start_daemon(tmp_path, push_config(web_port))
+    daemon.cli("user", "add", "alice", "--password-stdin", input=PASSWORD + "\n")
+    phone = enroll(daemon, tmp_path, "alice")
+    login = Login(daemon, "alice", PASSWORD, timeout=5)
+    phone.wait_for_transaction()
+    started = time.monotonic()
+    assert stop_daemon(daemon) == 0
+    assert time.monotonic() - started < 5
+    # Abandoned, not answered: the NAS gets no reply (and would try another server).
+    assert login.reply().code is None
+    assert "Traceback" not in daemon.log_text()
