@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 import fake_twilio
@@ -179,3 +180,21 @@ async def test_forged_twilio_callback_is_refused(daemon, fake):
         headers={"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"})
     assert response.code == 403
     assert (await response.json())["error"] == "forbidden"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_repeated_login_during_a_call_places_one_call(tmp_path):
+    slow = fake_twilio.FakeTwilio(reactor, answer_delay=1.5).start()
+    daemon = started(tmp_path, slow.api_base)
+    try:
+        slow.script_call(PHONE, "#")
+        station = 'Calling-Station-Id = "203.0.113.7"'
+        first = login(daemon, PASSWORD, station)
+        await deferLater(reactor, 0.5, lambda: None)
+        second = login(daemon, PASSWORD, station)
+        replies = await gatherResults([first, second])
+        assert [r.code for r in replies] == ["Access-Accept", "Access-Accept"]
+        assert len(slow.calls) == 1
+    finally:
+        stop_daemon(daemon)
+        await slow.stop()
