@@ -553,6 +553,22 @@ class AnswerTests(DeviceApiCase):
         self.assertEqual(self.frauds, [("alice", "vpn")])
         self.assertEqual([a.reason for a in self.audits], ["late_fraud"])
 
+    def test_retried_fraud_answer_is_409_and_reports_fraud_only_once(self):
+        body = answer_body(self.txn.txid, self.device_id, self.key, "fraud", NOW)
+        self.assertEqual(self.answer(self.txn.txid, None, None, body=body)[0], 200)
+        self.assertError(self.answer(self.txn.txid, None, None, body=body),
+                         409, "already_answered")
+        self.assertEqual(self.frauds, [("alice", "vpn")])
+
+    def test_fraud_after_another_devices_approval_is_409_and_still_reported(self):
+        other_id, other_key = self.enroll("alice")
+        self.assertEqual(self.answer(self.txn.txid, other_id, other_key, "approve")[0], 200)
+        self.assertError(self.answer(self.txn.txid, self.device_id, self.key, "fraud"),
+                         409, "already_answered")
+        self.assertEqual(self.frauds, [("alice", "vpn")])
+        # Not a late answer (the sign-in had its answer): report_fraud audits it.
+        self.assertEqual(self.audits, [])
+
     def test_answer_after_close_is_410(self):
         self.push.close(self.txn.txid)
         self.failureResultOf(self.waiter)

@@ -480,6 +480,37 @@ class NumberMatchingTests(OutOfBandTests):
                          (Reason.TOO_MANY_PENDING, MSG_TOO_MANY_PENDING))
         self.assertEqual(len(self.push), 1)
 
+    def test_push_picked_at_the_menu_challenges_for_the_number(self):
+        self.auth.policy = dataclasses.replace(POLICY, challenge_menu=True)
+        menu = self.decide()
+        challenge = self.decide(password="1", state=menu.state)
+        self.assertEqual(challenge.reply_message, MSG_MATCH_NUMBER)
+        txn = self.only_txn()
+        self.push.answer(txn.txid, "alice", "approve", number=txn.number)
+        decision = self.decide(password=txn.number, state=challenge.state)
+        self.assertEqual((decision.outcome, decision.factor), (Outcome.ACCEPT, "push"))
+
+    def test_an_approval_with_the_wrong_number_on_the_device_denies(self):
+        challenge = self.decide()
+        txn = self.only_txn()
+        wrong = "10" if txn.number != "10" else "11"
+        self.push.answer(txn.txid, "alice", "approve", number=wrong)
+        decision = self.decide(password=txn.number, state=challenge.state)
+        self.assertEqual(decision.reason, Reason.FACTOR_DENIED)
+
+    def test_a_pending_call_counts_towards_the_user_limit_of_number_matching_pushes(self):
+        self.assertNoResult(self.start(password="pw-alice,phone",
+                                       calling_station_id="198.51.100.7"))
+        decision = self.decide(calling_station_id="198.51.100.8")
+        self.assertEqual(decision.reason, Reason.TOO_MANY_PENDING)
+        self.assertEqual(len(self.push), 0)
+
+    def test_a_pending_number_matching_push_counts_towards_the_user_limit_of_calls(self):
+        self.decide(calling_station_id="198.51.100.7")
+        decision = self.decide(password="pw-alice,phone", calling_station_id="198.51.100.8")
+        self.assertEqual(decision.reason, Reason.TOO_MANY_PENDING)
+        self.assertEqual(self.voice.calls, [])
+
     def test_cancelling_the_number_round_closes_the_push_and_writes_no_audit_row(self):
         challenge = self.decide()
         txn = self.only_txn()
@@ -543,10 +574,6 @@ class PhoneTests(OutOfBandTests):
         self.assertEqual(self.failed_call(client="strict").reason, Reason.GATEWAY_FAILED)
         self.assertEqual(self.failed_call(client="vpn").reason, Reason.FAILMODE_SAFE)
 
-    @pytest.mark.xfail(strict=True, reason="BUG: PendingLogins.join_or_start adds _finished to "
-                       "start()'s Deferred before the first waiter exists; a Deferred that "
-                       "already failed (e.g. TwilioGateway.start_call's fail() for a bad number) "
-                       "is delivered to no one and the login never gets a decision")
     def test_a_call_that_fails_at_once_still_gets_a_decision(self):
         self.voice.failure = GatewayError("call not started: the number is not in E.164 form")
         d = self.start(password="pw-alice,phone")
@@ -581,8 +608,6 @@ class PhoneTests(OutOfBandTests):
                          [("block", "fraud_reported"), ("reject", "fraud_reported")])
         self.assertEqual(self.decide(password="pw-alice,phone").reason, Reason.USER_BLOCKED)
 
-    @pytest.mark.xfail(strict=True, reason="BUG: phone fraud is reported without the client: "
-                       "_hold calls _verdict(...) without client=, so report_fraud gets ''")
     def test_phone_fraud_report_names_the_client(self):
         d = self.call(client="vpn-east")
         self.voice.answer(Verdict.FRAUD)
@@ -591,9 +616,6 @@ class PhoneTests(OutOfBandTests):
         self.assertEqual(block.client, "vpn-east")
         self.assertIn("vpn-east", self.alerts.sent[0][1])
 
-    @pytest.mark.xfail(strict=True, reason="BUG: every waiter of a joined phone login runs "
-                       "_verdict -> report_fraud, so one fraud answer sends one alert and "
-                       "one block row per waiter")
     def test_fraud_on_a_joined_call_is_reported_once(self):
         first = self.call(calling_station_id="198.51.100.7")
         second = self.call(calling_station_id="198.51.100.7")
@@ -604,9 +626,6 @@ class PhoneTests(OutOfBandTests):
         self.assertEqual(len(self.alerts.sent), 1)
         self.assertEqual([r.outcome for r in self.audit()].count("block"), 1)
 
-    @pytest.mark.xfail(strict=True, reason="BUG: _verdict awaits report_fraud, which awaits "
-                       "alerts.send_alert: the Access-Reject waits for the alert e-mail/HTTP "
-                       "delivery")
     def test_phone_fraud_reject_does_not_wait_for_the_alert_delivery(self):
         self.alerts.pending = True
         d = self.call()

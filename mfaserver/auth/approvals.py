@@ -48,6 +48,10 @@ class PendingLogins:
     def __init__(self, max_per_user: int = 1, max_total: int = 10_000):
         self.max_per_user = max_per_user
         self.max_total = max_total
+        # Out-of-band logins pending elsewhere that count towards the same
+        # limits (number-matching pushes, which hold no request open).
+        self.also_for_user: Callable[[str], int] = lambda user: 0
+        self.also_total: Callable[[], int] = lambda: 0
         self._by_key: dict[Hashable, _Pending] = {}
         self._per_user: dict[str, int] = {}
 
@@ -67,24 +71,33 @@ class PendingLogins:
         others, and is cancelled itself when its last waiter leaves.
         """
         pending = self._by_key.get(key)
-        if pending is None:
-            if len(self._by_key) >= self.max_total:
-                raise TooManyPending("global")
-            if self._per_user.get(user, 0) >= self.max_per_user:
-                raise TooManyPending("user")
-            pending = _Pending(user, None)
-            self._by_key[key] = pending
-            self._per_user[user] = self._per_user.get(user, 0) + 1
-            try:
-                result = start()
-            except BaseException:
-                self._forget(key, pending)
-                raise
-            pending.result = result
-            result.addBoth(self._finished, key, pending)
+        if pending is not None:
+            waiter = Deferred(lambda d: self._leave(key, pending, d))
+            pending.waiters.append(waiter)
+            return waiter
+        if len(self._by_key) + self.also_total() >= self.max_total:
+            raise TooManyPending("global")
+        if self.count_for(user) + self.also_for_user(user) >= self.max_per_user:
+            raise TooManyPending("user")
+        pending = _Pending(user, None)
+        self._by_key[key] = pending
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        # The first waiter is in place before start() runs: a Deferred that
+        # has already fired (a gateway refusing at once) still reaches it.
         waiter = Deferred(lambda d: self._leave(key, pending, d))
         pending.waiters.append(waiter)
+        try:
+            result = start()
+        except BaseException:
+            self._forget(key, pending)
+            raise
+        pending.result = result
+        result.addBoth(self._finished, key, pending)
         return waiter
+
+    def count_for(self, user: str) -> int:
+        """How many logins of ``user`` are pending here."""
+        return self._per_user.get(user, 0)
 
     def cancel_all(self) -> None:
         """Cancel every pending login (shutdown): waiters fail with CancelledError."""
@@ -94,7 +107,8 @@ class PendingLogins:
     def _leave(self, key: Hashable, pending: _Pending, waiter: Deferred) -> None:
         if waiter in pending.waiters:
             pending.waiters.remove(waiter)
-        if not pending.waiters and self._by_key.get(key) is pending:
+        if (not pending.waiters and self._by_key.get(key) is pending
+                and pending.result is not None):
             pending.result.cancel()
 
     def _finished(self, result, key: Hashable, pending: _Pending):

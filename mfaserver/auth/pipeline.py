@@ -69,6 +69,7 @@ MSG_TIMEOUT = "No answer in time. Please sign in again."
 MSG_NO_ANSWER = "The call was not answered. Please sign in again."
 MSG_WRONG_NUMBER = "Wrong number. Please sign in again."
 MSG_TOO_MANY_PENDING = "A sign-in is already waiting for your answer. Answer it or wait for it to expire."
+MSG_TOO_MANY_CALLS = "Too many calls were placed. Wait a while, then try again."
 MSG_TOO_MANY_PUSHES = "Too many sign-in requests. Wait a while, then try again."
 MSG_MATCH_NUMBER = "Approve the sign-in in your app, then enter the number it shows."
 
@@ -153,6 +154,10 @@ class Authenticator:
         self.clients = clients or {}
         self.pending = PendingLogins(max_per_user=policy.max_pending_per_user,
                                      max_total=policy.max_pending)
+        # Number-matching pushes hold no request, so PendingLogins does not
+        # see them; they count towards the same limits.
+        self.pending.also_for_user = self._matching_pushes_of
+        self.pending.also_total = lambda: self._matching_pushes_of(None)
         self._push_limit = RateLimiter(clock, burst=min(5, pushes_per_user_per_hour),
                                        per_hour=pushes_per_user_per_hour)
         self._clock = clock
@@ -351,9 +356,15 @@ class Authenticator:
 
         return await self._hold(key, account, start, "push", grants)
 
+    def _matching_pushes_of(self, user: str | None) -> int:
+        """Number-matching pushes pending for ``user`` (None: for everyone)."""
+        if self.push is None or not self.push.number_matching:
+            return 0
+        return len(self.push) if user is None else self.push.count_for(user)
+
     def _refuse_new_push(self, account: Account, count_pending: bool = True) -> Decision | None:
         if count_pending:
-            pending = self.push.count_for(account.name)
+            pending = self.push.count_for(account.name) + self.pending.count_for(account.name)
             if pending >= self.policy.max_pending_per_user:
                 log.warn("{user} already has a push pending: refused another", user=account.name)
                 return Decision.reject(Reason.TOO_MANY_PENDING, MSG_TOO_MANY_PENDING,
@@ -378,9 +389,11 @@ class Authenticator:
                                                 client=request.client_name)
             except SendRefused:
                 log.warn("call limit reached for {user}: no call placed", user=account.name)
-                raise _Refused(Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES,
+                raise _Refused(Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_CALLS,
                                                factor="phone")) from None
             d.addTimeout(timeout, self._clock)
+            # Once per call, however many copies of the login wait on it.
+            d.addCallback(self._report_phone_fraud, account.name, request.client_name)
             return d
 
         try:
@@ -390,6 +403,13 @@ class Authenticator:
             if self._failmode(request) == "safe":
                 return Decision.accept(Reason.FAILMODE_SAFE, factor="phone", attributes=grants)
             return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor="phone")
+
+    def _report_phone_fraud(self, verdict: Verdict, user: str, client: str):
+        if verdict is not Verdict.FRAUD:
+            return verdict
+        d = Deferred.fromCoroutine(self.report_fraud(user, client, "phone"))
+        d.addCallback(lambda _: verdict)
+        return d
 
     async def _hold(self, key: tuple, account: Account, start, factor: str,
                     grants: tuple) -> Decision:
@@ -413,13 +433,12 @@ class Authenticator:
         return await self._verdict(verdict, account, factor, grants)
 
     async def _verdict(self, verdict: Verdict, account: Account, factor: str,
-                       grants: tuple, client: str = "") -> Decision:
+                       grants: tuple) -> Decision:
+        """The decision for an out-of-band answer. A fraud report was already acted
+        on where it arrived (the device API, or the call's own Deferred)."""
         if verdict is Verdict.APPROVE:
             return await self._success(account, factor, grants)
         if verdict is Verdict.FRAUD:
-            if factor == "phone":
-                # Push fraud is reported by the device API as it arrives.
-                await self.report_fraud(account.name, client, factor)
             return Decision.reject(Reason.FRAUD_REPORTED, MSG_FRAUD, factor=factor)
         if verdict is Verdict.NO_ANSWER:
             return Decision.reject(Reason.NO_ANSWER, MSG_NO_ANSWER, factor=factor)
@@ -444,16 +463,19 @@ class Authenticator:
         except Exception:
             log.failure("could not audit the fraud report of {user}", user=user)
         if self.alerts is not None:
+            # Not awaited: a slow mail relay must not hold back the Access-Reject.
             try:
-                await self.alerts.send_alert(
+                d = self.alerts.send_alert(
                     f"mfaserver: fraud reported by {user}",
                     f"User {user} reported a sign-in to {client or 'a RADIUS client'} "
                     f"({factor}) as not theirs. The user is blocked until an administrator "
                     f"runs `mfaserver user unblock {user}`. Their password is likely known "
                     "to someone else: have it changed.")
             except Exception as e:
-                log.error("could not send the fraud alert for {user}: {error}", user=user,
-                          error=str(e))
+                d = defer.fail(e)
+            d.addErrback(lambda f: log.error("could not send the fraud alert for {user}:"
+                                             " {error}", user=user,
+                                             error=f.getErrorMessage()))
 
     async def _send_sms(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
         """Text a code to the user and challenge for it (or fail per [mfa] failmode)."""
@@ -488,6 +510,8 @@ class Authenticator:
         account = await self.store.load_account(pending.context["user"])
         refusal = self._refuse_account(account)
         if refusal is not None:
+            if "push" in pending.context and self.push is not None:
+                self.push.close(pending.context["push"])
             return refusal
         if account is None:
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
@@ -527,7 +551,7 @@ class Authenticator:
             return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor="push")
         except TransactionClosed:
             return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor="push")
-        return await self._verdict(verdict, account, "push", grants, client=txn.client)
+        return await self._verdict(verdict, account, "push", grants)
 
     def _refuse_account(self, account: Account | None) -> Decision | None:
         if account is None:

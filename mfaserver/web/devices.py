@@ -196,13 +196,25 @@ class DeviceApi:
                  decision=txn.verdict.value, device=device.id, user=device.user, txid=txid)
         if txn.verdict is Verdict.FRAUD:
             await self._report_fraud(device.user, txn.client)
-        return {"txid": txid, "decision": body["decision"]}
+        # The decision recorded: a wrong number made an approval a denial.
+        return {"txid": txid, "decision": txn.verdict.value}
 
     async def _late(self, txid: str, device: Device, decision: str, refusal) -> None:
         txn = self._push.get(txid)
         log.warn("refused a late {decision} from device {device} for {user} ({txid}):"
                  " {why}", decision=decision, device=device.id, user=device.user,
                  txid=txid, why=refusal.code)
+        if refusal.status == 410:
+            await self._audit_late(txid, txn, device, decision)
+        if decision == "fraud" and (txn is None or txn.verdict is not Verdict.FRAUD):
+            # Someone says the sign-in was not theirs: too late to stop it,
+            # but never too late to block the account and tell the admins
+            # (once: a retried fraud answer was reported the first time).
+            await self._report_fraud(device.user, txn.client if txn is not None else "")
+
+    async def _audit_late(self, txid: str, txn, device: Device, decision: str) -> None:
+        """An answer after the sign-in ended (a retry of an answer that counted, 409,
+        is not audited again)."""
         entry = AuditEntry(
             time=self._clock.seconds(), user=device.user,
             client=txn.client if txn is not None else "", nas_ip=txn.nas_ip if txn else None,
@@ -212,10 +224,6 @@ class DeviceApi:
             await self._audit(entry)
         except Exception:
             log.failure("could not audit a late answer from {device}", device=device.id)
-        if decision == "fraud":
-            # Someone says the sign-in was not theirs: too late to stop it,
-            # but never too late to block the account and tell the admins.
-            await self._report_fraud(device.user, txn.client if txn is not None else "")
 
     @staticmethod
     def _key(device: Device):
