@@ -1115,7 +1115,7 @@ def bench_push(report: Report, args) -> None:
         "by the wake-ups. With all pending: daemon VmRSS (after a warm-up of 50 approved "
         "logins) and Status-Server round trips one at a time; then every device polls "
         "(wait=0) for its txid and all are approved through POST /v1/transactions/{txid} "
-        "from 2 worker processes over 8 keep-alive connections. approvals/s = accepts / "
+        "from 1 worker process over 4 keep-alive connections. approvals/s = accepts / "
         "(first approval POST -> last Access-Accept). Lost = users with no wake-up, "
         f"duplicates = users with more than one. Machine: {machine['cores']} cores "
         f"({machine['cpu']}); the generator shares them with the daemon.")
