@@ -51,3 +51,13 @@ def test_json_lines_carry_fields_but_never_secret_named_ones():
     record = json.loads(out.getvalue())
     assert record["user"] == "alice" and record["message"] == "alice ok"
     assert not {"password", "auth_token", "totp_code"} & set(record)
+
+
+def test_minimum_level_passes_the_level_and_above_only():
+    from twisted.logger import LogLevel, PredicateResult
+    from mfaserver.logs import MinimumLevel
+    predicate = MinimumLevel(LogLevel.info)
+    assert predicate({"log_level": LogLevel.debug}) is PredicateResult.no
+    for level in (LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical):
+        assert predicate({"log_level": level}) is PredicateResult.maybe
+    assert predicate({}) is PredicateResult.no

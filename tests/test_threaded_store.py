@@ -62,3 +62,52 @@ class AuditBatchTests(SynchronousTestCase):
         self.run_pending()
         for d in written:
             self.failureResultOf(d)
+
+
+class DeviceCacheTests(SynchronousTestCase):
+    """Devices are read once, and forgotten when an admin command changes the file."""
+
+    def setUp(self):
+        from mfaserver.auth.model import Device
+        from mfaserver.testing import run_now
+        d = Path(tempfile.mkdtemp())
+        self.db = Store.open(d / "db.sqlite3", d / "seed.key")
+        self.addCleanup(self.db.close)
+        # The CLI: another process, another connection to the same file.
+        self.admin = Store.open(d / "db.sqlite3", d / "seed.key")
+        self.addCleanup(self.admin.close)
+        self.admin.add_user("alice", password_hash=None, phone=None, now=1000.0)
+        self.admin.add_enrollment("alice", "a" * 64, 2000.0, now=1000.0)
+        self.admin.enroll_device("a" * 64, Device(id="dev1", user="", public_key="ed25519:x"),
+                                 now=1000.0)
+        self.reads = []
+
+        def counting_run(f, *args, **kwargs):
+            self.reads.append(f.__name__)
+            return run_now(f, *args, **kwargs)
+
+        self.store = ThreadedStore(self.db, counting_run)
+        self.successResultOf(self.store.check_outside_changes())
+
+    def test_a_device_is_read_from_the_database_once(self):
+        first = self.successResultOf(self.store.get_device("dev1"))
+        second = self.successResultOf(self.store.get_device("dev1"))
+        self.assertEqual((first.user, second), ("alice", first))
+        self.assertEqual(self.reads.count("get_device"), 1)
+
+    def test_an_unknown_device_is_not_cached(self):
+        self.assertIsNone(self.successResultOf(self.store.get_device("nope")))
+        self.assertIsNone(self.successResultOf(self.store.get_device("nope")))
+        self.assertEqual(self.reads.count("get_device"), 2)
+
+    def test_a_device_deleted_by_another_process_is_gone_after_the_check(self):
+        self.successResultOf(self.store.get_device("dev1"))
+        self.admin.delete_device("alice", "dev1")
+        self.successResultOf(self.store.check_outside_changes())
+        self.assertIsNone(self.successResultOf(self.store.get_device("dev1")))
+
+    def test_no_outside_change_keeps_the_cache(self):
+        self.successResultOf(self.store.get_device("dev1"))
+        self.successResultOf(self.store.check_outside_changes())
+        self.successResultOf(self.store.get_device("dev1"))
+        self.assertEqual(self.reads.count("get_device"), 1)

@@ -25,6 +25,7 @@ single use), then check the code in User-Password.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable
 import hmac
 
 from twisted.internet import defer
@@ -93,6 +94,11 @@ CODE_LENGTHS = range(6, 9)
 
 
 METHOD_KEYWORDS = ("sms", "push", "phone")
+
+
+async def _decided(decision: Decision) -> Decision:
+    """``decision`` as an awaitable, for the steps that return another step's awaitable."""
+    return decision
 
 
 class _Refused(Exception):
@@ -187,17 +193,21 @@ class Authenticator:
         await self._audit(request, decision)
         return decision
 
-    async def _decide(self, request: AuthRequest) -> Decision:
+    def _decide(self, request: AuthRequest) -> Awaitable[Decision]:
+        # Not a coroutine itself, nor are _start_method and _push: each hands
+        # back the awaitable of the step that decides, so a login held for a
+        # push keeps fewer suspended frames (memory per pending login).
         if not request.pap:
-            return Decision.reject(Reason.NOT_PAP, MSG_PAP_REQUIRED, factor="password")
+            return _decided(Decision.reject(Reason.NOT_PAP, MSG_PAP_REQUIRED, factor="password"))
         if request.password is None:
             # User-Password did not decode as UTF-8: almost always a wrong shared secret.
             log.warn("password from client {client} is not valid UTF-8: "
                      "check that the shared secrets match", client=request.client_name)
-            return Decision.reject(Reason.PASSWORD_UNDECODABLE, MSG_FAILED, factor="password")
+            return _decided(Decision.reject(Reason.PASSWORD_UNDECODABLE, MSG_FAILED,
+                                            factor="password"))
         if request.state is not None:
-            return await self._answer_challenge(request)
-        return await self._first_round(request)
+            return self._answer_challenge(request)
+        return self._first_round(request)
 
     async def _first_round(self, request: AuthRequest) -> Decision:
         password, code = split_password(request.password, self.policy.delimiter)
@@ -270,32 +280,32 @@ class Authenticator:
                 return method
         return methods[0]
 
-    async def _start_method(self, method: str, request: AuthRequest, account: Account | None,
-                            grants: tuple) -> Decision:
+    def _start_method(self, method: str, request: AuthRequest, account: Account | None,
+                      grants: tuple) -> Awaitable[Decision]:
         """Start ``method`` (named by the user, the menu or the default) for this login."""
         if method == "sms":
             if self.sms is None or account is None or not account.phone:
-                return Decision.reject(Reason.NO_PHONE, MSG_NO_PHONE, factor="sms")
-            return await self._send_sms(request, account, grants)
+                return _decided(Decision.reject(Reason.NO_PHONE, MSG_NO_PHONE, factor="sms"))
+            return self._send_sms(request, account, grants)
         if method == "push":
             if self.push is None or account is None or not account.devices:
-                return Decision.reject(Reason.NO_DEVICE, MSG_NO_DEVICE, factor="push")
-            return await self._push(request, account, grants)
+                return _decided(Decision.reject(Reason.NO_DEVICE, MSG_NO_DEVICE, factor="push"))
+            return self._push(request, account, grants)
         if method == "phone":
             if self.voice is None or account is None or not account.phone:
-                return Decision.reject(Reason.NO_PHONE, MSG_NO_VOICE, factor="phone")
-            return await self._call(request, account, grants)
+                return _decided(Decision.reject(Reason.NO_PHONE, MSG_NO_VOICE, factor="phone"))
+            return self._call(request, account, grants)
         # totp: ask for the code.
         if self.policy.challenge:
             # Bound to the name as typed (the NAS sends it again with the
             # State); the canonical name and the grants ride along.
             state = self.challenges.issue(request.client_name, request.username,
                                           {"user": account.name, "attributes": grants})
-            return Decision.challenge(state, MSG_ENTER_CODE, factor="password")
-        return Decision.reject(
+            return _decided(Decision.challenge(state, MSG_ENTER_CODE, factor="password"))
+        return _decided(Decision.reject(
             Reason.CODE_MISSING,
             f"Enter your password followed by '{self.policy.delimiter}' and your code.",
-            factor="password")
+            factor="password"))
 
     def _offer_menu(self, request: AuthRequest, account: Account, grants: tuple,
                     methods: list[str]) -> Decision:
@@ -325,7 +335,8 @@ class Authenticator:
         """What makes two requests "the same login": one push or call for both."""
         return (account.name, request.client_name, request.calling_station_id)
 
-    async def _push(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
+    def _push(self, request: AuthRequest, account: Account,
+              grants: tuple) -> Awaitable[Decision]:
         """Push to the user's devices and hold the request for the answer; or, with
         number matching, challenge for the number the app shows."""
         push = self.push
@@ -335,7 +346,7 @@ class Authenticator:
             if txn is None:
                 refusal = self._refuse_new_push(account)
                 if refusal is not None:
-                    return refusal
+                    return _decided(refusal)
                 txn = push.open(account.name, client=request.client_name,
                                 nas_ip=request.nas_ip,
                                 calling_station_id=request.calling_station_id,
@@ -343,7 +354,7 @@ class Authenticator:
             state = self.challenges.issue(request.client_name, request.username,
                                           {"user": account.name, "attributes": grants,
                                            "push": txn.txid})
-            return Decision.challenge(state, MSG_MATCH_NUMBER, factor="push")
+            return _decided(Decision.challenge(state, MSG_MATCH_NUMBER, factor="push"))
 
         def start() -> Deferred:
             refusal = self._refuse_new_push(account, count_pending=False)
@@ -354,7 +365,7 @@ class Authenticator:
                             timeout=self._timeout(request), login_key=key)
             return push.wait(txn.txid)
 
-        return await self._hold(key, account, start, "push", grants)
+        return self._hold(key, account, start, "push", grants)
 
     def _matching_pushes_of(self, user: str | None) -> int:
         """Number-matching pushes pending for ``user`` (None: for everyone)."""

@@ -107,6 +107,7 @@ class RadiusAuthProtocol(DatagramProtocol):
             return
         self._cache.begin(key, packet.authenticator)
         request = translate.to_auth_request(packet, client.name, client.secret, addr)
+        packet = translate.reply_context(packet)
         d = self._authenticate(request)
         self._in_flight.add(d)
         d.addBoth(self._finished, d)

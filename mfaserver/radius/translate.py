@@ -113,6 +113,14 @@ def reply_attributes(decision: Decision, request: Packet) -> list[tuple[int, byt
     return attributes
 
 
+def reply_context(request: Packet) -> Packet:
+    """What the reply to ``request`` needs of it (identifier, authenticator,
+    Proxy-State), without the rest: a request held for a push keeps only this."""
+    return Packet(request.code, request.identifier, request.authenticator,
+                  tuple(pair for pair in request.attributes if pair[0] == codec.PROXY_STATE),
+                  b"")
+
+
 def encode_decision(decision: Decision, request: Packet, secret: bytes) -> bytes:
     """The reply datagram for ``decision``."""
     return codec.encode_response(REPLY_CODES[decision.outcome], request, secret,

@@ -698,6 +698,11 @@ class Store:
         return [Device(*row) for row in rows]
 
     @_guarded
+    def data_version(self) -> int:
+        """SQLite's data_version: it changes when another connection commits."""
+        return self._conn.execute("PRAGMA data_version").fetchone()[0]
+
+    @_guarded
     def delete_device(self, user: str, device_id: str) -> None:
         cursor = self._conn.execute(
             "DELETE FROM devices WHERE id = ? AND user_id = (SELECT id FROM users WHERE name = ?)",

@@ -11,10 +11,13 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from mfaserver.auth.model import Account, AuditEntry, Device
+
+
+MAX_CACHED_DEVICES = 100_000
 
 
 class ThreadedStore:
@@ -24,6 +27,8 @@ class ThreadedStore:
         self._store = store
         self._run = run
         self._audit_lock = threading.Lock()
+        self._devices: dict[str, Device] = {}
+        self._data_version: int | None = None
         self._audit_queue: list[tuple[AuditEntry, Deferred]] = []
 
     def lookup_password(self, name: str) -> Deferred[tuple[str | None, str | None] | None]:
@@ -53,7 +58,38 @@ class ThreadedStore:
         return self._run(self._store.set_blocked, name, True)
 
     def get_device(self, device_id: str) -> Deferred[Device | None]:
-        return self._run(self._store.get_device, device_id)
+        """The device, from memory when it was read since the last outside change.
+
+        Every device answer and poll needs its device; the database thread hop
+        costs more than the rest of a poll. Admin commands write from other
+        processes, so `check_outside_changes` (run every second by the daemon)
+        empties the cache when the file was changed by anyone else: a deleted
+        device is refused within a second.
+        """
+        device = self._devices.get(device_id)
+        if device is not None:
+            return succeed(device)
+        d = self._run(self._store.get_device, device_id)
+        d.addCallback(self._cache_device)
+        return d
+
+    def _cache_device(self, device: Device | None) -> Device | None:
+        if device is not None:
+            if len(self._devices) >= MAX_CACHED_DEVICES:
+                self._devices.clear()
+            self._devices[device.id] = device
+        return device
+
+    def check_outside_changes(self) -> Deferred[None]:
+        """Forget cached devices if another process changed the database."""
+        d = self._run(self._store.data_version)
+
+        def compare(version: int) -> None:
+            if version != self._data_version:
+                self._data_version = version
+                self._devices.clear()
+        d.addCallback(compare)
+        return d
 
     def list_devices(self, user: str) -> Deferred[list[Device]]:
         return self._run(self._store.list_devices, user)

@@ -364,6 +364,10 @@ class _LimitedRequest(server.Request):
     the request, so the limits have to act here, while it arrives.
     """
 
+    # WebRequest.form() parses form bodies itself, only for handlers that want
+    # one; Twisted's own parse (through the email package) costs every POST.
+    _parsePOSTFormSubmission = False
+
     def __init__(self, channel, *args, **kwargs):
         super().__init__(channel, *args, **kwargs)
         site = channel.site
@@ -422,6 +426,11 @@ class _LimitedRequest(server.Request):
 class _Site(server.Site):
     requestFactory = _LimitedRequest
     displayTracebacks = False
+
+    def log(self, request) -> None:
+        # No access log: handlers log what matters (enrollments, answers,
+        # refusals) as structured events, and a line per long poll is noise.
+        pass
 
 
 def make_site(app: WebApp, settings: WebSettings) -> server.Site:

@@ -309,7 +309,8 @@ def test_device_list_and_delete(daemon, phone):
     assert "no devices" in daemon.cli("device", "list", "alice").stdout
     # Without a device a bare password is refused (no other factor enrolled).
     assert daemon.login("alice", PASSWORD).code == "Access-Reject"
-    # And the deleted device can no longer poll.
+    # And the deleted device can no longer poll (the daemon notices within a second).
+    time.sleep(1.2)
     result = phone.run("pending", check=False)
     assert result.returncode != 0 and "401" in result.stderr
 
