@@ -364,10 +364,6 @@ class _LimitedRequest(server.Request):
     the request, so the limits have to act here, while it arrives.
     """
 
-    # WebRequest.form() parses form bodies itself, only for handlers that want
-    # one; Twisted's own parse (through the email package) costs every POST.
-    _parsePOSTFormSubmission = False
-
     def __init__(self, channel, *args, **kwargs):
         super().__init__(channel, *args, **kwargs)
         site = channel.site
@@ -435,7 +431,10 @@ class _Site(server.Site):
 
 def make_site(app: WebApp, settings: WebSettings) -> server.Site:
     """The twisted.web Site serving ``app`` with the limits from ``settings``."""
-    site = _Site(app.resource(), timeout=settings.request_timeout)
+    # WebRequest.form() parses form bodies itself, for the handlers that want
+    # one; Twisted's own parse (through the email package) would cost every POST.
+    site = _Site(app.resource(), timeout=settings.request_timeout,
+                 parsePOSTFormSubmission=False)
     site.max_body = settings.max_body
     site.request_timeout = settings.request_timeout
     site.clock = app.clock
