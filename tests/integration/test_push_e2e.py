@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
 from ldap_server import free_tcp_port
 from mfaserver.radius import codec
@@ -379,3 +380,115 @@ def test_shutdown_with_a_push_pending_exits_cleanly_without_a_reply(tmp_path, we
     # Abandoned, not answered: the NAS gets no reply (and would try another server).
     assert login.reply().code is None
     assert "Traceback" not in daemon.log_text()
+
+
+# --- The device API refuses what a phone did not sign, as a black box ---------------------
+
+def _device(phone: Phone):
+    """The device id, private key and base URL from the reference authenticator's store."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    data = json.loads(phone.store.read_text())
+    return data["device_id"], load_pem_private_key(data["private_key"].encode(), None), \
+        data["base_url"]
+
+
+def _http(method: str, url: str, body: dict | None = None, headers: dict | None = None):
+    import urllib.error
+    import urllib.request
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _answer(base, device_id, key, txid, decision="approve", timestamp=None, sign_txid=None):
+    from mfaserver.factors import push_protocol as proto
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    signature = proto.sign(key, proto.answer_message(device_id, sign_txid or txid, decision,
+                                                     timestamp))
+    return _http("POST", f"{base}/v1/transactions/{txid}",
+                 {"device_id": device_id, "decision": decision, "timestamp": timestamp,
+                  "signature": signature})
+
+
+def test_forged_replayed_stale_and_wrong_device_requests_are_refused(daemon, phone, tmp_path):
+    from mfaserver.factors import push_protocol as proto
+    daemon.cli("user", "add", "mallory", "--password-stdin", input="mallory's password\n")
+    mallory = enroll(daemon, tmp_path, "mallory")
+    device_id, key, base = _device(phone)
+    mallory_id, mallory_key, _ = _device(mallory)
+    login = Login(daemon, "alice", PASSWORD)
+    txid = phone.wait_for_transaction()["txid"]
+
+    # Forged: signed by a key that is not the device's.
+    assert _answer(base, device_id, proto.generate_device_key(), txid)[0] == 401
+    # Signed for another transaction.
+    assert _answer(base, device_id, key, txid, sign_txid="T0pQ9rS8uV7wX6yZ5aB4cA")[0] == 401
+    # Stale: a timestamp ten minutes old.
+    status, body = _answer(base, device_id, key, txid, timestamp=int(time.time()) - 600)
+    assert (status, body["error"]) == (401, "stale_timestamp")
+    # Wrong device: mallory's own, valid device answering alice's sign-in.
+    status, body = _answer(base, mallory_id, mallory_key, txid)
+    assert (status, body["error"]) == (404, "not_found")
+    # A replayed poll (same nonce) is refused.
+    now = int(time.time())
+    nonce = proto.new_nonce()
+    headers = {"X-MFA-Timestamp": str(now), "X-MFA-Nonce": nonce,
+               "X-MFA-Signature": proto.sign(key, proto.poll_message(device_id, now, nonce))}
+    url = f"{base}/v1/devices/{device_id}/transactions?wait=0"
+    first = _http("GET", url, headers=headers)
+    assert first[0] == 200 and [t["txid"] for t in first[1]["transactions"]] == [txid]
+    assert _http("GET", url, headers=headers)[0] == 401
+
+    # None of that touched the sign-in; the real answer completes it, once.
+    assert _answer(base, device_id, key, txid)[0] == 200
+    assert login.reply().code == "Access-Accept"
+    status, body = _answer(base, device_id, key, txid)
+    assert (status, body["error"]) == (409, "already_answered")
+
+
+@pytest_twisted.ensureDeferred
+async def test_fraud_alert_is_mailed_to_the_administrators(tmp_path, web_port):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+
+    from fake_smtp import FakeSmtpServer
+    mail = FakeSmtpServer(reactor)
+    extra = push_config(web_port) + f"""
+[alerts]
+gateway = "smtp"
+to = ["security@example.org"]
+
+[gateways.smtp]
+host = "127.0.0.1"
+port = {mail.port}
+starttls = "none"
+sender = "mfaserver@example.org"
+"""
+    daemon = await deferToThread(start_daemon, tmp_path, extra)
+    try:
+        await deferToThread(daemon.cli, "user", "add", "alice", "--password-stdin",
+                            input=PASSWORD + "\n")
+        phone = await deferToThread(enroll, daemon, tmp_path, "alice")
+        login = Login(daemon, "alice", PASSWORD)
+        txn = await deferToThread(phone.wait_for_transaction)
+        await deferToThread(phone.run, "fraud", txn["txid"], "--yes")
+        reply = await deferToThread(login.reply)
+        assert reply.code == "Access-Reject"
+        for _ in range(100):
+            if mail.received:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert [m.recipient for m in mail.received] == ["security@example.org"]
+        message = mail.received[0].message
+        assert "fraud reported by alice" in message["Subject"]
+        assert "user unblock alice" in message.get_content()
+    finally:
+        await deferToThread(stop_daemon, daemon)
+        await mail.close()
