@@ -159,3 +159,9 @@ class RateLimiter:
         while len(self._buckets) > self._max_keys:
             self._buckets.popitem(last=False)
         return allowed
+
+
+def hourly_send_limit(clock: IReactorTime, per_hour: int) -> RateLimiter:
+    """The limit on texts and calls to one user or one number: a burst of up to 3
+    lets a user retry at once; the hourly rate caps toll fraud and annoyance."""
+    return RateLimiter(clock, burst=min(3, per_hour), per_hour=per_hour)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
-from mfaserver.auth.approvals import RateLimiter
+from mfaserver.auth.approvals import hourly_send_limit
 
 
 class SendRefused(Exception):
@@ -45,11 +45,8 @@ class SmsCodes:
         self._clock = clock
         self.code_length = code_length
         self.ttl = ttl
-        # A burst of 3 lets a user retry at once; the hourly rate caps abuse.
-        self._per_user = RateLimiter(clock, burst=min(3, per_user_per_hour),
-                                     per_hour=per_user_per_hour)
-        self._per_number = RateLimiter(clock, burst=min(3, per_number_per_hour),
-                                       per_hour=per_number_per_hour)
+        self._per_user = hourly_send_limit(clock, per_user_per_hour)
+        self._per_number = hourly_send_limit(clock, per_number_per_hour)
         self._max_entries = max_entries
         self._codes: OrderedDict[str, _Code] = OrderedDict()
 

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mfaserver.auth.approvals import RateLimiter
+from mfaserver.auth.approvals import hourly_send_limit
 from mfaserver.auth.model import Verdict
 from mfaserver.factors.sms import SendRefused
 from mfaserver.gateways.base import mask_number
@@ -99,11 +99,8 @@ class VoiceCalls:
         self._base = public_url.rstrip("/")
         self.pin_mode = pin_mode
         self._check_pin = check_pin
-        # A burst lets a user retry at once; the hourly rate caps toll fraud.
-        self._per_user = RateLimiter(clock, burst=min(3, per_user_per_hour),
-                                     per_hour=per_user_per_hour)
-        self._per_number = RateLimiter(clock, burst=min(3, per_number_per_hour),
-                                       per_hour=per_number_per_hour)
+        self._per_user = hourly_send_limit(clock, per_user_per_hour)
+        self._per_number = hourly_send_limit(clock, per_number_per_hour)
         self.max_calls = max_calls
         self.late_window = late_window
         self._pending: dict[str, _Call] = {}
