@@ -66,7 +66,10 @@ def _json(request: WebRequest, schema: dict) -> dict:
 
 
 def check_notify_url(url: str) -> str:
-    """A wake-up URL must be https (http only to this host, for tests and relays)."""
+    """A wake-up URL must be https (http only to this host, for tests and relays),
+    in ASCII (an international host name in its xn-- form)."""
+    if not url.isascii() or any(c.isspace() for c in url):
+        raise HttpError(400, "invalid_request", "notify.url: must be an ASCII URL")
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return url
