@@ -324,7 +324,8 @@ class MfaDaemon(tservice.MultiService):
             check_pin=lambda user, pin: Deferred.fromCoroutine(check_pin(user, pin)),
             per_user_per_hour=config.voice.max_per_user_per_hour,
             per_number_per_hour=config.voice.max_per_number_per_hour,
-            max_calls=config.mfa.max_pending)
+            max_calls=config.mfa.max_pending,
+            on_late=lambda user: audit_late_call(threaded, reactor, user))
 
     def _web_app(self, config: Config, reactor, threaded: ThreadedStore):
         """The HTTP side: /health, the device API, and the voice callbacks."""
@@ -399,6 +400,15 @@ class MfaDaemon(tservice.MultiService):
             log.warn("{config}: {warning}", config=str(new.path), warning=warning)
         log.info("configuration reloaded: {n} RADIUS clients", n=len(new.radius.clients))
         return True
+
+
+def audit_late_call(threaded: ThreadedStore, clock, user: str) -> None:
+    """Keys pressed on a call after its login timed out: refused, and audited."""
+    from mfaserver.auth.model import AuditEntry
+    d = threaded.record_audit(AuditEntry(
+        time=clock.seconds(), user=user, client="", nas_ip=None, calling_station_id=None,
+        factor="phone", outcome="refused", reason="late_answer"))
+    d.addErrback(lambda f: log.failure("could not audit a late call answer", f))
 
 
 def return_large_buffers_to_the_os() -> None:

@@ -264,6 +264,19 @@ class VoiceCallsTests(SynchronousTestCase):
         calls.call_ended(call_id, "completed")   # nothing left to fire
         self.assertIn("late answer to call for alice", self.logs.text())
 
+    def test_keys_after_the_timeout_are_reported_as_a_late_answer(self):
+        late = []
+        calls = self.calls(on_late=late.append)
+        d = calls.request_approval("alice", PHONE, client="vpn")
+        d.addTimeout(60, self.clock)
+        call_id = self.gateway.call_id()
+        calls.answer_twiml(call_id)
+        self.clock.advance(60)
+        self.failureResultOf(d, defer.TimeoutError)
+        self.assertEqual(late, [])
+        calls.gather(call_id, "#")
+        self.assertEqual(late, ["alice"])
+
     def test_cancel_while_starting_abandons_the_request_to_the_provider(self):
         calls = self.calls()
         cancelled = []

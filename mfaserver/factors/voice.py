@@ -86,7 +86,8 @@ class VoiceCalls:
                  pin_mode: bool = False,
                  check_pin: Callable[[str, str], Deferred[bool]] | None = None,
                  per_user_per_hour: int = 5, per_number_per_hour: int = 10,
-                 max_calls: int = 10_000, late_window: float = 600.0):
+                 max_calls: int = 10_000, late_window: float = 600.0,
+                 on_late: Callable[[str], object] | None = None):
         parts = urlsplit(public_url)
         if parts.scheme not in ("http", "https") or not parts.netloc \
                 or parts.query or parts.fragment:
@@ -103,6 +104,9 @@ class VoiceCalls:
         self._per_number = hourly_send_limit(clock, per_number_per_hour)
         self.max_calls = max_calls
         self.late_window = late_window
+        # Called with the user when keys arrive for a call already decided or
+        # withdrawn (the daemon audits it); the caller hears "expired".
+        self._on_late = on_late
         self._pending: dict[str, _Call] = {}
         # call id -> (user, forget at): finished calls, oldest first.
         self._finished: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -297,5 +301,7 @@ class VoiceCalls:
         if finished is not None:
             log.warn("late answer to call for {user} ({what} after the call was decided "
                      "or withdrawn)", user=finished[0], what=what)
+            if what == "keys" and self._on_late is not None:
+                self._on_late(finished[0])
         else:
             log.warn("Callback ({what}) for an unknown call", what=what)
