@@ -616,3 +616,16 @@ def test_log_escapes_hostile_values(run, store):
     [line] = run.ok("log").stdout.splitlines()
     assert "\x1b" not in line
     assert "eve\\nforged\\x20line\\x1b[2J" in line
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(config_path, store):
+    import subprocess
+    import sys
+    for i in range(3):
+        store.add_user(f"user{i}", password_hash=None, phone=None, now=NOW)
+    proc = subprocess.Popen([sys.executable, "-m", "mfaserver.cli.main", "-c", str(config_path),
+                             "user", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes: its first write meets a closed pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141
+    assert b"error" not in stderr and b"Traceback" not in stderr

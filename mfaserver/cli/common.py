@@ -63,6 +63,12 @@ class ErrorHandlingGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as Unix tools do,
+            # with the status of a process killed by SIGPIPE.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(128 + 13)
         except EXPECTED_ERRORS as exc:
             if isinstance(exc, SeedIntegrityError):
                 message = f"seed integrity check failed: {one_line(exc)}"
