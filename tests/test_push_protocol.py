@@ -526,3 +526,11 @@ def test_is_fresh():
     assert not pp.is_fresh(NOW - 61, NOW) and not pp.is_fresh(NOW + 61, NOW)
     assert pp.is_fresh(NOW - 5, NOW, skew=5) and not pp.is_fresh(NOW - 6, NOW, skew=5)
     assert not pp.is_fresh(float(NOW), NOW) and not pp.is_fresh(True, 1)
+
+
+def test_server_made_ids_never_start_with_a_dash():
+    # They are command-line arguments (device delete, authenticator approve).
+    from mfaserver.factors.push_protocol import new_device_id, new_transaction_id
+    ids = [new_device_id() for _ in range(2000)] + [new_transaction_id() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(i) == 22 for i in ids)

@@ -205,14 +205,26 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def _new_id() -> str:
+    """16 random bytes, base64url (22 characters), never starting with "-".
+
+    Admins and scripts pass these ids as command-line arguments, where a
+    leading "-" reads as an option; drawing again costs 1 draw in 64.
+    """
+    while True:
+        text = b64url_encode(secrets.token_bytes(16))
+        if not text.startswith("-"):
+            return text
+
+
 def new_device_id() -> str:
     """A device id: 16 random bytes, base64url (22 characters)."""
-    return b64url_encode(secrets.token_bytes(16))
+    return _new_id()
 
 
 def new_transaction_id() -> str:
     """A transaction id: 16 random bytes, base64url (22 characters)."""
-    return b64url_encode(secrets.token_bytes(16))
+    return _new_id()
 
 
 def new_nonce() -> str:

@@ -433,7 +433,10 @@ def make_site(app: WebApp, settings: WebSettings) -> server.Site:
     """The twisted.web Site serving ``app`` with the limits from ``settings``."""
     # WebRequest.form() parses form bodies itself, for the handlers that want
     # one; Twisted's own parse (through the email package) would cost every POST.
-    site = _Site(app.resource(), timeout=settings.request_timeout,
+    # The connection's idle timeout runs a second longer than a request's
+    # deadline, so a request sent too slowly gets our 408 rather than a bare
+    # hang-up (both timers would otherwise race).
+    site = _Site(app.resource(), timeout=settings.request_timeout + 1,
                  parsePOSTFormSubmission=False)
     site.max_body = settings.max_body
     site.request_timeout = settings.request_timeout
