@@ -43,20 +43,19 @@ import selectors
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-HOST = "127.0.0.1"
-SECRET = "push-load-shared-secret-0123456789"
+# The bench's own modules import each other flat, as scripts/bench runs them.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchlib"))
+from bench import HOST, SECRET, ours_config, pid_cpu_seconds  # noqa: E402
+
 PASSWORD = "push-load-password"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent
 
 TARGET_KIB_PER_PENDING = 10.0
@@ -89,36 +88,8 @@ def proc_status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def proc_cpu_seconds(pid: int | str) -> float:
-    """utime + stime of a process, all its threads."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def write_config(directory: Path, radius_port: int, web_port: int) -> Path:
-    path = directory / "mfaserver.toml"
-    path.write_text(textwrap.dedent(f"""\
-        # Written by scripts/push_load.py.
-        [server]
-        state_dir = "state"
-
-        [radius]
-        listen = "{HOST}"
-        port = {radius_port}
-        reject_delay = 0
-        status_server = true
-
-        [[radius.clients]]
-        name = "load"
-        address = "{HOST}"
-        secret = "{SECRET}"
-
-        [mfa]
-        challenge = true
+    return ours_config(directory, radius_port, extra=f"""\
         timeout = 300
         max_pending = 20000
 
@@ -130,8 +101,7 @@ def write_config(directory: Path, radius_port: int, web_port: int) -> Path:
         [push]
         notify = "webhook"
         max_per_user_per_hour = 1000
-        """))
-    return path
+        """)
 
 
 def build_store(state_dir: Path, names: list[str], sink_port: int):
@@ -191,11 +161,11 @@ class Daemon:
         return proc_status_kib(self.pid, "VmRSS")
 
     def cpu(self) -> float:
-        return proc_cpu_seconds(self.pid)
+        return pid_cpu_seconds(self.pid)
 
     def reactor_cpu(self) -> float:
         """CPU seconds of the main thread alone (the reactor): the serial part."""
-        return proc_cpu_seconds(f"{self.pid}/task/{self.pid}")
+        return pid_cpu_seconds(f"{self.pid}/task/{self.pid}")
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:

@@ -75,10 +75,7 @@ class PendingLogins:
             waiter = Deferred(lambda d: self._leave(key, pending, d))
             pending.waiters.append(waiter)
             return waiter
-        if len(self._by_key) + self.also_total() >= self.max_total:
-            raise TooManyPending("global")
-        if self.count_for(user) + self.also_for_user(user) >= self.max_per_user:
-            raise TooManyPending("user")
+        self.check_room(user)
         pending = _Pending(user, None)
         self._by_key[key] = pending
         self._per_user[user] = self._per_user.get(user, 0) + 1
@@ -94,6 +91,13 @@ class PendingLogins:
         pending.result = result
         result.addBoth(self._finished, key, pending)
         return waiter
+
+    def check_room(self, user: str) -> None:
+        """Raise `TooManyPending` if a new out-of-band login of ``user`` is over a limit."""
+        if len(self._by_key) + self.also_total() >= self.max_total:
+            raise TooManyPending("global")
+        if self.count_for(user) + self.also_for_user(user) >= self.max_per_user:
+            raise TooManyPending("user")
 
     def count_for(self, user: str) -> int:
         """How many logins of ``user`` are pending here."""

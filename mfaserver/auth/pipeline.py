@@ -162,8 +162,8 @@ class Authenticator:
                                      max_total=policy.max_pending)
         # Number-matching pushes hold no request, so PendingLogins does not
         # see them; they count towards the same limits.
-        self.pending.also_for_user = self._matching_pushes_of
-        self.pending.also_total = lambda: self._matching_pushes_of(None)
+        self.pending.also_for_user = self._matching_pushes_for
+        self.pending.also_total = self._matching_pushes_total
         self._push_limit = RateLimiter(clock, burst=min(5, pushes_per_user_per_hour),
                                        per_hour=pushes_per_user_per_hour)
         self._clock = clock
@@ -344,6 +344,10 @@ class Authenticator:
         if push.number_matching:
             txn = push.find(key)
             if txn is None:
+                try:
+                    self.pending.check_room(account.name)
+                except TooManyPending as e:
+                    return _decided(self._too_many_pending(e, "push", account))
                 refusal = self._refuse_new_push(account)
                 if refusal is not None:
                     return _decided(refusal)
@@ -357,7 +361,7 @@ class Authenticator:
             return _decided(Decision.challenge(state, MSG_MATCH_NUMBER, factor="push"))
 
         def start() -> Deferred:
-            refusal = self._refuse_new_push(account, count_pending=False)
+            refusal = self._refuse_new_push(account)
             if refusal is not None:
                 raise _Refused(refusal)
             txn = push.open(account.name, client=request.client_name, nas_ip=request.nas_ip,
@@ -367,23 +371,19 @@ class Authenticator:
 
         return self._hold(key, account, start, "push", grants)
 
-    def _matching_pushes_of(self, user: str | None) -> int:
-        """Number-matching pushes pending for ``user`` (None: for everyone)."""
+    def _matching_pushes_for(self, user: str) -> int:
+        """Number-matching pushes pending for ``user``: they hold no request."""
         if self.push is None or not self.push.number_matching:
             return 0
-        return len(self.push) if user is None else self.push.count_for(user)
+        return self.push.count_for(user)
 
-    def _refuse_new_push(self, account: Account, count_pending: bool = True) -> Decision | None:
-        if count_pending:
-            pending = self.push.count_for(account.name) + self.pending.count_for(account.name)
-            if pending >= self.policy.max_pending_per_user:
-                log.warn("{user} already has a push pending: refused another", user=account.name)
-                return Decision.reject(Reason.TOO_MANY_PENDING, MSG_TOO_MANY_PENDING,
-                                       factor="push")
-            if len(self.push) + len(self.pending) >= self.policy.max_pending:
-                log.warn("{n} logins pending: refused a push for {user}",
-                         n=len(self.push) + len(self.pending), user=account.name)
-                return Decision.reject(Reason.TOO_MANY_PENDING, MSG_TRY_LATER, factor="push")
+    def _matching_pushes_total(self) -> int:
+        if self.push is None or not self.push.number_matching:
+            return 0
+        return len(self.push)
+
+    def _refuse_new_push(self, account: Account) -> Decision | None:
+        """Reject a new push over the user's push rate (push-fatigue guard)."""
         if not self._push_limit.allow(account.name):
             log.warn("push limit reached for {user}: no push sent", user=account.name)
             return Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_PUSHES, factor="push")
@@ -430,10 +430,7 @@ class Authenticator:
         except _Refused as e:
             return e.decision
         except TooManyPending as e:
-            log.warn("too many logins pending ({scope}): refused {factor} for {user}",
-                     scope=e.scope, factor=factor, user=account.name)
-            message = MSG_TOO_MANY_PENDING if e.scope == "user" else MSG_TRY_LATER
-            return Decision.reject(Reason.TOO_MANY_PENDING, message, factor=factor)
+            return self._too_many_pending(e, factor, account)
         try:
             verdict = await waiter
         except defer.TimeoutError:
@@ -442,6 +439,13 @@ class Authenticator:
             # Closed under us: the user was blocked meanwhile (fraud), or shutdown.
             return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=factor)
         return await self._verdict(verdict, account, factor, grants)
+
+    @staticmethod
+    def _too_many_pending(e: TooManyPending, factor: str, account: Account) -> Decision:
+        log.warn("too many logins pending ({scope}): refused {factor} for {user}",
+                 scope=e.scope, factor=factor, user=account.name)
+        message = MSG_TOO_MANY_PENDING if e.scope == "user" else MSG_TRY_LATER
+        return Decision.reject(Reason.TOO_MANY_PENDING, message, factor=factor)
 
     async def _verdict(self, verdict: Verdict, account: Account, factor: str,
                        grants: tuple) -> Decision:

@@ -259,8 +259,11 @@ def require(command: str, package: str) -> str:
 
 # --- servers under test -------------------------------------------------------------------
 
-def ours_config(directory: Path, port: int) -> Path:
-    """A config for mfaserver on 127.0.0.1:port with one client, state in directory/state."""
+def ours_config(directory: Path, port: int, extra: str = "") -> Path:
+    """A config for mfaserver on 127.0.0.1:port with one client, state in directory/state.
+
+    ``extra`` is appended as is; it starts inside the [mfa] table.
+    """
     path = directory / "mfaserver.toml"
     path.write_text(textwrap.dedent(f"""\
         # Written by scripts/bench.
@@ -280,7 +283,7 @@ def ours_config(directory: Path, port: int) -> Path:
 
         [mfa]
         challenge = true
-        """))
+        """) + textwrap.dedent(extra))
     return path
 
 
@@ -699,8 +702,9 @@ def bench_logins(report: Report, args, workdir: Path, sections: set[str]) -> Non
 
 # --- section: ldap (issue #3) -------------------------------------------------------------
 
-def pid_cpu_seconds(pid: int) -> float:
-    """utime + stime of any process of ours, all threads (0 if it is gone)."""
+def pid_cpu_seconds(pid: int | str) -> float:
+    """utime + stime of any process of ours, all threads (0 if it is gone); a
+    "PID/task/TID" string gives one thread's."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
