@@ -63,6 +63,18 @@ _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _PATH = re.compile(r"/2010-04-01/Accounts/([^/]+)/(Messages|Calls)\.json")
 
 
+def gateway_config(api_base: str) -> str:
+    """The daemon's [gateways.twilio] section for this fake at ``api_base``."""
+    return f"""
+[gateways.twilio]
+account_sid = "{ACCOUNT_SID}"
+auth_token = "{AUTH_TOKEN}"
+from_number = "{FROM_NUMBER}"
+api_base = "{api_base}"
+timeout = 2
+"""
+
+
 def twilio_signature(auth_token: str, url: str, params: list[tuple[str, str]]) -> str:
     """X-Twilio-Signature as Twilio computes it for a POST of ``params`` to ``url``."""
     data = url + "".join(name + value for name, value in sorted(params))

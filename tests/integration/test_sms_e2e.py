@@ -29,14 +29,7 @@ def sms_config(api_base: str, failmode: str = "secure") -> str:
 
 [sms]
 gateway = "twilio"
-
-[gateways.twilio]
-account_sid = "{fake_twilio.ACCOUNT_SID}"
-auth_token = "{fake_twilio.AUTH_TOKEN}"
-from_number = "{fake_twilio.FROM_NUMBER}"
-api_base = "{api_base}"
-timeout = 2
-"""
+""" + fake_twilio.gateway_config(api_base)
 
 
 def texted_code(fake) -> str:

@@ -43,14 +43,7 @@ pin = {str(pin).lower()}
 
 [alerts]
 gateway = "console"
-
-[gateways.twilio]
-account_sid = "{fake_twilio.ACCOUNT_SID}"
-auth_token = "{fake_twilio.AUTH_TOKEN}"
-from_number = "{fake_twilio.FROM_NUMBER}"
-api_base = "{api_base}"
-timeout = 2
-"""
+""" + fake_twilio.gateway_config(api_base)
 
 
 @pytest.fixture
