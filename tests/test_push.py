@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mfaserver.auth.model import Verdict
-from mfaserver.factors.push import (ANSWERED, CLOSED, EXPIRED, PENDING, AnswerRefused,
+from mfaserver.factors.push import (ANSWERED, CLOSED, EXPIRED, PENDING, AlreadyAnswered,
+                                    AnswerRefused, TransactionExpired, UnknownTransaction,
                                     PushTransactions, TransactionClosed)
 
 START = 1_700_000_000.0
@@ -338,12 +339,12 @@ class AnswerTests(Registry):
 
     def test_unknown_transaction_is_404(self):
         e = self.refusal("unknown", "alice", "approve")
-        self.assertEqual((e.status, e.code), (404, "not_found"))
+        self.assertIsInstance(e, UnknownTransaction)
 
     def test_transaction_of_another_user_is_404(self):
         txn = self.open(user="bob")
         e = self.refusal(txn.txid, "alice", "approve")
-        self.assertEqual((e.status, e.code), (404, "not_found"))
+        self.assertIsInstance(e, UnknownTransaction)
         self.assertEqual(txn.state, PENDING)
 
     def test_finished_transaction_of_another_user_is_still_404(self):
@@ -352,30 +353,30 @@ class AnswerTests(Registry):
         self.push.answer(answered.txid, "bob", "approve")
         self.clock.advance(1)
         for txn in (expired, answered):
-            self.assertEqual(self.refusal(txn.txid, "alice", "approve").status, 404)
+            self.assertIsInstance(self.refusal(txn.txid, "alice", "approve"), UnknownTransaction)
 
     def test_expired_transaction_is_410(self):
         txn = self.open(timeout=60)
         self.clock.advance(60)
         e = self.refusal(txn.txid, "alice", "approve")
-        self.assertEqual((e.status, e.code), (410, "expired"))
+        self.assertIsInstance(e, TransactionExpired)
 
     def test_answer_at_the_expiry_time_is_410_even_before_the_timer_runs(self):
         txn = self.open(timeout=60)
         # Move the clock without running the expiry call, as if it were late.
         self.clock.rightNow = START + 60
-        self.assertEqual(self.refusal(txn.txid, "alice", "approve").status, 410)
+        self.assertIsInstance(self.refusal(txn.txid, "alice", "approve"), TransactionExpired)
 
     def test_closed_transaction_is_410(self):
         txn = self.open()
         self.push.close(txn.txid)
-        self.assertEqual(self.refusal(txn.txid, "alice", "approve").status, 410)
+        self.assertIsInstance(self.refusal(txn.txid, "alice", "approve"), TransactionExpired)
 
     def test_second_answer_is_409_and_the_first_wins(self):
         txn = self.open()
         self.push.answer(txn.txid, "alice", "deny", device_id="first")
         e = self.refusal(txn.txid, "alice", "approve", device_id="second")
-        self.assertEqual((e.status, e.code), (409, "already_answered"))
+        self.assertIsInstance(e, AlreadyAnswered)
         self.assertEqual((txn.verdict, txn.answered_by), (Verdict.DENY, "first"))
 
     def test_checks_run_in_order_404_then_410_then_409(self):
@@ -383,14 +384,14 @@ class AnswerTests(Registry):
         answered = self.open(timeout=10)
         self.push.answer(answered.txid, "alice", "approve")
         self.clock.advance(20)
-        self.assertEqual(self.refusal(answered.txid, "alice", "approve").status, 409)
+        self.assertIsInstance(self.refusal(answered.txid, "alice", "approve"), AlreadyAnswered)
         # Someone else's answered transaction: 404 before 409.
-        self.assertEqual(self.refusal(answered.txid, "bob", "approve").status, 404)
+        self.assertIsInstance(self.refusal(answered.txid, "bob", "approve"), UnknownTransaction)
         # Someone else's expired transaction: 404 before 410.
         expired = self.open(timeout=10)
         self.clock.advance(10)
-        self.assertEqual(self.refusal(expired.txid, "bob", "approve").status, 404)
-        self.assertEqual(self.refusal(expired.txid, "alice", "approve").status, 410)
+        self.assertIsInstance(self.refusal(expired.txid, "bob", "approve"), UnknownTransaction)
+        self.assertIsInstance(self.refusal(expired.txid, "alice", "approve"), TransactionExpired)
 
 
 class NumberMatchingTests(Registry):
@@ -447,7 +448,7 @@ class RememberTests(Registry):
         # Forgotten: an answer is now indistinguishable from a forged txid.
         with self.assertRaises(AnswerRefused) as caught:
             push.answer(txns[0].txid, "alice", "approve")
-        self.assertEqual(caught.exception.status, 404)
+        self.assertIsInstance(caught.exception, UnknownTransaction)
 
     def test_memory_is_forgotten_after_the_late_window(self):
         push = self.make(late_window=600)
@@ -459,7 +460,7 @@ class RememberTests(Registry):
         self.assertIsNone(push.get(txn.txid))
         with self.assertRaises(AnswerRefused) as caught:
             push.answer(txn.txid, "alice", "approve")
-        self.assertEqual(caught.exception.status, 404)
+        self.assertIsInstance(caught.exception, UnknownTransaction)
         self.failureResultOf(push.wait(txn.txid), TransactionClosed)
 
     def test_old_memory_is_pruned_when_another_transaction_finishes(self):

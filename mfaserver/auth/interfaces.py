@@ -33,6 +33,10 @@ class DirectoryUnavailable(Exception):
     """The directory could not answer (down, timed out): fail closed."""
 
 
+class SeedIntegrityError(Exception):
+    """A stored seed failed authentication (tampering, wrong key, moved blob)."""
+
+
 class Directory(Protocol):
     """Checks a username and password (the first factor)."""
 
@@ -45,7 +49,7 @@ class AccountStore(Protocol):
 
     Each method is one atomic operation on the store; see
     `mfaserver.store.db.Store` for the semantics. Every Deferred may fail
-    with `mfaserver.store.SeedIntegrityError` or a database error.
+    with `SeedIntegrityError` or a database error.
     """
 
     def load_account(self, name: str) -> Deferred[Account | None]: ...

@@ -36,7 +36,8 @@ from twisted.logger import Logger
 from mfaserver.auth.approvals import PendingLogins, RateLimiter, TooManyPending
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
-    AccountStore, Directory, DirectoryUnavailable, InvalidCredentials, UnknownUser,
+    AccountStore, Directory, DirectoryUnavailable, InvalidCredentials, SeedIntegrityError,
+    UnknownUser,
 )
 from mfaserver.auth.model import (
     Account, AuditEntry, AuthRequest, Decision, Outcome, Principal, Reason, TokenKind, Verdict,
@@ -45,7 +46,6 @@ from mfaserver.factors import oath
 from mfaserver.factors.push import TransactionClosed
 from mfaserver.factors.sms import SendRefused, SmsCodes, mask_phone
 from mfaserver.gateways.base import GatewayError
-from mfaserver.store.crypto import SeedIntegrityError
 
 log = Logger(namespace="mfaserver.auth")
 

@@ -60,7 +60,7 @@ from twisted.python.failure import Failure
 import mfaserver
 from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, UnknownUser
 from mfaserver.auth.model import Principal, Reason
-from mfaserver.config import LdapConfig
+from mfaserver.directory.settings import LdapConfig
 from mfaserver.directory import ad, ldap_worker
 
 log = Logger()

@@ -91,7 +91,7 @@ from ldap3.utils.conv import escape_filter_chars
 
 from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, UnknownUser
 from mfaserver.auth.model import Principal, Reason
-from mfaserver.config import LdapConfig
+from mfaserver.directory.settings import LdapConfig
 from mfaserver.directory import ad
 
 SUCCESS = 0

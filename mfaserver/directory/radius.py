@@ -38,7 +38,7 @@ from twisted.logger import Logger
 
 from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials
 from mfaserver.auth.model import Principal, Reason
-from mfaserver.config import UpstreamRadiusConfig
+from mfaserver.directory.settings import UpstreamRadiusConfig
 from mfaserver.radius import attributes, codec
 from mfaserver.radius.protocol import RateLimitedLog
 

@@ -27,7 +27,7 @@ import ldap3
 import phonenumbers
 from ldap3.core.exceptions import LDAPOperationResult
 
-from mfaserver.config import Config, LdapConfig, SyncConfig
+from mfaserver.directory.settings import LdapConfig, SyncConfig
 from mfaserver.directory.ldap_worker import VerifiedTls, tls_context
 from mfaserver.store.db import Store, StoreError, SyncResult, check_user_name
 
@@ -323,7 +323,7 @@ def fetch_directory_users(ldap: LdapConfig, sync: SyncConfig) -> list[DirectoryU
 # --- the whole run ---
 
 def run_sync(
-    config: Config,
+    config,
     store: Store,
     now: float,
     *,
@@ -332,6 +332,9 @@ def run_sync(
     fetch: Callable[[LdapConfig, SyncConfig], list[DirectoryUser]] = fetch_directory_users,
 ) -> SyncReport:
     """Fetch the directory and apply it to ``store``; see the module docstring.
+
+    ``config`` is the daemon's `mfaserver.config.Config`: its ``path`` and
+    ``directory`` settings are read.
 
     Raises SyncError if LDAP is not configured or cannot be read, or if it
     lists no usable user while the store has 'ldap' users and ``force`` is

@@ -6,9 +6,9 @@ through the device API (`answer`). Everything here is in memory, on the
 injected clock: a restart voids pending transactions, like RADIUS States.
 
 The registry also remembers closed transactions for ``late_window``
-seconds, so that a late answer is told apart from a forged one: it gets
-"expired" (410) or "already answered" (409), and is logged, instead of
-"not found".
+seconds, so that a late answer is told apart from a forged one: it is
+refused as `TransactionExpired` or `AlreadyAnswered`, and logged, instead of
+`UnknownTransaction`.
 
 One login, one push: a transaction carries the login's key (user, NAS,
 Calling-Station-Id), and `find` returns the pending one for a key so that a
@@ -38,13 +38,19 @@ CLOSED = "closed"       # closed from the sign-in side: wrong number, NAS gave u
 
 
 class AnswerRefused(Exception):
-    """A device's answer cannot be taken: ``status`` and ``code`` as in docs/device-api.rst."""
+    """A device's answer cannot be taken (one of the three kinds below)."""
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+
+class UnknownTransaction(AnswerRefused):
+    """No such transaction for this device's user (or forgotten long ago)."""
+
+
+class TransactionExpired(AnswerRefused):
+    """The transaction expired, or was closed from the sign-in side, before an answer."""
+
+
+class AlreadyAnswered(AnswerRefused):
+    """The transaction was answered already (by this or another device)."""
 
 
 class TransactionClosed(Exception):
@@ -214,19 +220,19 @@ class PushTransactions:
                number: str | None = None, device_id: str = "") -> PushTransaction:
         """Record a device's answer; the first answer wins.
 
-        Raises `AnswerRefused`: 404 when there is no such transaction for
-        ``device_user``, 410 when it expired or was closed, 409 when it was
-        already answered. With number matching on, an approval carrying a
+        Raises `UnknownTransaction` when there is no such transaction for
+        ``device_user``, `TransactionExpired` when it expired or was closed,
+        `AlreadyAnswered` when it was answered already. With number matching on, an approval carrying a
         wrong ``number`` counts as a denial.
         """
         txn = self.get(txid)
         if txn is None or txn.user != device_user:
-            raise AnswerRefused(404, "not_found", "no such transaction for this device")
+            raise UnknownTransaction("no such transaction for this device")
         if txn.state in (EXPIRED, CLOSED) or (
                 txn.state == PENDING and self._clock.seconds() >= txn.expires):
-            raise AnswerRefused(410, "expired", "this transaction expired or was closed")
+            raise TransactionExpired("this transaction expired or was closed")
         if txn.state == ANSWERED:
-            raise AnswerRefused(409, "already_answered", "this transaction was already answered")
+            raise AlreadyAnswered("this transaction was already answered")
         verdict = Verdict(decision)
         if (verdict is Verdict.APPROVE and number is not None and txn.number is not None
                 and not hmac.compare_digest(number.encode(), txn.number.encode())):

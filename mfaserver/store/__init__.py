@@ -6,10 +6,12 @@ from mfaserver.store.crypto import (
     SeedIntegrityError,
     load_or_create_key,
 )
-from mfaserver.store.db import EnrollmentRefused, NewToken, Store, StoreError, UserInfo
+from mfaserver.store.db import (EnrollmentExpired, EnrollmentRefused, NewToken, Store, StoreError,
+                                UnknownEnrollment, UserInfo)
 from mfaserver.store.migrations import SCHEMA_VERSION
 
 __all__ = [
+    "EnrollmentExpired",
     "EnrollmentRefused",
     "KeyFileError",
     "NewToken",
@@ -18,6 +20,7 @@ __all__ = [
     "SeedIntegrityError",
     "Store",
     "StoreError",
+    "UnknownEnrollment",
     "UserInfo",
     "load_or_create_key",
 ]

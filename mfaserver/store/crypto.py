@@ -17,6 +17,10 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+# The core handles this failure (it refuses the login and alarms), so it is
+# defined with the store's contract in mfaserver.auth.interfaces.
+from mfaserver.auth.interfaces import SeedIntegrityError
+
 __all__ = [
     "KEY_SIZE",
     "KeyFileError",
@@ -29,10 +33,6 @@ KEY_SIZE = 32
 _FORMAT_V1 = b"\x01"
 _NONCE_SIZE = 12
 _TAG_SIZE = 16
-
-
-class SeedIntegrityError(Exception):
-    """A stored seed failed authentication (tampering, wrong key, moved blob)."""
 
 
 class KeyFileError(Exception):

@@ -64,11 +64,15 @@ class StoreError(Exception):
 
 
 class EnrollmentRefused(StoreError):
-    """A device enrollment token is unknown (404), or expired or used (410)."""
+    """A device enrollment token cannot be used (see the two kinds below)."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+
+class UnknownEnrollment(EnrollmentRefused):
+    """No enrollment has this token."""
+
+
+class EnrollmentExpired(EnrollmentRefused):
+    """The enrollment token expired, or a device was enrolled with it already."""
 
 
 @dataclass(frozen=True)
@@ -664,18 +668,17 @@ class Store:
         """Use the enrollment token with ``digest`` to add ``device``; return its user.
 
         Atomic: of two uses of one token exactly one succeeds. Raises
-        `EnrollmentRefused` with ``status`` 404 (unknown token) or 410 (expired
-        or already used).
+        `UnknownEnrollment` or `EnrollmentExpired` (expired or already used).
         """
         with self._immediate() as conn:
             row = conn.execute(
                 "SELECT e.user_id, e.expires, e.device_id, u.name FROM enrollments e"
                 " JOIN users u ON u.id = e.user_id WHERE e.digest = ?", (digest,)).fetchone()
             if row is None:
-                raise EnrollmentRefused(404, "no such enrollment")
+                raise UnknownEnrollment("no such enrollment")
             user_id, expires, used_by, name = row
             if used_by is not None or expires <= now:
-                raise EnrollmentRefused(410, "the enrollment link expired or was used")
+                raise EnrollmentExpired("the enrollment link expired or was used")
             conn.execute("UPDATE enrollments SET device_id = ? WHERE digest = ?",
                          (device.id, digest))
             conn.execute(

@@ -19,8 +19,9 @@ from twisted.logger import Logger
 from mfaserver.addresses import is_loopback
 from mfaserver.auth.model import AuditEntry, Device, Verdict
 from mfaserver.factors import push_protocol as proto
-from mfaserver.factors.push import AnswerRefused, PushTransactions
-from mfaserver.store.db import EnrollmentRefused
+from mfaserver.factors.push import (AlreadyAnswered, AnswerRefused, PushTransactions,
+                                    TransactionExpired, UnknownTransaction)
+from mfaserver.store.db import EnrollmentExpired, EnrollmentRefused, UnknownEnrollment
 from mfaserver.web import validation as v
 from mfaserver.web.server import WebApp, WebRequest
 from mfaserver.web.validation import HttpError
@@ -44,6 +45,21 @@ ANSWER = v.object(
     # Not signed: it can only turn an approval into a denial (see the docs).
     optional={"number": v.string(2, pattern="[0-9]{2}", min_len=2)},
 )
+
+
+# The device API's status and error code for each refusal the core raises.
+_REFUSALS = {
+    UnknownEnrollment: (404, "not_found"),
+    EnrollmentExpired: (410, "expired"),
+    UnknownTransaction: (404, "not_found"),
+    TransactionExpired: (410, "expired"),
+    AlreadyAnswered: (409, "already_answered"),
+}
+
+
+def _refused(e: Exception) -> HttpError:
+    status, code = _REFUSALS[type(e)]
+    return HttpError(status, code, str(e))
 
 
 def _unauthorized() -> HttpError:
@@ -127,8 +143,7 @@ class DeviceApi:
         try:
             user = await self._store.enroll_device(digest, device, now=now)
         except EnrollmentRefused as e:
-            code = "not_found" if e.status == 404 else "expired"
-            raise HttpError(e.status, code, str(e)) from None
+            raise _refused(e) from None
         log.info("device {device} enrolled for {user}", device=device.id, user=user)
         return 201, {"device_id": device.id, "user": user}
 
@@ -192,9 +207,9 @@ class DeviceApi:
             txn = self._push.answer(txid, device.user, body["decision"],
                                     number=body.get("number"), device_id=device.id)
         except AnswerRefused as e:
-            if e.status in (409, 410):
+            if not isinstance(e, UnknownTransaction):
                 await self._late(txid, device, body["decision"], e)
-            raise HttpError(e.status, e.code, e.message) from None
+            raise _refused(e) from None
         log.info("push {decision} from device {device} for {user} ({txid})",
                  decision=txn.verdict.value, device=device.id, user=device.user, txid=txid)
         if txn.verdict is Verdict.FRAUD:
@@ -206,8 +221,8 @@ class DeviceApi:
         txn = self._push.get(txid)
         log.warn("refused a late {decision} from device {device} for {user} ({txid}):"
                  " {why}", decision=decision, device=device.id, user=device.user,
-                 txid=txid, why=refusal.code)
-        if refusal.status == 410:
+                 txid=txid, why=_REFUSALS[type(refusal)][1])
+        if isinstance(refusal, TransactionExpired):
             await self._audit_late(txid, txn, device, decision)
         if decision == "fraud" and (txn is None or txn.verdict is not Verdict.FRAUD):
             # Someone says the sign-in was not theirs: too late to stop it,
