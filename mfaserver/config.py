@@ -24,6 +24,7 @@ from mfaserver.addresses import is_loopback
 # Each part's settings live with the part; this module builds them from the file.
 from mfaserver.directory.settings import (DirectoryConfig, LdapConfig, SyncConfig,
                                           UpstreamRadiusConfig)
+from mfaserver.factors import METHOD_NAMES
 
 try:
     import tomllib
@@ -35,6 +36,9 @@ CONFIG_ENV_VAR = "MFASERVER_CONFIG"
 
 # Names accepted in [directory] backend; a new backend is one more entry here.
 DIRECTORY_BACKENDS = ("local", "ldap", "radius")
+
+# What a login does when a gateway cannot deliver: reject, or "safe": accept.
+FAILMODES = ("secure", "safe")
 
 # Shorter secrets are accepted (some NAS limit the length) but warned about.
 MIN_SECRET_LENGTH = 16
@@ -158,7 +162,7 @@ class MfaConfig:
     totp_window: int = 1
     hotp_look_ahead: int = 10
     failmode: str = "secure"          # a gateway that cannot deliver: reject, or "safe": accept
-    default_method: str = "push"      # push | phone | sms | totp, when the user has none
+    default_method: str = "push"      # a name in mfaserver.factors.METHODS, when the user has none
     timeout: float = 60.0             # seconds a login is held for an out-of-band answer
     challenge_menu: bool = False      # a bare password gets a menu of methods
     max_pending_per_user: int = 1
@@ -333,12 +337,18 @@ def string(default: Any = REQUIRED, convert: Callable[[str], Any] | None = None)
     return Field("a string", (str,), default, check)
 
 
-def one_of(default: str, *choices: str) -> Field:
+def one_of(default: str | None, *choices: str) -> Field:
+    """A string that is one of ``choices`` (None as the default: the key is optional)."""
+    return Field("a string", (str,), default, _choice(*choices))
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    """The one check of a value against its allowed choices."""
     def check(value: str) -> str:
         if value not in choices:
             raise ValueError(f"{value!r} is not one of: {', '.join(choices)}")
         return value
-    return Field("a string", (str,), default, check)
+    return check
 
 
 def string_list(default: Any = REQUIRED, convert: Callable[[str], Any] | None = None,
@@ -410,8 +420,7 @@ def _backends(value: str | list) -> tuple[str, ...]:
     for name in names:
         if not isinstance(name, str):
             raise ValueError(f"expected a string or an array of strings, got {_describe(name)}")
-        if name not in DIRECTORY_BACKENDS:
-            raise ValueError(f"{name!r} is not one of: {', '.join(DIRECTORY_BACKENDS)}")
+        _choice(*DIRECTORY_BACKENDS)(name)
     if len(set(names)) != len(names):
         raise ValueError("a backend is listed twice")
     return names
@@ -488,14 +497,6 @@ def _statuses(value: list) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"{value!r} must be one of {', '.join(map(repr, choices))}")
-        return value
-    return check
-
-
 def _mail_address(value: str) -> str:
     if value.count("@") != 1 or any(c.isspace() for c in value):
         raise ValueError(f"{value!r} is not an e-mail address")
@@ -526,7 +527,7 @@ SCHEMA = Table({
             "secret_file": string(None),     # checked in _build_client
             "require_message_authenticator": boolean(True),
             "timeout": Field("a number", (int, float), None, _in_range(5, 600, float)),
-            "failmode": Field("a string", (str,), None, _choice("secure", "safe")),
+            "failmode": one_of(None, *FAILMODES),
         }), min_items=1),
         "reply": TableArray(Table({
             "group": string(REQUIRED),
@@ -581,8 +582,8 @@ SCHEMA = Table({
         "lockout_minutes": number(15, 1, 1440),
         "totp_window": integer(1, 0, 5),
         "hotp_look_ahead": integer(10, 1, 100),
-        "failmode": one_of("secure", "secure", "safe"),
-        "default_method": one_of("push", "push", "phone", "sms", "totp"),
+        "failmode": one_of("secure", *FAILMODES),
+        "default_method": one_of("push", *METHOD_NAMES),
         "timeout": number(60, 5, 600),
         "challenge_menu": boolean(False),
         "max_pending_per_user": integer(1, 1, 10),

@@ -1,29 +1,41 @@
 """The composition root: the only place that builds the daemon from a Config.
 
-`make_service(config, reactor)` wires store, directory, core and RADIUS
-listener together and returns a Twisted service; `run_daemon` runs it in the
-foreground with logging, signal handling (SIGTERM/SIGINT stop, SIGHUP
-reloads) and an exit code.
+`make_service(config, reactor)` wires store, directories, gateways, second
+factors, core, RADIUS listener and web listener together and returns a
+Twisted service; `run_daemon` runs it in the foreground with logging, signal
+handling (SIGTERM/SIGINT stop, SIGHUP reloads) and an exit code.
+
+`MfaDaemon.reload` applies a changed config file: every key applies at once
+(directories and gateways are rebuilt and swapped in; logins in flight finish
+on the objects they started with) except the few in `NEEDS_RESTART`, each of
+which is logged by name. The README's reload table lists them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import signal
 
+from twisted.application import internet
 from twisted.application import service as tservice
+from twisted.internet import defer
 from twisted.internet import error as terror
-from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mfaserver.auth.challenges import ChallengeRegistry
+from mfaserver.auth.interfaces import Directory
 from mfaserver.auth.pipeline import Authenticator
 from mfaserver.config import ClientIndex, Config, ConfigError, load_config
 from mfaserver.directory.chain import DirectoryChain
 from mfaserver.directory.local import LocalDirectory
+from mfaserver.factors import METHODS
+from mfaserver.factors.push import (NumberMatchingPushFactor, PushFactor, PushTransactions,
+                                    push_burst, push_limit)
+from mfaserver.factors.token import TokenFactor
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
 from mfaserver.store import Store
@@ -31,6 +43,17 @@ from mfaserver.store.threaded import ThreadedStore
 from mfaserver.workers import WorkerThreads
 
 log = Logger(namespace="mfaserver.service")
+
+# Config keys that a reload cannot apply: sockets bound and files opened at
+# start, the log observer, and the web routes of the phone-call callbacks
+# ("voice" is [voice] being added or removed; its own keys apply live).
+NEEDS_RESTART = ("server.state_dir", "server.log_format", "radius.listen", "radius.port",
+                 "voice")
+# Sections none of whose keys a reload can apply: the HTTP listener.
+NEEDS_RESTART_SECTIONS = ("web",)
+
+# Where a field's name differs from its key in the file.
+_KEY_NAMES = {"directory.backends": "directory.backend"}
 
 
 def clients_by_name(config: Config) -> dict:
@@ -45,10 +68,35 @@ def listener_settings(config: Config) -> ListenerSettings:
     )
 
 
+def changed_keys(old, new, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (or sections of one).
+
+    A section added or removed is its own name ("voice"); an array of tables
+    is one key ("radius.clients"). Values are compared, never shown.
+    """
+    if (dataclasses.is_dataclass(old) and type(old) is type(new)
+            and not isinstance(old, type)):
+        keys = []
+        for field in dataclasses.fields(old):
+            if not prefix and field.name in ("path", "warnings"):
+                continue
+            key = f"{prefix}.{field.name}" if prefix else field.name
+            keys += changed_keys(getattr(old, field.name), getattr(new, field.name),
+                                 _KEY_NAMES.get(key, key))
+        return keys
+    return [] if old == new else [prefix]
+
+
+def needs_restart(key: str) -> bool:
+    """Whether a change of ``key`` takes effect only after a restart."""
+    return key in NEEDS_RESTART or any(key == section or key.startswith(section + ".")
+                                       for section in NEEDS_RESTART_SECTIONS)
+
+
 class LifecycleService(tservice.Service):
     """Runs ``part.start()`` when the daemon starts and ``part.stop()`` when it stops.
 
-    For worker threads and directories that hold threads or sockets.
+    For worker threads and directories that hold threads, processes or sockets.
     """
 
     def __init__(self, part):
@@ -63,48 +111,127 @@ class LifecycleService(tservice.Service):
         return self.part.stop()
 
 
-class ClosingService(tservice.Service):
-    """Calls ``part.close()`` when the daemon stops (pooled HTTP connections)."""
-
-    def __init__(self, part):
-        self.part = part
-
-    def stopService(self):
-        super().stopService()
-        return self.part.close()
-
-
-class OutsideChanges(tservice.Service):
-    """Every second, drop what the store caches if an admin command changed the file."""
-
-    def __init__(self, threaded: ThreadedStore, reactor):
-        self._loop = task.LoopingCall(self._check, threaded)
-        self._loop.clock = reactor
-
-    def _check(self, threaded: ThreadedStore):
-        d = threaded.check_outside_changes()
-        d.addErrback(lambda f: log.failure("could not check the store for changes", f))
-        return d
-
-    def startService(self):
-        super().startService()
-        self._loop.start(1.0, now=True)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-
-
-class StoppingService(tservice.Service):
-    """Calls ``stop()`` when the daemon stops (closes pending pushes, drops wake-ups)."""
+class CallOnStop(tservice.Service):
+    """Calls ``stop()`` when the daemon stops (closes pending pushes, HTTP pools...)."""
 
     def __init__(self, stop):
         self._stop = stop
 
     def stopService(self):
         super().stopService()
-        self._stop()
+        return self._stop()
+
+
+class _Counted:
+    """A `Directory` that counts its logins in progress, so that a directory
+    replaced on reload is stopped only once it has finished them."""
+
+    def __init__(self, directory: Directory):
+        self.directory = directory
+        self.in_flight = 0
+        self._idle: list[Deferred] = []
+
+    def authenticate(self, username: str, password: str) -> Deferred:
+        self.in_flight += 1
+        d = self.directory.authenticate(username, password)
+        d.addBoth(self._ended)
+        return d
+
+    def _ended(self, result):
+        self.in_flight -= 1
+        if not self.in_flight:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+        return result
+
+    def when_idle(self) -> Deferred[None]:
+        if not self.in_flight:
+            return defer.succeed(None)
+        waiter = Deferred()
+        self._idle.append(waiter)
+        return waiter
+
+
+class Directories:
+    """The directory the core asks (one, or a chain), and the parts that need
+    starting and stopping (LDAP workers, upstream RADIUS sockets).
+
+    ``build(config)`` returns a new directory and its parts. `replace` swaps
+    in a set built from a changed config; the old set finishes its logins in
+    flight, then stops.
+    """
+
+    def __init__(self, build, config: Config):
+        self.build = build
+        self.current, self._parts = build(config)
+        self._retiring: list[Deferred] = []
+
+    def start(self) -> None:
+        for part in self._parts:
+            part.start()
+
+    def stop(self) -> Deferred[None]:
+        stopping = [defer.maybeDeferred(part.stop) for part in self._parts]
+        return defer.gatherResults(stopping + self._retiring).addCallback(lambda _: None)
+
+    def replace(self, new: _Counted, parts: list) -> _Counted:
+        """Start and return ``new`` (from `build`); retire the old directory."""
+        for part in parts:
+            part.start()
+        old, old_parts = self.current, self._parts
+        self.current, self._parts = new, parts
+        retired = old.when_idle()
+        retired.addCallback(lambda _: defer.gatherResults(
+            [defer.maybeDeferred(part.stop) for part in old_parts]))
+        retired.addErrback(lambda f: log.failure("could not stop a replaced directory", f))
+        retired.addBoth(lambda _: self._retiring.remove(retired))
+        if not retired.called:
+            self._retiring.append(retired)
+        return new
+
+
+class PeriodicSync:
+    """The LDAP directory sync, run every [directory.sync] interval seconds.
+
+    A run takes seconds for a large directory (phone parsing, one write
+    transaction), so it runs on its own thread with its own store connection;
+    logins go on meanwhile. A run still going when the next is due is not
+    doubled. A failed run changes nothing and is logged.
+    """
+
+    def __init__(self, daemon: "MfaDaemon", reactor):
+        self._daemon = daemon
+        self._reactor = reactor
+        self.thread = WorkerThreads(reactor, 1, "mfaserver-sync")
+        self._running = None
+
+    def run_once(self):
+        """Start one sync unless one is running; fires when it has finished."""
+        if self._running is not None:
+            log.warn("directory sync still running; skipping this round")
+            return None
+        config = self._daemon.config
+        self._running = self.thread.run(_sync_in_thread, config, self._reactor.seconds())
+        self._running.addCallbacks(self._done, self._failed)
+        return self._running
+
+    def _done(self, report):
+        self._running = None
+        log.info("directory {summary}", summary=report.summary())
+        for line in report.details(numbers=False):
+            log.warn("directory sync: {problem}", problem=line)
+
+    def _failed(self, failure):
+        self._running = None
+        log.error("directory sync failed, nothing changed: {error}",
+                  error=failure.getErrorMessage())
+
+
+def _sync_in_thread(config: Config, now: float):
+    from mfaserver.directory.sync import run_sync
+    with Store.open(config.database_path, config.key_path, create=False) as store:
+        return run_sync(config, store, now)
 
 
 class WebListenerService(tservice.Service):
@@ -134,183 +261,128 @@ class WebListenerService(tservice.Service):
             return self.port.stopListening()
 
 
-class RadiusListenerService(tservice.Service):
-    """Binds the UDP port on start, closes it on stop (abandoning undecided requests)."""
-
-    def __init__(self, reactor, protocol: RadiusAuthProtocol, port: int, interface: str):
-        self._reactor = reactor
-        self.protocol = protocol
-        self._port_number = port
-        self._interface = interface
-        self.port = None
-
-    def startService(self):
-        self.port = self._reactor.listenUDP(self._port_number, self.protocol,
-                                            interface=self._interface, maxPacketSize=8192)
-        super().startService()
-        host = self.port.getHost()
-        log.info("RADIUS listening on {host}:{port}", host=host.host, port=host.port)
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-
-
-class PeriodicSync(tservice.Service):
-    """Runs the LDAP directory sync every [directory.sync] interval seconds.
-
-    A run takes seconds for a large directory (phone parsing, one write
-    transaction), so it runs on its own thread with its own store connection;
-    logins go on meanwhile. A run still going when the next is due is not
-    doubled. A failed run changes nothing and is logged.
-    """
-
-    def __init__(self, daemon: "MfaDaemon", reactor):
-        self._daemon = daemon
-        self._reactor = reactor
-        self._thread = WorkerThreads(reactor, 1, "mfaserver-sync")
-        self._loop = None
-        self._running = None
-
-    def startService(self):
-        from twisted.internet.task import LoopingCall
-        super().startService()
-        self._thread.start()
-        self._loop = LoopingCall(self.run_once)
-        self._loop.clock = self._reactor
-        self._loop.start(self._daemon.config.directory.sync.interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._thread.stop()
-
-    def run_once(self):
-        """Start one sync unless one is running; fires when it has finished."""
-        if self._running is not None:
-            log.warn("directory sync still running; skipping this round")
-            return None
-        config = self._daemon.config
-        self._running = self._thread.run(_sync_in_thread, config, self._reactor.seconds())
-        self._running.addCallbacks(self._done, self._failed)
-        return self._running
-
-    def _done(self, report):
-        self._running = None
-        log.info("directory {summary}", summary=report.summary())
-        for line in report.details(numbers=False):
-            log.warn("directory sync: {problem}", problem=line)
-
-    def _failed(self, failure):
-        self._running = None
-        log.error("directory sync failed, nothing changed: {error}",
-                  error=failure.getErrorMessage())
-
-
-def _sync_in_thread(config: Config, now: float):
-    from mfaserver.directory.sync import run_sync
-    with Store.open(config.database_path, config.key_path, create=False) as store:
-        return run_sync(config, store, now)
-
-
 class MfaDaemon(tservice.MultiService):
     """The running daemon; `reload()` applies a changed config file without a restart."""
 
     def __init__(self, config: Config, reactor):
         super().__init__()
         self.config = config
+        # What the keys in NEEDS_RESTART are compared with on every reload.
+        self.started_with = config
+        self._reactor = reactor
         self.store = Store.open(config.database_path, config.key_path)
         # One database thread: SQLite calls are short, and one connection must
         # not be used by two threads at once. Hashing gets one thread per core.
         db_thread = WorkerThreads(reactor, 1, "mfaserver-db")
-        hash_threads = WorkerThreads(reactor, max(2, os.cpu_count() or 2), "mfaserver-hash")
-        for workers in (db_thread, hash_threads):
+        self.hash_threads = WorkerThreads(reactor, max(2, os.cpu_count() or 2),
+                                          "mfaserver-hash")
+        for workers in (db_thread, self.hash_threads):
             LifecycleService(workers).setServiceParent(self)
-        threaded = ThreadedStore(self.store, db_thread.run)
-        OutsideChanges(threaded, reactor).setServiceParent(self)
-        directory = self._directory(config, reactor,
-                                    LocalDirectory(threaded.lookup_password, hash_threads.run))
+        self.threaded = ThreadedStore(self.store, db_thread.run)
+        self._add_timer(1.0, self._check_outside_changes)
+        self.local = LocalDirectory(self.threaded.lookup_password, self.hash_threads.run)
+        self.directories = Directories(self._directories, config)
+        LifecycleService(self.directories).setServiceParent(self)
         self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
-        self._gateways: dict[str, object] = {}
-        self.push = self._push(config, reactor, threaded)
-        self.voice = self._voice(config, reactor, threaded, hash_threads)
+        self.gateways = self._gateways(config)
+        CallOnStop(lambda: self._close_gateways(self.gateways)).setServiceParent(self)
+        self.wake = self._wake_notifier(config)
+        self.push = PushTransactions(reactor, wake=self.wake)
+        CallOnStop(self._stop_push).setServiceParent(self)
+        self.push_limit = push_limit(reactor, config.push.max_per_user_per_hour)
+        self.sms = self._sms(config)
+        self.voice = self._voice(config)
         self.authenticator = Authenticator(
-            directory, threaded, self.challenges, config.mfa, reactor,
-            reply_rules=config.radius.reply, sms=self._sms(config, reactor),
-            push=self.push, voice=self.voice, alerts=self._alerts(config, reactor),
-            clients=clients_by_name(config),
-            pushes_per_user_per_hour=config.push.max_per_user_per_hour)
+            self.directories.current, self.threaded, self.challenges, config.mfa, reactor,
+            methods=METHODS, factors=self._factors(config), reply_rules=config.radius.reply,
+            alerts=self._alerts(config), clients=clients_by_name(config))
         self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
         self.protocol = RadiusAuthProtocol(listener_settings(config),
                                            self.authenticator.authenticate, self.cache, reactor)
-        self.listener = RadiusListenerService(reactor, self.protocol, config.radius.port,
-                                              config.radius.listen)
-        self.listener.setServiceParent(self)
+        listener = internet.UDPServer(config.radius.port, self.protocol,
+                                      interface=config.radius.listen, maxPacketSize=8192,
+                                      reactor=reactor)
+        listener.setServiceParent(self)
         if config.web is not None:
-            WebListenerService(reactor, config.web,
-                               self._web_app(config, reactor, threaded)).setServiceParent(self)
-        if config.directory.ldap is not None and config.directory.sync.interval > 0:
-            PeriodicSync(self, reactor).setServiceParent(self)
+            WebListenerService(reactor, config.web, self._web_app(config)).setServiceParent(self)
+        self.sync = None
+        self._sync_timer = None
+        self._schedule_sync(config)
 
-    def _gateway(self, name: str, config: Config, reactor):
-        """The gateway ``name`` ([gateways.NAME] or "console"), built once and shared."""
-        if name not in self._gateways:
-            if name == "twilio":
-                from mfaserver.gateways.twilio import TwilioGateway
-                gateway = TwilioGateway(config.gateways.twilio, reactor)
-                ClosingService(gateway).setServiceParent(self)
-            elif name == "http":
-                from mfaserver.gateways.http import HttpGateway
-                gateway = HttpGateway(config.gateways.http, reactor)
-            elif name == "smtp":
-                from mfaserver.gateways.smtp import SmtpGateway
-                gateway = SmtpGateway(config.gateways.smtp, reactor)
-            else:
-                from mfaserver.gateways.console import ConsoleGateway
-                gateway = ConsoleGateway()
-            self._gateways[name] = gateway
-        return self._gateways[name]
+    def _add_timer(self, interval: float, call) -> internet.TimerService:
+        timer = internet.TimerService(interval, call)
+        timer.clock = self._reactor
+        timer.setServiceParent(self)
+        return timer
 
-    def _sms(self, config: Config, reactor):
-        """The SMS code sender for [sms], or None when SMS is not configured."""
-        if config.sms is None:
-            return None
-        from mfaserver.factors.sms import SmsCodes
-        return SmsCodes(self._gateway(config.sms.gateway, config, reactor), reactor,
-                        code_length=config.sms.code_length, ttl=config.sms.code_ttl,
-                        per_user_per_hour=config.sms.max_per_user_per_hour,
-                        per_number_per_hour=config.sms.max_per_number_per_hour)
+    def _check_outside_changes(self):
+        """Drop what the store caches if an admin command changed the file."""
+        d = self.threaded.check_outside_changes()
+        d.addErrback(lambda f: log.failure("could not check the store for changes", f))
+        return d
 
-    def _alerts(self, config: Config, reactor):
+    # --- building the parts ----------------------------------------------------------------
+
+    def _gateways(self, config: Config) -> dict:
+        """Every delivery channel the config names, by name ("console" always)."""
+        from mfaserver.gateways.console import ConsoleGateway
+        gateways = {"console": ConsoleGateway()}
+        if config.gateways.twilio is not None:
+            from mfaserver.gateways.twilio import TwilioGateway
+            gateways["twilio"] = TwilioGateway(config.gateways.twilio, self._reactor)
+        if config.gateways.http is not None:
+            from mfaserver.gateways.http import HttpGateway
+            gateways["http"] = HttpGateway(config.gateways.http, self._reactor)
+        if config.gateways.smtp is not None:
+            from mfaserver.gateways.smtp import SmtpGateway
+            gateways["smtp"] = SmtpGateway(config.gateways.smtp, self._reactor)
+        return gateways
+
+    @staticmethod
+    def _close_gateways(gateways: dict):
+        """Close the pooled connections of ``gateways`` (those that keep any)."""
+        closing = [defer.maybeDeferred(g.close) for g in gateways.values() if hasattr(g, "close")]
+        return defer.gatherResults(closing).addCallback(lambda _: None)
+
+    def _alerts(self, config: Config):
         """Where fraud reports go ([alerts])."""
-        gateway = self._gateway(config.alerts.gateway, config, reactor)
+        gateway = self.gateways[config.alerts.gateway]
         if config.alerts.gateway == "smtp":
             return gateway.alerts_to(config.alerts.to)
         return gateway
 
-    def _push(self, config: Config, reactor, threaded: ThreadedStore):
-        """The push transaction registry, with wake-ups per [push] notify."""
-        from mfaserver.factors.push import PushTransactions
-        wake = None
-        if config.push.notify != "none":
-            from mfaserver.gateways.wake import WakeNotifier
-            wake = WakeNotifier(reactor, threaded.list_devices,
-                                kinds=frozenset({config.push.notify}),
-                                timeout=config.push.notify_timeout)
-            StoppingService(wake.stop).setServiceParent(self)
-        push = PushTransactions(reactor, number_matching=config.push.number_matching,
-                                wake=wake)
-        StoppingService(push.close_all).setServiceParent(self)
-        return push
+    def _wake_notifier(self, config: Config):
+        """The wake-up sender for [push] notify, or None (devices only long-poll)."""
+        if config.push.notify == "none":
+            return None
+        from mfaserver.gateways.wake import WakeNotifier
+        return WakeNotifier(self._reactor, self.threaded.list_devices,
+                            kinds=frozenset({config.push.notify}),
+                            timeout=config.push.notify_timeout)
 
-    def _voice(self, config: Config, reactor, threaded: ThreadedStore, hash_threads):
-        """Approval by phone call for [voice], or None."""
+    def _stop_push(self) -> None:
+        """Close the pending pushes (their logins get no reply) and drop queued wake-ups."""
+        self.push.close_all()
+        if self.wake is not None:
+            self.wake.stop()
+
+    def _sms(self, config: Config):
+        """The SMS codes for [sms], or None when SMS is not configured."""
+        if config.sms is None:
+            return None
+        from mfaserver.factors.sms import SmsCodes
+        return SmsCodes(self.gateways[config.sms.gateway], self._reactor,
+                        code_length=config.sms.code_length, ttl=config.sms.code_ttl,
+                        per_user_per_hour=config.sms.max_per_user_per_hour,
+                        per_number_per_hour=config.sms.max_per_number_per_hour)
+
+    def _voice(self, config: Config):
+        """The phone calls for [voice], or None."""
         if config.voice is None:
             return None
         from mfaserver import passwords
         from mfaserver.factors.voice import VoiceCalls
+        threaded, hash_threads = self.threaded, self.hash_threads
 
         async def check_pin(user: str, pin: str) -> bool:
             encoded = await threaded.get_pin_hash(user)
@@ -319,87 +391,176 @@ class MfaDaemon(tservice.MultiService):
             return await hash_threads.run(passwords.verify_password, pin, encoded)
 
         return VoiceCalls(
-            self._gateway(config.voice.gateway, config, reactor), reactor,
+            self.gateways[config.voice.gateway], self._reactor,
             public_url=config.web.public_url, pin_mode=config.voice.pin,
             check_pin=lambda user, pin: Deferred.fromCoroutine(check_pin(user, pin)),
             per_user_per_hour=config.voice.max_per_user_per_hour,
             per_number_per_hour=config.voice.max_per_number_per_hour,
             max_calls=config.mfa.max_pending,
-            on_late=lambda user: audit_late_call(threaded, reactor, user))
+            on_late=lambda user: audit_late_call(self.threaded, self._reactor, user))
 
-    def _web_app(self, config: Config, reactor, threaded: ThreadedStore):
+    def _factors(self, config: Config) -> dict:
+        """The second factors, by method name; stateful ones (codes sent, pushes and
+        calls pending) are the daemon's own, kept across reloads."""
+        from mfaserver.factors.voice import VoiceFactor
+        factors = {
+            "totp": TokenFactor(self.threaded, self._reactor,
+                                totp_window=config.mfa.totp_window,
+                                hotp_look_ahead=config.mfa.hotp_look_ahead),
+            "push": (NumberMatchingPushFactor if config.push.number_matching else PushFactor)(
+                self.push, self.push_limit),
+        }
+        if self.sms is not None:
+            factors["sms"] = self.sms
+        if self.voice is not None:
+            factors["phone"] = VoiceFactor(self.voice, self._reactor,
+                                           report_fraud=self._report_phone_fraud)
+        return factors
+
+    def _report_phone_fraud(self, user: str, client: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.authenticator.report_fraud(user, client, "phone"))
+
+    def _web_app(self, config: Config):
         """The HTTP side: /health, the device API, and the voice callbacks."""
         from mfaserver.web.devices import DeviceApi
         from mfaserver.web.server import WebApp
-        app = WebApp(reactor)
-        DeviceApi(threaded, self.push, reactor,
+        app = WebApp(self._reactor)
+        DeviceApi(self.threaded, self.push, self._reactor,
                   report_fraud=lambda user, client: Deferred.fromCoroutine(
                       self.authenticator.report_fraud(user, client, "push")),
-                  audit=threaded.record_audit).add_routes(app)
+                  audit=self.threaded.record_audit).add_routes(app)
         if self.voice is not None:
             from mfaserver.web.voice import add_voice_routes
             add_voice_routes(app, self.voice, auth_token=config.gateways.twilio.auth_token,
                              public_url=config.web.public_url)
         return app
 
-    def _directory(self, config: Config, reactor, local: LocalDirectory):
-        """The directory (or chain of them) named by [directory] backend."""
-        directories = []
+    def _directories(self, config: Config) -> tuple[_Counted, list]:
+        """The directory (or chain of them) named by [directory] backend, and its
+        parts to start and stop."""
+        directories, parts = [], []
         for name in config.directory.backends:
             if name == "local":
-                directories.append(local)
+                directories.append(self.local)
                 continue
             if name == "ldap":
                 from mfaserver.directory.ldap import LdapDirectory
                 ldap = config.directory.ldap
-                directory = LdapDirectory(ldap, reactor,
+                directory = LdapDirectory(ldap, self._reactor,
                                           groups=[rule.group for rule in config.radius.reply],
                                           processes=ldap.processes or None)
             else:
                 from mfaserver.directory.radius import RadiusDirectory
-                directory = RadiusDirectory(config.directory.radius, reactor)
-            LifecycleService(directory).setServiceParent(self)
+                directory = RadiusDirectory(config.directory.radius, self._reactor)
+            parts.append(directory)
             directories.append(directory)
-        return directories[0] if len(directories) == 1 else DirectoryChain(directories)
+        chain = directories[0] if len(directories) == 1 else DirectoryChain(directories)
+        return _Counted(chain), parts
+
+    def _schedule_sync(self, config: Config) -> None:
+        """Run the LDAP sync every [directory.sync] interval (from the start on)."""
+        if self._sync_timer is not None:
+            self._sync_timer.disownServiceParent()
+            self._sync_timer = None
+        if config.directory.ldap is None or config.directory.sync.interval <= 0:
+            return
+        if self.sync is None:
+            self.sync = PeriodicSync(self, self._reactor)
+            LifecycleService(self.sync.thread).setServiceParent(self)
+        self._sync_timer = self._add_timer(config.directory.sync.interval, self.sync.run_once)
 
     def stopService(self):
         d = super().stopService()
         d.addBoth(lambda result: (self.store.close(), result)[1])
         return d
 
+    # --- reload ----------------------------------------------------------------------------
+
     def reload(self) -> bool:
-        """Re-read the config file; keep running on the old one if it is broken."""
+        """Re-read the config file and apply it; keep running on the old one if it
+        is broken or its parts cannot be built."""
         try:
             new = load_config(self.config.path)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: {error}", error=str(e))
             return False
         old = self.config
-        for what, before, after in (
-                ("radius.listen", old.radius.listen, new.radius.listen),
-                ("radius.port", old.radius.port, new.radius.port),
-                ("server.state_dir", old.server.state_dir, new.server.state_dir),
-                ("directory.backend", old.directory.backends, new.directory.backends),
-                ("[sms] and [gateways]", (old.sms, old.gateways), (new.sms, new.gateways)),
-                ("[voice] and [alerts]", (old.voice, old.alerts), (new.voice, new.alerts)),
-                ("push.notify", old.push.notify, new.push.notify),
-                ("[web]", old.web, new.web)):
-            if before != after:
-                log.warn("{key} changed: takes effect after a restart", key=what)
-        self.protocol.settings = listener_settings(new)
-        self.authenticator.policy = new.mfa
-        self.authenticator.reply_rules = new.radius.reply
-        self.authenticator.clients = clients_by_name(new)
-        self.authenticator.pending.max_per_user = new.mfa.max_pending_per_user
-        self.authenticator.pending.max_total = new.mfa.max_pending
-        self.push.number_matching = new.push.number_matching
-        self.challenges.ttl = new.mfa.challenge_timeout
-        self.cache.ttl = new.radius.response_cache_seconds
-        self.config = new
+        changed = changed_keys(old, new)
+        try:
+            self._apply(old, new, changed)
+        except Exception as e:
+            log.failure("reload failed, keeping the running configuration: {error}",
+                        error=f"{type(e).__name__}: {e}")
+            return False
+        later = [key for key in changed_keys(self.started_with, new) if needs_restart(key)]
+        for key in later:
+            log.warn("{key} changed: takes effect after a restart", key=key)
         for warning in new.warnings:
             log.warn("{config}: {warning}", config=str(new.path), warning=warning)
-        log.info("configuration reloaded: {n} RADIUS clients", n=len(new.radius.clients))
+        log.info("configuration reloaded: {n} RADIUS clients" + (
+            "; {later} changes need a restart" if later else ""),
+            n=len(new.radius.clients), later=len(later))
         return True
+
+    def _apply(self, old: Config, new: Config, changed: list[str]) -> None:
+        """Build what ``new`` changes, then swap it all in (nothing is swapped if a
+        build fails)."""
+        def touched(*sections: str) -> bool:
+            return any(key == s or key.startswith(s + ".") for key in changed for s in sections)
+
+        gateways = self._gateways(new) if touched("gateways") else self.gateways
+        directory = None
+        if touched("directory.backend", "directory.ldap", "directory.radius", "radius.reply"):
+            directory = self.directories.build(new)
+        new_wake = touched("push.notify", "push.notify_timeout")
+        wake = self._wake_notifier(new) if new_wake else self.wake
+        # Everything is built: from here on nothing fails.
+        self.config = new
+        if gateways is not self.gateways:
+            retired, self.gateways = self.gateways, gateways
+            # Sends in flight finish on the old gateways; each has its own deadline.
+            self._reactor.callLater(60, self._close_gateways, retired)
+        if directory is not None:
+            self.authenticator.directory = self.directories.replace(*directory)
+        if new_wake:
+            if self.wake is not None:
+                self.wake.stop()
+            self.wake = self.push.wake = wake
+        self.push_limit.set_rate(push_burst(new.push.max_per_user_per_hour),
+                                 new.push.max_per_user_per_hour)
+        self._reconfigure_sms(new)
+        if self.voice is not None and new.voice is not None:
+            self.voice.gateway = self.gateways[new.voice.gateway]
+            self.voice.pin_mode = new.voice.pin
+            self.voice.max_calls = new.mfa.max_pending
+            self.voice.set_limits(new.voice.max_per_user_per_hour,
+                                  new.voice.max_per_number_per_hour)
+        self.protocol.settings = listener_settings(new)
+        self.cache.ttl = new.radius.response_cache_seconds
+        self.challenges.ttl = new.mfa.challenge_timeout
+        auth = self.authenticator
+        auth.policy = new.mfa
+        auth.reply_rules = new.radius.reply
+        auth.clients = clients_by_name(new)
+        auth.alerts = self._alerts(new)
+        auth.pending.max_per_user = new.mfa.max_pending_per_user
+        auth.pending.max_total = new.mfa.max_pending
+        auth.set_factors(self._factors(new))
+        if touched("directory.sync", "directory.ldap"):
+            self._schedule_sync(new)
+
+    def _reconfigure_sms(self, new: Config) -> None:
+        """[sms] added, removed or changed: codes already sent stay valid while it stays."""
+        if new.sms is None:
+            self.sms = None
+            return
+        if self.sms is None:
+            self.sms = self._sms(new)
+            return
+        self.sms.gateway = self.gateways[new.sms.gateway]
+        self.sms.code_length = new.sms.code_length
+        self.sms.ttl = new.sms.code_ttl
+        self.sms.set_limits(new.sms.max_per_user_per_hour, new.sms.max_per_number_per_hour)
 
 
 def audit_late_call(threaded: ThreadedStore, clock, user: str) -> None:
@@ -470,6 +631,8 @@ def run_daemon(config: Config, log_format: str | None = None) -> int:
     except Exception as e:
         log.critical("cannot start: {error}", error=f"{type(e).__name__}: {e}")
         return 1
+    log.info("RADIUS listening on {host}:{port}", host=config.radius.listen,
+             port=config.radius.port)
     tune_garbage_collection()
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
     reactor.addSystemEventTrigger("after", "shutdown", log_writer.flush)

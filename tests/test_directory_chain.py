@@ -14,7 +14,8 @@ from mfaserver.auth.model import AuthRequest, Outcome, Principal, Reason, TokenK
 from mfaserver.auth.pipeline import Authenticator
 from mfaserver.config import MfaConfig, ReplyRule
 from mfaserver.directory.chain import DirectoryChain
-from mfaserver.factors import oath
+from mfaserver.factors import METHODS, oath
+from mfaserver.factors.token import TokenFactor
 from mfaserver.store import NewToken, Store
 from mfaserver.store.threaded import ThreadedStore
 from mfaserver.testing import MemoryDirectory, run_now
@@ -77,8 +78,10 @@ class DirectoryAnswersTests(SynchronousTestCase):
                       ReplyRule("cn=others,dc=example,dc=org", (("Class", "others"),)))
 
     def authenticator(self, directory):
-        return Authenticator(directory, ThreadedStore(self.db, run_now),
-                             ChallengeRegistry(self.clock), MfaConfig(), self.clock,
+        store = ThreadedStore(self.db, run_now)
+        return Authenticator(directory, store, ChallengeRegistry(self.clock), MfaConfig(),
+                             self.clock, methods=METHODS,
+                             factors={"totp": TokenFactor(store, self.clock)},
                              reply_rules=self.rules)
 
     def decide(self, auth, password, username="ALICE@example.org", state=None):

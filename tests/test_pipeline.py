@@ -15,7 +15,8 @@ from mfaserver.auth.model import AuthRequest, Outcome, Reason, TokenKind
 from mfaserver.auth.pipeline import Authenticator, split_password
 from mfaserver.config import MfaConfig
 from mfaserver.directory.local import LocalDirectory
-from mfaserver.factors import oath
+from mfaserver.factors import METHODS, oath
+from mfaserver.factors.token import TokenFactor
 from mfaserver.store import NewToken, Store
 from mfaserver.store.threaded import ThreadedStore
 from mfaserver.testing import MemoryDirectory, run_now
@@ -62,7 +63,9 @@ class PipelineTests(SynchronousTestCase):
         self.hotp = self.db.add_token("bob", NewToken(kind=TokenKind.HOTP, secret=HOTP_SEED),
                                       now=T0)
         self.challenges = ChallengeRegistry(self.clock, ttl=300)
-        self.auth = Authenticator(self.directory, self.store, self.challenges, POLICY, self.clock)
+        self.auth = Authenticator(self.directory, self.store, self.challenges, POLICY, self.clock,
+                                  methods=METHODS,
+                                  factors={"totp": TokenFactor(self.store, self.clock)})
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)

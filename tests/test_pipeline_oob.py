@@ -22,12 +22,16 @@ from mfaserver.auth.model import (
     AuthRequest, Device, Outcome, Principal, Reason, TokenKind, Verdict,
 )
 from mfaserver.auth.pipeline import (
-    MSG_MATCH_NUMBER, MSG_NO_VOICE, MSG_TOO_MANY_PENDING, MSG_TRY_LATER, Authenticator,
-    split_password,
+    MSG_TOO_MANY_PENDING, MSG_TRY_LATER, Authenticator, split_password,
 )
 from mfaserver.config import ClientConfig, MfaConfig
-from mfaserver.factors import oath
-from mfaserver.factors.push import PushTransactions, TransactionExpired
+from mfaserver.factors import METHODS, oath
+from mfaserver.factors.push import (
+    MSG_MATCH_NUMBER, NumberMatchingPushFactor, PushFactor, PushTransactions, TransactionExpired,
+    push_limit,
+)
+from mfaserver.factors.token import TokenFactor
+from mfaserver.factors.voice import PHONE, VoiceFactor
 from mfaserver.factors.push_protocol import generate_device_key, public_key_text
 from mfaserver.factors.sms import SendRefused, SmsCodes
 from mfaserver.gateways.base import GatewayError
@@ -65,7 +69,8 @@ def client_config(name: str, **kw) -> ClientConfig:
     ("secretpush", ("secretpush", None)),
 ])
 def test_split_password_splits_off_a_method_keyword_in_any_case(field, expected):
-    assert split_password(field, ",") == expected
+    keywords = frozenset(method.name for method in METHODS if method.starts)
+    assert split_password(field, ",", keywords) == expected
 
 
 class FakeVoice:
@@ -88,6 +93,9 @@ class FakeVoice:
 
     def answer(self, verdict: Verdict, index: int = -1) -> None:
         self.calls[index][3].callback(verdict)
+
+    def withdraw_user(self, user: str) -> None:
+        self.withdrawn.append(user)
 
     def fail(self, error: Exception, index: int = -1) -> None:
         """The provider refused the call (after the request went out)."""
@@ -140,10 +148,21 @@ class OutOfBandTests(SynchronousTestCase):
         self.alerts = FakeAlerts()
         self.auth = self.make_auth()
 
-    def make_auth(self, policy=POLICY, sms=None, clients=None, **kw) -> Authenticator:
+    def make_auth(self, policy=POLICY, sms=None, clients=None) -> Authenticator:
+        push = NumberMatchingPushFactor if self.number_matching else PushFactor
+        factors = {
+            "totp": TokenFactor(self.store, self.clock),
+            "push": push(self.push, push_limit(self.clock, 30)),
+            "phone": VoiceFactor(self.voice, self.clock, report_fraud=self.report_phone_fraud),
+        }
+        if sms is not None:
+            factors["sms"] = sms
         return Authenticator(self.directory, self.store, self.challenges, policy, self.clock,
-                             sms=sms, push=self.push, voice=self.voice, alerts=self.alerts,
-                             clients=clients or {}, **kw)
+                             methods=METHODS, factors=factors, alerts=self.alerts,
+                             clients=clients or {})
+
+    def report_phone_fraud(self, user: str, client: str) -> Deferred:
+        return Deferred.fromCoroutine(self.auth.report_fraud(user, client, "phone"))
 
     def enroll(self, user: str) -> None:
         digest = f"digest-{user}"
@@ -275,7 +294,7 @@ class MethodChoiceTests(OutOfBandTests):
         push = self.decide("dave", "pw-d,push")
         self.assertEqual((push.reason, push.factor), (Reason.NO_DEVICE, "push"))
         phone = self.decide("bob", "pw-bob,phone")
-        self.assertEqual((phone.reason, phone.reply_message), (Reason.NO_PHONE, MSG_NO_VOICE))
+        self.assertEqual((phone.reason, phone.reply_message), (Reason.NO_PHONE, PHONE.unusable_message))
         sms = self.decide(password="pw-alice,sms")  # no [sms] configured
         self.assertEqual((sms.reason, sms.factor), (Reason.NO_PHONE, "sms"))
         self.assertEqual(self.voice.calls, [])
@@ -652,7 +671,7 @@ class FraudTests(OutOfBandTests):
     def test_report_fraud_blocks_closes_pending_pushes_and_alerts(self):
         d = self.start(client="vpn")
         txid = self.only_txn().txid
-        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn")))
+        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn", "push")))
         self.assertTrue(self.db.get_user("alice").blocked)
         self.assertEqual(len(self.push), 0)
         self.assertEqual(self.push.get(txid).state, "closed")
@@ -669,19 +688,19 @@ class FraudTests(OutOfBandTests):
 
     def test_report_fraud_leaves_other_users_pushes_alone(self):
         self.start("bob", "pw-bob")
-        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn")))
+        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn", "push")))
         self.assertEqual(len(self.push), 1)
         self.assertFalse(self.db.get_user("bob").blocked)
 
     def test_report_fraud_never_raises_when_the_alert_fails(self):
         self.alerts.failure = GatewayError("smtp down")
-        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn")))
+        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn", "push")))
         self.assertTrue(self.db.get_user("alice").blocked)
 
     def test_report_fraud_without_an_alert_sink_still_blocks(self):
         self.alerts = None
         self.auth = self.make_auth()
-        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn")))
+        self.successResultOf(Deferred.fromCoroutine(self.auth.report_fraud("alice", "vpn", "push")))
         self.assertTrue(self.db.get_user("alice").blocked)
 
     def test_a_fraud_answer_to_a_push_rejects_as_fraud(self):

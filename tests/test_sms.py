@@ -15,6 +15,8 @@ from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.model import AuthRequest, Outcome, Reason, TokenKind
 from mfaserver.auth.pipeline import Authenticator, split_password
 from mfaserver.config import MfaConfig
+from mfaserver.factors import METHODS
+from mfaserver.factors.token import TokenFactor
 from mfaserver.factors.sms import SendRefused, SmsCodes, mask_phone
 from mfaserver.gateways.base import GatewayError
 from mfaserver.store import NewToken, Store
@@ -26,8 +28,9 @@ PHONE = "+16502530000"
 
 
 def test_keyword_sms_is_split_off_in_any_case():
-    assert split_password("secret,SMS", ",") == ("secret", "sms")
-    assert split_password("secret,smsx", ",") == ("secret,smsx", None)
+    keywords = frozenset({"sms"})
+    assert split_password("secret,SMS", ",", keywords) == ("secret", "sms")
+    assert split_password("secret,smsx", ",", keywords) == ("secret,smsx", None)
 
 
 def test_phone_is_masked_to_its_last_four_digits():
@@ -43,34 +46,34 @@ class SmsCodesTests(SynchronousTestCase):
                               per_user_per_hour=5, per_number_per_hour=10)
 
     def test_a_code_is_sent_checked_once_and_expires(self):
-        self.successResultOf(self.codes.send("alice", PHONE))
+        self.successResultOf(self.codes.send_code("alice", PHONE))
         code = self.gateway.last_code()
         self.assertEqual((self.gateway.sent[0][0], len(code)), (PHONE, 8))
-        self.assertFalse(self.codes.check("alice", "00000000" if code != "00000000" else "1" * 8))
-        self.assertFalse(self.codes.check("bob", code))
-        self.assertTrue(self.codes.check("alice", code))
-        self.assertFalse(self.codes.check("alice", code))
-        self.successResultOf(self.codes.send("alice", PHONE))
+        self.assertFalse(self.codes.check_code("alice", "00000000" if code != "00000000" else "1" * 8))
+        self.assertFalse(self.codes.check_code("bob", code))
+        self.assertTrue(self.codes.check_code("alice", code))
+        self.assertFalse(self.codes.check_code("alice", code))
+        self.successResultOf(self.codes.send_code("alice", PHONE))
         self.clock.advance(301)
-        self.assertFalse(self.codes.check("alice", self.gateway.last_code()))
+        self.assertFalse(self.codes.check_code("alice", self.gateway.last_code()))
 
     def test_only_the_newest_code_counts(self):
-        self.codes.send("alice", PHONE)
+        self.codes.send_code("alice", PHONE)
         first = self.gateway.last_code()
-        self.codes.send("alice", PHONE)
+        self.codes.send_code("alice", PHONE)
         if first != self.gateway.last_code():
-            self.assertFalse(self.codes.check("alice", first))
-        self.assertTrue(self.codes.check("alice", self.gateway.last_code()))
+            self.assertFalse(self.codes.check_code("alice", first))
+        self.assertTrue(self.codes.check_code("alice", self.gateway.last_code()))
 
     def test_sends_are_limited_per_user_and_per_number(self):
         for _ in range(3):
-            self.codes.send("alice", PHONE)
+            self.codes.send_code("alice", PHONE)
         with pytest.raises(SendRefused):
-            self.codes.send("alice", PHONE)
+            self.codes.send_code("alice", PHONE)
         for name in ("bob", "carol", "dave"):
-            self.codes.send(name, "+16502530001")
+            self.codes.send_code(name, "+16502530001")
         with pytest.raises(SendRefused):
-            self.codes.send("erin", "+16502530001")
+            self.codes.send_code("erin", "+16502530001")
         self.assertEqual(len(self.gateway.sent), 6)
 
 
@@ -87,10 +90,12 @@ class SmsFlowTests(SynchronousTestCase):
         self.clock = task.Clock()
         self.clock.advance(T0)
         self.gateway = MemorySmsGateway()
+        store = ThreadedStore(self.db, run_now)
         self.auth = Authenticator(
             MemoryDirectory({"alice": "pw", "bob": "pw", "carol": "pw"}),
-            ThreadedStore(self.db, run_now), ChallengeRegistry(self.clock), MfaConfig(),
-            self.clock, sms=SmsCodes(self.gateway, self.clock))
+            store, ChallengeRegistry(self.clock), MfaConfig(), self.clock, methods=METHODS,
+            factors={"totp": TokenFactor(store, self.clock),
+                     "sms": SmsCodes(self.gateway, self.clock)})
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)

@@ -146,10 +146,14 @@ class RateLimiter:
     def __init__(self, clock: IReactorTime, burst: int, per_hour: float,
                  max_keys: int = 100_000):
         self._clock = clock
-        self.burst = burst
-        self.per_second = per_hour / 3600.0
         self._max_keys = max_keys
         self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
+        self.set_rate(burst, per_hour)
+
+    def set_rate(self, burst: int, per_hour: float) -> None:
+        """Change the limit (a reload); tokens already taken stay taken."""
+        self.burst = burst
+        self.per_second = per_hour / 3600.0
 
     def allow(self, key: Hashable) -> bool:
         """Take one token for ``key``; False (and nothing taken) if none is left."""
@@ -168,4 +172,9 @@ class RateLimiter:
 def hourly_send_limit(clock: IReactorTime, per_hour: int) -> RateLimiter:
     """The limit on texts and calls to one user or one number: a burst of up to 3
     lets a user retry at once; the hourly rate caps toll fraud and annoyance."""
-    return RateLimiter(clock, burst=min(3, per_hour), per_hour=per_hour)
+    return RateLimiter(clock, burst=send_burst(per_hour), per_hour=per_hour)
+
+
+def send_burst(per_hour: int) -> int:
+    """How many texts or calls may go at once under an hourly limit of ``per_hour``."""
+    return min(3, per_hour)

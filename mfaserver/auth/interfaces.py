@@ -2,15 +2,30 @@
 
 The core (`mfaserver.auth.pipeline`) calls only these; `mfaserver.service`
 wires real implementations in, tests wire fakes from `mfaserver.testing`.
+
+The first factor is a `Directory`; the MFA state lives in an `AccountStore`.
+A second factor is one object behind one of three Protocols:
+
+* `CodeFactor`: the user types a code (an app or token, a texted code);
+* `ApprovalFactor`: the user approves out of band (push, phone call) while
+  the core holds the RADIUS request open;
+* `ConfirmedApprovalFactor`: the user approves out of band and also types
+  at the NAS what the device shows (push with number matching): the core
+  answers with an Access-Challenge at once and holds nothing.
+
+Each has a `Method` (its name, menu label, and what the user reads when it
+cannot be used). Expected refusals are exceptions defined here, so that the
+core never imports the factors, the gateways or the store.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Hashable, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from mfaserver.auth.model import Account, AuditEntry, Principal, Reason
+from mfaserver.auth.model import (Account, AuditEntry, CodeCheck, Login, Method, Principal,
+                                  Reason, Verdict)
 
 
 class InvalidCredentials(Exception):
@@ -68,3 +83,138 @@ class AccountStore(Protocol):
     def block_user(self, name: str) -> Deferred[None]: ...
 
     def record_audit(self, entry: AuditEntry) -> Deferred[None]: ...
+
+
+class AlertSink(Protocol):
+    """Where alerts for the administrators go (fraud reports)."""
+
+    def send_alert(self, subject: str, text: str) -> Deferred[None]:
+        """Fire with None once the alert is handed on; fail if it cannot be."""
+
+
+# --- Second factors -------------------------------------------------------------------------
+
+class FactorRefused(Exception):
+    """The factor will not start for this login and sent nothing (over a send limit).
+
+    ``reason`` goes to the audit log, ``message`` to the user.
+    """
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(reason.value)
+        self.reason = reason
+        self.message = message
+
+
+class DeliveryFailed(Exception):
+    """The factor could not reach the user: the gateway refused, failed or timed out.
+
+    ``[mfa] failmode`` decides the login. The text is for the log (no secrets).
+    """
+
+
+class ApprovalWithdrawn(Exception):
+    """An approval was closed from our side before an answer: the user was blocked
+    meanwhile (a fraud report), or the daemon is stopping."""
+
+
+class UnknownApproval(Exception):
+    """No approval has this ticket (never opened, or forgotten long ago)."""
+
+
+class WrongConfirmation(FactorRefused):
+    """The user typed something other than what the device shows; the approval is closed."""
+
+
+@runtime_checkable
+class CodeFactor(Protocol):
+    """A second factor the user answers by typing a code (TOTP/HOTP, SMS)."""
+
+    method: Method
+
+    def usable(self, account: Account) -> bool:
+        """Whether ``account`` can use this factor now (has a token, a phone...)."""
+
+    def send(self, login: Login) -> Deferred[str | None]:
+        """Get a code to the user where this factor has to (SMS).
+
+        Fires with the prompt that asks for the code just sent, or with None
+        when the user holds the code already (an app or token). Raises or
+        fails with `FactorRefused` (nothing sent) or `DeliveryFailed`.
+        """
+
+    def check(self, account: Account, code: str) -> Deferred[CodeCheck | None]:
+        """Check a typed ``code``; an accepted code is used up atomically (replay guard).
+
+        Fires with None when the account has nothing of this factor to check
+        against (no token, no code sent).
+        """
+
+
+@runtime_checkable
+class ApprovalFactor(Protocol):
+    """A second factor the user answers out of band while the login is held."""
+
+    method: Method
+
+    def usable(self, account: Account) -> bool:
+        """Whether ``account`` can use this factor now (has a device, a phone...)."""
+
+    def request_approval(self, login: Login, timeout: float) -> Deferred[Verdict]:
+        """Ask the user to approve ``login``.
+
+        Fires with the user's `Verdict`; fails with `defer.TimeoutError` when
+        nobody answered within ``timeout`` seconds, `ApprovalWithdrawn`, or
+        `DeliveryFailed`. Raises `FactorRefused` (nothing sent). A fraud
+        report is acted on by the factor's own edge before it fires.
+        Cancelling the Deferred withdraws the request.
+        """
+
+    def withdraw_user(self, user: str) -> None:
+        """Close every pending approval of ``user`` (blocked after a fraud report)."""
+
+
+@runtime_checkable
+class ConfirmedApprovalFactor(Protocol):
+    """An approval that the user also confirms at the NAS (number matching).
+
+    The login is not held: `open` starts the approval and the core answers
+    with an Access-Challenge showing ``prompt``; the user's answer goes to
+    `confirm`. The factor keeps its approvals (and their outcome, for a while)
+    under a ticket, and counts them towards the pending-login limits.
+    """
+
+    method: Method
+    prompt: str
+
+    def usable(self, account: Account) -> bool:
+        """Whether ``account`` can use this factor now."""
+
+    def find(self, login_key: Hashable) -> str | None:
+        """The ticket of the approval pending for this login, to join it."""
+
+    def open(self, login: Login, timeout: float) -> str:
+        """Start an approval expiring in ``timeout`` seconds; return its ticket.
+
+        Raises `FactorRefused` (nothing sent).
+        """
+
+    def known(self, ticket: str) -> bool:
+        """Whether ``ticket`` is pending, or ended recently enough to be remembered."""
+
+    def confirm(self, ticket: str, typed: str) -> Deferred[Verdict]:
+        """The user typed ``typed`` at the NAS: fire with the device's `Verdict`.
+
+        Raises `UnknownApproval`, or `WrongConfirmation` (the approval is
+        closed). The Deferred fails with `defer.TimeoutError` when the
+        approval expired unanswered, `ApprovalWithdrawn` when it was closed.
+        """
+
+    def withdraw(self, ticket: str) -> None:
+        """Close the approval: the login went another way (a code, a refusal)."""
+
+    def withdraw_user(self, user: str) -> None:
+        """Close every pending approval of ``user`` (blocked after a fraud report)."""
+
+    def pending_count(self, user: str | None = None) -> int:
+        """Approvals pending, of ``user`` or in all."""

@@ -171,12 +171,65 @@ class Account:
     tokens: tuple[Token, ...] = ()
     has_password: bool = False
     bypass_until: float | None = None  # expiry of a pending one-login bypass, if any
-    default_method: str | None = None  # push | phone | sms | totp; None: [mfa] default_method
+    default_method: str | None = None  # a Method name; None: [mfa] default_method
     devices: int = 0                   # push devices enrolled
     has_pin: bool = False              # a voice PIN is set
 
 
-METHODS = ("push", "phone", "sms", "totp")
+@dataclass(frozen=True)
+class Method:
+    """A second factor as users and administrators name it.
+
+    ``name`` is what ``[mfa] default_method``, ``mfaserver user set-default``
+    and the keyword after the password (``password,push``) say. ``starts``
+    is True when choosing the method starts something (a text, a push, a
+    call): such a method may be named after the password and is a numbered
+    choice in the challenge menu; False when the user already holds the code
+    (an app or token). ``label`` is how the menu offers it. ``unusable`` and
+    ``unusable_message`` are the audit reason and the user's text when the
+    user asks for it but cannot use it (no phone, no device).
+    """
+
+    name: str
+    label: str
+    starts: bool
+    unusable: "Reason"
+    unusable_message: str
+
+
+@dataclass(frozen=True)
+class Login:
+    """One login as a second factor sees it: whose, through which NAS, from where."""
+
+    account: Account
+    client: str
+    nas_ip: str | None = None
+    calling_station_id: str | None = None
+
+    @property
+    def user(self) -> str:
+        return self.account.name
+
+    @property
+    def key(self) -> tuple:
+        """What makes two requests "the same login": one push or call for both."""
+        return (self.account.name, self.client, self.calling_station_id)
+
+
+class CodeResult(str, enum.Enum):
+    """What a code factor found for a typed code."""
+
+    ACCEPTED = "accepted"   # right, and now used up
+    REPLAYED = "replayed"   # right once, but used already
+    WRONG = "wrong"
+
+
+@dataclass(frozen=True)
+class CodeCheck:
+    """A code factor's finding, and the factor to audit it under ("totp", "hotp", "sms")."""
+
+    result: CodeResult
+    factor: str
 
 
 @dataclass(frozen=True)

@@ -1,51 +1,57 @@
 """The core: decide an `AuthRequest` into a `Decision`.
 
-No I/O happens here directly: the directory and the store are reached through
-the Protocols in `mfaserver.auth.interfaces`, time through the injected clock.
-Every decision writes one audit row and one structured log event; neither
-ever carries the password, the code or the State.
+No I/O happens here directly: the directory, the store and the second
+factors are reached through the Protocols in `mfaserver.auth.interfaces`,
+time through the injected clock. The core names no factor: it knows the
+`Method`s it was given (in fallback order) and the factor objects configured
+for them. Every decision writes one audit row and one structured log event;
+neither ever carries the password, the code or the State.
 
 The flow, for a request without State::
 
-    password field --split--> password [, code]
+    password field --split--> password [, code or method keyword]
     empty password            -> Reject (no directory call)
     directory.authenticate    -> Reject on a wrong password / unknown user
     account blocked / locked  -> Reject
     pending bypass            -> Accept (consumed)
-    password,sms              -> text a code, Access-Challenge for it
-    no token and no phone     -> Accept or Reject per [mfa] unenrolled
-    code given                -> check it (atomic replay guard) -> Accept / Reject
-    no code                   -> Access-Challenge (if [mfa] challenge) or Reject;
-                                 a phone-only user gets a texted code
+    password,METHOD           -> start that method (text a code, push, call)
+    no usable factor          -> Accept or Reject per [mfa] unenrolled
+    code given                -> check it against the code factors -> Accept / Reject
+    no code                   -> the challenge menu ([mfa] challenge_menu), or the
+                                 user's default method, else the server's, else the
+                                 first usable one
 
-and for a request with State: redeem the State (bound to client and user,
-single use), then check the code in User-Password.
+Starting a method: a code factor sends a code where it has to and the core
+answers with an Access-Challenge for it; an approval factor is held (one
+`_hold` path: the request waits, without a thread, for the user's answer);
+a confirmed approval (number matching) answers with an Access-Challenge at
+once and the user's answer to it is checked with the factor.
+
+For a request with State: redeem the State (bound to client and user, single
+use), then take User-Password as the answer to what was asked: a code, a menu
+choice, or the confirmation of an approval.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable
-import hmac
+from collections.abc import Awaitable, Mapping, Sequence
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mfaserver.auth.approvals import PendingLogins, RateLimiter, TooManyPending
+from mfaserver.auth.approvals import PendingLogins, TooManyPending
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
-    AccountStore, Directory, DirectoryUnavailable, InvalidCredentials, SeedIntegrityError,
-    UnknownUser,
+    AccountStore, AlertSink, ApprovalFactor, ApprovalWithdrawn, CodeFactor,
+    ConfirmedApprovalFactor, DeliveryFailed, Directory, DirectoryUnavailable, FactorRefused,
+    InvalidCredentials, SeedIntegrityError, UnknownApproval, UnknownUser,
 )
 from mfaserver.auth.model import (
-    Account, AuditEntry, AuthRequest, Decision, Outcome, Principal, Reason, TokenKind, Verdict,
+    Account, AuditEntry, AuthRequest, CodeResult, Decision, Login, Method, Outcome, Principal,
+    Reason, Verdict,
 )
-from mfaserver.factors import oath
-from mfaserver.factors.push import TransactionClosed
-from mfaserver.factors.sms import SendRefused, SmsCodes, mask_phone
-from mfaserver.gateways.base import GatewayError
 
 log = Logger(namespace="mfaserver.auth")
 
@@ -60,23 +66,11 @@ MSG_WRONG_CODE = "Wrong or already used code."
 MSG_SESSION_EXPIRED = "Your sign-in session expired. Please sign in again."
 MSG_TRY_LATER = "The sign-in service is unavailable. Try again later."
 MSG_BYPASS = "Signed in with a one-time bypass."
-MSG_NO_PHONE = "No phone number is set up for text messages. Contact your administrator."
-MSG_TOO_MANY_CODES = "Too many codes were sent. Wait a while, then try again."
-MSG_NO_DEVICE = "No authenticator app is set up for your account. Contact your administrator."
-MSG_NO_VOICE = "Sign-in by phone call is not set up for your account."
 MSG_DENIED = "The sign-in was denied."
 MSG_FRAUD = "Fraud reported: your account is now blocked. Contact your administrator."
 MSG_TIMEOUT = "No answer in time. Please sign in again."
 MSG_NO_ANSWER = "The call was not answered. Please sign in again."
-MSG_WRONG_NUMBER = "Wrong number. Please sign in again."
 MSG_TOO_MANY_PENDING = "A sign-in is already waiting for your answer. Answer it or wait for it to expire."
-MSG_TOO_MANY_CALLS = "Too many calls were placed. Wait a while, then try again."
-MSG_TOO_MANY_PUSHES = "Too many sign-in requests. Wait a while, then try again."
-MSG_MATCH_NUMBER = "Approve the sign-in in your app, then enter the number it shows."
-
-# How each method is offered in the [mfa] challenge_menu prompt.
-MENU_LABELS = {"push": "push to your app", "phone": "phone call", "sms": "text message",
-               "totp": "a code from your app or token"}
 
 # What a directory's refusal tells the user: only what they may know once
 # their password was right (AD reports these states only then).
@@ -90,10 +84,11 @@ DIRECTORY_MESSAGES = {
     Reason.NOT_IN_GROUP: "You are not allowed to use this service.",
 }
 
+# A typed answer of this many ASCII digits is taken for a code (OATH, SMS).
 CODE_LENGTHS = range(6, 9)
 
-
-METHOD_KEYWORDS = ("sms", "push", "phone")
+# How each kind of factor is started; computed once per set of factors.
+_CODE, _HELD, _CONFIRMED = "code", "held", "confirmed"
 
 
 async def _decided(decision: Decision) -> Decision:
@@ -101,12 +96,8 @@ async def _decided(decision: Decision) -> Decision:
     return decision
 
 
-class _Refused(Exception):
-    """Raised inside a PendingLogins start function: refuse with ``decision``."""
-
-    def __init__(self, decision: Decision):
-        super().__init__(decision.reason.value)
-        self.decision = decision
+def _looks_like_code(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) in CODE_LENGTHS
 
 
 def _menu_choice(answer: str, choices: tuple) -> str | None:
@@ -117,64 +108,83 @@ def _menu_choice(answer: str, choices: tuple) -> str | None:
     return answer if answer in choices else None
 
 
-def split_password(field: str, delimiter: str) -> tuple[str, str | None]:
-    """Split ``password<delimiter>code`` (or ``password<delimiter>push|phone|sms``).
+def split_password(field: str, delimiter: str,
+                   keywords: frozenset[str] = frozenset()) -> tuple[str, str | None]:
+    """Split ``password<delimiter>code`` (or ``password<delimiter>KEYWORD``).
 
     Only a suffix that looks like an OATH or SMS code (6 to 8 ASCII digits)
-    or names a method (``sms``, ``push``, ``phone``, any case; returned
-    lower-cased) is split off,
-    so a password that merely contains the delimiter still works. A password
-    ending in ``<delimiter>`` plus such a suffix must be entered with a code
-    (or through the challenge) - documented in the README.
+    or is one of ``keywords`` (the names of the methods that start something:
+    ``sms``, ``push``, ``phone``; any case, returned lower-cased) is split
+    off, so a password that merely contains the delimiter still works. A
+    password ending in ``<delimiter>`` plus such a suffix must be entered with
+    a code (or through the challenge) - documented in the README.
     """
     password, sep, suffix = field.rpartition(delimiter)
-    if sep and suffix.isascii() and suffix.isdigit() and len(suffix) in CODE_LENGTHS:
+    if sep and _looks_like_code(suffix):
         return password, suffix
-    if sep and suffix.lower() in METHOD_KEYWORDS:
+    if sep and suffix.lower() in keywords:
         return password, suffix.lower()
     return field, None
 
 
 class Authenticator:
-    """Turns AuthRequests into Decisions. ``policy`` is an `mfaserver.config.MfaConfig`
-    and may be replaced on reload."""
+    """Turns AuthRequests into Decisions.
+
+    ``methods`` are every second factor mfaserver knows, in the order a
+    default the user cannot use falls back through; ``factors`` maps the
+    names of the configured ones to their factor objects (`set_factors`
+    swaps them on reload). ``policy`` is an `mfaserver.config.MfaConfig` and
+    may be replaced on reload, like ``reply_rules`` and ``clients``.
+    """
 
     def __init__(self, directory: Directory, store: AccountStore, challenges: ChallengeRegistry,
-                 policy, clock: IReactorTime, reply_rules: tuple = (), sms: SmsCodes | None = None,
-                 *, push=None, voice=None, alerts=None, clients: dict | None = None,
-                 pushes_per_user_per_hour: int = 30):
+                 policy, clock: IReactorTime, *, methods: Sequence[Method] = (),
+                 factors: Mapping[str, object] | None = None, reply_rules: tuple = (),
+                 alerts: AlertSink | None = None, clients: dict | None = None):
         self.directory = directory
         self.store = store
         self.challenges = challenges
         self.policy = policy
         # `mfaserver.config.ReplyRule`s: group DN -> attributes for the Accept.
         self.reply_rules = reply_rules
-        self.sms = sms  # None: no [sms] configured
-        # `mfaserver.factors.push.PushTransactions`; None: no push.
-        self.push = push
-        # `mfaserver.factors.voice.VoiceCalls`; None: no [voice].
-        self.voice = voice
-        # An AlertSink (send_alert(subject, text)) for fraud reports; None: log only.
+        # Where fraud reports go; None: the log only.
         self.alerts = alerts
         # Client name -> ClientConfig, for per-client timeout and failmode.
         self.clients = clients or {}
+        self.methods = {method.name: method for method in methods}
+        self._keywords = frozenset(method.name for method in methods if method.starts)
         self.pending = PendingLogins(max_per_user=policy.max_pending_per_user,
                                      max_total=policy.max_pending)
-        # Number-matching pushes hold no request, so PendingLogins does not
-        # see them; they count towards the same limits.
-        self.pending.also_for_user = self._matching_pushes_for
-        self.pending.also_total = self._matching_pushes_total
-        self._push_limit = RateLimiter(clock, burst=min(5, pushes_per_user_per_hour),
-                                       per_hour=pushes_per_user_per_hour)
+        # Confirmed approvals hold no request, so PendingLogins does not see
+        # them; they count towards the same limits.
+        self.pending.also_for_user = self._confirmed_pending_for
+        self.pending.also_total = self._confirmed_pending_total
         self._clock = clock
+        self.set_factors(factors or {})
 
-    def authenticate(self, request: AuthRequest) -> Deferred[Decision]:
+    def set_factors(self, factors: Mapping[str, object]) -> None:
+        """Use ``factors`` (method name -> factor) from now on.
+
+        Logins in flight keep the factor objects they started with.
+        """
+        unknown = set(factors) - set(self.methods)
+        if unknown:
+            raise ValueError(f"factors for unknown methods: {', '.join(sorted(unknown))}")
+        # In method order: code factors are tried in it, and it is the fallback order.
+        self.factors = {name: factors[name] for name in self.methods if name in factors}
+        self._kinds = {name: _kind(factor) for name, factor in self.factors.items()}
+        self._code_factors = [factor for name, factor in self.factors.items()
+                              if self._kinds[name] == _CODE]
+        self._confirmed = [factor for name, factor in self.factors.items()
+                           if self._kinds[name] == _CONFIRMED]
+
+    def authenticate(self, request: AuthRequest) -> defer.Deferred[Decision]:
         """Fire with the Decision for ``request`` (always; errors become Reject).
 
         The audit row is written before the Deferred fires. Cancelling the
         Deferred (shutdown) abandons the request: no decision, no audit row.
         """
-        return Deferred.fromCoroutine(self._authenticate(request))
+        return defer.Deferred.fromCoroutine(self._authenticate(request))
 
     async def _authenticate(self, request: AuthRequest) -> Decision:
         try:
@@ -194,9 +204,9 @@ class Authenticator:
         return decision
 
     def _decide(self, request: AuthRequest) -> Awaitable[Decision]:
-        # Not a coroutine itself, nor are _start_method and _push: each hands
-        # back the awaitable of the step that decides, so a login held for a
-        # push keeps fewer suspended frames (memory per pending login).
+        # Not a coroutine itself, nor is _start_method: each hands back the
+        # awaitable of the step that decides, so a login held for an approval
+        # keeps fewer suspended frames (memory per pending login).
         if not request.pap:
             return _decided(Decision.reject(Reason.NOT_PAP, MSG_PAP_REQUIRED, factor="password"))
         if request.password is None:
@@ -210,7 +220,8 @@ class Authenticator:
         return self._first_round(request)
 
     async def _first_round(self, request: AuthRequest) -> Decision:
-        password, code = split_password(request.password, self.policy.delimiter)
+        password, code = split_password(request.password, self.policy.delimiter,
+                                        self._keywords)
         if not password:
             return Decision.reject(Reason.EMPTY_PASSWORD, MSG_FAILED, factor="password")
         try:
@@ -238,8 +249,8 @@ class Authenticator:
                 and await self.store.consume_bypass(name, now=now)):
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
                                    attributes=grants)
-        methods = self._methods(account)
-        if code in METHOD_KEYWORDS:
+        methods = self._usable(account)
+        if code in self._keywords:
             return await self._start_method(code, request, account, grants)
         if not methods:
             if self.policy.unenrolled == "allow":
@@ -247,10 +258,7 @@ class Authenticator:
                                        attributes=grants)
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED, factor="password")
         if code is not None:
-            decision = await self._check_code(account, code)
-            if decision.outcome is Outcome.ACCEPT:
-                decision = dataclasses.replace(decision, attributes=grants)
-            return decision
+            return _with_grants(await self._check_code(account, code), grants)
         if self.policy.challenge_menu and len(methods) > 1:
             return self._offer_menu(request, account, grants, methods)
         return await self._start_method(self._preferred(account, methods), request, account,
@@ -258,20 +266,11 @@ class Authenticator:
 
     # --- choosing and starting a method ---
 
-    def _methods(self, account: Account | None) -> list[str]:
-        """The second factors ``account`` can use now, in fallback order."""
+    def _usable(self, account: Account | None) -> list[str]:
+        """The methods ``account`` can use now, in fallback order."""
         if account is None:
             return []
-        methods = []
-        if self.push is not None and account.devices:
-            methods.append("push")
-        if account.tokens:
-            methods.append("totp")
-        if self.sms is not None and account.phone:
-            methods.append("sms")
-        if self.voice is not None and account.phone:
-            methods.append("phone")
-        return methods
+        return [name for name, factor in self.factors.items() if factor.usable(account)]
 
     def _preferred(self, account: Account, methods: list[str]) -> str:
         """The user's default method, else the server's, else the first one usable."""
@@ -280,39 +279,31 @@ class Authenticator:
                 return method
         return methods[0]
 
-    def _start_method(self, method: str, request: AuthRequest, account: Account | None,
+    def _start_method(self, name: str, request: AuthRequest, account: Account | None,
                       grants: tuple) -> Awaitable[Decision]:
-        """Start ``method`` (named by the user, the menu or the default) for this login."""
-        if method == "sms":
-            if self.sms is None or account is None or not account.phone:
-                return _decided(Decision.reject(Reason.NO_PHONE, MSG_NO_PHONE, factor="sms"))
-            return self._send_sms(request, account, grants)
-        if method == "push":
-            if self.push is None or account is None or not account.devices:
-                return _decided(Decision.reject(Reason.NO_DEVICE, MSG_NO_DEVICE, factor="push"))
-            return self._push(request, account, grants)
-        if method == "phone":
-            if self.voice is None or account is None or not account.phone:
-                return _decided(Decision.reject(Reason.NO_PHONE, MSG_NO_VOICE, factor="phone"))
-            return self._call(request, account, grants)
-        # totp: ask for the code.
-        if self.policy.challenge:
-            # Bound to the name as typed (the NAS sends it again with the
-            # State); the canonical name and the grants ride along.
-            state = self.challenges.issue(request.client_name, request.username,
-                                          {"user": account.name, "attributes": grants})
-            return _decided(Decision.challenge(state, MSG_ENTER_CODE, factor="password"))
-        return _decided(Decision.reject(
-            Reason.CODE_MISSING,
-            f"Enter your password followed by '{self.policy.delimiter}' and your code.",
-            factor="password"))
+        """Start method ``name`` (named by the user, the menu or the default) for this login."""
+        factor = self.factors.get(name)
+        if factor is None or account is None or not factor.usable(account):
+            method = self.methods[name]
+            return _decided(Decision.reject(method.unusable, method.unusable_message,
+                                            factor=name))
+        login = Login(account, request.client_name, request.nas_ip, request.calling_station_id)
+        kind = self._kinds[name]
+        if kind == _CODE:
+            return self._send_code(factor, request, login, grants)
+        if kind == _CONFIRMED:
+            return _decided(self._open_confirmed(factor, request, login, grants))
+        return self._hold(factor, request, login, grants)
 
     def _offer_menu(self, request: AuthRequest, account: Account, grants: tuple,
                     methods: list[str]) -> Decision:
-        choices = [m for m in methods if m != "totp"]
-        numbered = ", ".join(f"{i} for {MENU_LABELS[m]}" for i, m in enumerate(choices, 1))
+        """An Access-Challenge that lists the methods to start, and the codes to type."""
+        choices = [name for name in methods if self.methods[name].starts]
+        typed = [self.methods[name].label for name in methods if not self.methods[name].starts]
+        numbered = ", ".join(f"{i} for {self.methods[name].label}"
+                             for i, name in enumerate(choices, 1))
         text = f"Enter {numbered}"
-        text += ", or a code from your app or token." if "totp" in methods else "."
+        text += f", or {' or '.join(typed)}." if typed else "."
         state = self.challenges.issue(request.client_name, request.username,
                                       {"user": account.name, "attributes": grants,
                                        "menu": tuple(choices)})
@@ -330,127 +321,123 @@ class Authenticator:
             return client.failmode
         return self.policy.failmode
 
-    @staticmethod
-    def _login_key(request: AuthRequest, account: Account) -> tuple:
-        """What makes two requests "the same login": one push or call for both."""
-        return (account.name, request.client_name, request.calling_station_id)
-
-    def _push(self, request: AuthRequest, account: Account,
-              grants: tuple) -> Awaitable[Decision]:
-        """Push to the user's devices and hold the request for the answer; or, with
-        number matching, challenge for the number the app shows."""
-        push = self.push
-        key = self._login_key(request, account)
-        if push.number_matching:
-            txn = push.find(key)
-            if txn is None:
-                try:
-                    self.pending.check_room(account.name)
-                except TooManyPending as e:
-                    return _decided(self._too_many_pending(e, "push", account))
-                refusal = self._refuse_new_push(account)
-                if refusal is not None:
-                    return _decided(refusal)
-                txn = push.open(account.name, client=request.client_name,
-                                nas_ip=request.nas_ip,
-                                calling_station_id=request.calling_station_id,
-                                timeout=self._timeout(request), login_key=key)
-            state = self.challenges.issue(request.client_name, request.username,
-                                          {"user": account.name, "attributes": grants,
-                                           "push": txn.txid})
-            return _decided(Decision.challenge(state, MSG_MATCH_NUMBER, factor="push"))
-
-        def start() -> Deferred:
-            refusal = self._refuse_new_push(account)
-            if refusal is not None:
-                raise _Refused(refusal)
-            txn = push.open(account.name, client=request.client_name, nas_ip=request.nas_ip,
-                            calling_station_id=request.calling_station_id,
-                            timeout=self._timeout(request), login_key=key)
-            return push.wait(txn.txid)
-
-        return self._hold(key, account, start, "push", grants)
-
-    def _matching_pushes_for(self, user: str) -> int:
-        """Number-matching pushes pending for ``user``: they hold no request."""
-        if self.push is None or not self.push.number_matching:
-            return 0
-        return self.push.count_for(user)
-
-    def _matching_pushes_total(self) -> int:
-        if self.push is None or not self.push.number_matching:
-            return 0
-        return len(self.push)
-
-    def _refuse_new_push(self, account: Account) -> Decision | None:
-        """Reject a new push over the user's push rate (push-fatigue guard)."""
-        if not self._push_limit.allow(account.name):
-            log.warn("push limit reached for {user}: no push sent", user=account.name)
-            return Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_PUSHES, factor="push")
-        return None
-
-    async def _call(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
-        """Call the user's phone and hold the request until they key an answer."""
-        key = self._login_key(request, account)
-        timeout = self._timeout(request)
-
-        def start() -> Deferred:
-            try:
-                d = self.voice.request_approval(account.name, account.phone,
-                                                client=request.client_name)
-            except SendRefused:
-                log.warn("call limit reached for {user}: no call placed", user=account.name)
-                raise _Refused(Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_CALLS,
-                                               factor="phone")) from None
-            d.addTimeout(timeout, self._clock)
-            # Once per call, however many copies of the login wait on it.
-            d.addCallback(self._report_phone_fraud, account.name, request.client_name)
-            return d
-
+    async def _send_code(self, factor: CodeFactor, request: AuthRequest, login: Login,
+                         grants: tuple) -> Decision:
+        """Get a code to the user (if the factor sends one), then challenge for it."""
+        name = factor.method.name
         try:
-            return await self._hold(key, account, start, "phone", grants)
-        except GatewayError as e:
-            log.error("could not call {user}: {error}", user=account.name, error=str(e))
-            if self._failmode(request) == "safe":
-                return Decision.accept(Reason.FAILMODE_SAFE, factor="phone", attributes=grants)
-            return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor="phone")
+            prompt = await factor.send(login)
+        except FactorRefused as e:
+            return Decision.reject(e.reason, e.message, factor=name)
+        except DeliveryFailed as e:
+            return self._undelivered(request, login, name, e, grants)
+        if prompt is None and not self.policy.challenge:
+            return Decision.reject(
+                Reason.CODE_MISSING,
+                f"Enter your password followed by '{self.policy.delimiter}' and your code.",
+                factor="password")
+        # Bound to the name as typed (the NAS sends it again with the State);
+        # the canonical name and the grants ride along.
+        state = self.challenges.issue(request.client_name, request.username,
+                                      {"user": login.user, "attributes": grants})
+        if prompt is None:
+            return Decision.challenge(state, MSG_ENTER_CODE, factor="password")
+        return Decision.challenge(state, prompt, factor=name)
 
-    def _report_phone_fraud(self, verdict: Verdict, user: str, client: str):
-        if verdict is not Verdict.FRAUD:
-            return verdict
-        d = Deferred.fromCoroutine(self.report_fraud(user, client, "phone"))
-        d.addCallback(lambda _: verdict)
-        return d
+    def _undelivered(self, request: AuthRequest, login: Login, name: str, error: Exception,
+                     grants: tuple) -> Decision:
+        """The factor could not reach the user: accept or reject per [mfa] failmode."""
+        log.error("could not reach {user} by {method}: {error}", user=login.user,
+                  method=name, error=str(error))
+        if self._failmode(request) == "safe":
+            return Decision.accept(Reason.FAILMODE_SAFE, factor=name, attributes=grants)
+        return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor=name)
 
-    async def _hold(self, key: tuple, account: Account, start, factor: str,
+    async def _hold(self, factor: ApprovalFactor, request: AuthRequest, login: Login,
                     grants: tuple) -> Decision:
-        """Wait for the out-of-band answer of the login ``key``, joining it if pending."""
+        """Hold the request until the user answers the approval, joining the same
+        login's approval if one is pending (one push or call per login)."""
+        name = factor.method.name
+        timeout = self._timeout(request)
         try:
-            waiter = self.pending.join_or_start(key, account.name, start)
-        except _Refused as e:
-            return e.decision
+            waiter = self.pending.join_or_start(
+                login.key, login.user, lambda: factor.request_approval(login, timeout))
+        except FactorRefused as e:
+            return Decision.reject(e.reason, e.message, factor=name)
         except TooManyPending as e:
-            return self._too_many_pending(e, factor, account)
+            return self._too_many_pending(e, name, login.user)
         try:
             verdict = await waiter
         except defer.TimeoutError:
-            return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor=factor)
-        except TransactionClosed:
+            return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor=name)
+        except ApprovalWithdrawn:
             # Closed under us: the user was blocked meanwhile (fraud), or shutdown.
-            return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=factor)
-        return await self._verdict(verdict, account, factor, grants)
+            return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=name)
+        except DeliveryFailed as e:
+            return self._undelivered(request, login, name, e, grants)
+        return await self._verdict(verdict, login.account, name, grants)
+
+    def _open_confirmed(self, factor: ConfirmedApprovalFactor, request: AuthRequest,
+                        login: Login, grants: tuple) -> Decision:
+        """Start (or join) an approval the user also confirms at the NAS, and
+        challenge for the confirmation."""
+        name = factor.method.name
+        ticket = factor.find(login.key)
+        if ticket is None:
+            try:
+                self.pending.check_room(login.user)
+                ticket = factor.open(login, self._timeout(request))
+            except TooManyPending as e:
+                return self._too_many_pending(e, name, login.user)
+            except FactorRefused as e:
+                return Decision.reject(e.reason, e.message, factor=name)
+        # The factor object rides along: a reload that swaps it does not
+        # strand the user halfway.
+        state = self.challenges.issue(request.client_name, request.username,
+                                      {"user": login.user, "attributes": grants,
+                                       "confirm": (factor, ticket)})
+        return Decision.challenge(state, factor.prompt, factor=name)
+
+    async def _confirm(self, factor: ConfirmedApprovalFactor, ticket: str, typed: str,
+                       account: Account, grants: tuple) -> Decision:
+        """The user's answer to a confirmed approval's challenge: the confirmation
+        must be right, and a device must approve (before or after)."""
+        name = factor.method.name
+        if not factor.known(ticket):
+            return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor=name)
+        if _looks_like_code(typed):
+            # A code instead of the confirmation: fine, if it is right.
+            factor.withdraw(ticket)
+            return _with_grants(await self._check_code(account, typed), grants)
+        try:
+            verdict = await factor.confirm(ticket, typed)
+        except UnknownApproval:
+            return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor=name)
+        except FactorRefused as e:      # the wrong confirmation
+            return Decision.reject(e.reason, e.message, factor=name)
+        except defer.TimeoutError:
+            return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor=name)
+        except ApprovalWithdrawn:
+            return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=name)
+        return await self._verdict(verdict, account, name, grants)
+
+    def _confirmed_pending_for(self, user: str) -> int:
+        return sum(factor.pending_count(user) for factor in self._confirmed)
+
+    def _confirmed_pending_total(self) -> int:
+        return sum(factor.pending_count() for factor in self._confirmed)
 
     @staticmethod
-    def _too_many_pending(e: TooManyPending, factor: str, account: Account) -> Decision:
+    def _too_many_pending(e: TooManyPending, factor: str, user: str) -> Decision:
         log.warn("too many logins pending ({scope}): refused {factor} for {user}",
-                 scope=e.scope, factor=factor, user=account.name)
+                 scope=e.scope, factor=factor, user=user)
         message = MSG_TOO_MANY_PENDING if e.scope == "user" else MSG_TRY_LATER
         return Decision.reject(Reason.TOO_MANY_PENDING, message, factor=factor)
 
     async def _verdict(self, verdict: Verdict, account: Account, factor: str,
                        grants: tuple) -> Decision:
         """The decision for an out-of-band answer. A fraud report was already acted
-        on where it arrived (the device API, or the call's own Deferred)."""
+        on where it arrived (the device API, or the call's factor)."""
         if verdict is Verdict.APPROVE:
             return await self._success(account, factor, grants)
         if verdict is Verdict.FRAUD:
@@ -459,17 +446,18 @@ class Authenticator:
             return Decision.reject(Reason.NO_ANSWER, MSG_NO_ANSWER, factor=factor)
         return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=factor)
 
-    async def report_fraud(self, user: str, client: str, factor: str = "push") -> None:
+    async def report_fraud(self, user: str, client: str, factor: str) -> None:
         """The user says a sign-in was not theirs: block them at once, close their
-        pending pushes, alert the administrators. Never raises."""
+        pending approvals, alert the administrators. Never raises."""
         log.critical("FRAUD reported by {user} for a sign-in to {client} ({factor}):"
                      " user blocked", user=user, client=client or "?", factor=factor)
         try:
             await self.store.block_user(user)
         except Exception:
             log.failure("could not block {user} after a fraud report", user=user)
-        if self.push is not None:
-            self.push.close_user(user)
+        for name, other in self.factors.items():
+            if self._kinds[name] != _CODE:
+                other.withdraw_user(user)
         try:
             await self.store.record_audit(AuditEntry(
                 time=self._clock.seconds(), user=user, client=client or "", nas_ip=None,
@@ -492,24 +480,6 @@ class Authenticator:
                                              " {error}", user=user,
                                              error=f.getErrorMessage()))
 
-    async def _send_sms(self, request: AuthRequest, account: Account, grants: tuple) -> Decision:
-        """Text a code to the user and challenge for it (or fail per [mfa] failmode)."""
-        try:
-            await self.sms.send(account.name, account.phone)
-        except SendRefused:
-            log.warn("SMS limit reached for {user}: no code sent", user=account.name)
-            return Decision.reject(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES, factor="sms")
-        except (GatewayError, defer.TimeoutError) as e:
-            log.error("could not text a code to {user}: {error}", user=account.name,
-                      error=str(e))
-            if self._failmode(request) == "safe":
-                return Decision.accept(Reason.FAILMODE_SAFE, factor="sms", attributes=grants)
-            return Decision.reject(Reason.GATEWAY_FAILED, MSG_TRY_LATER, factor="sms")
-        state = self.challenges.issue(request.client_name, request.username,
-                                      {"user": account.name, "attributes": grants})
-        return Decision.challenge(
-            state, f"Enter the code sent to {mask_phone(account.phone)}.", factor="sms")
-
     def _grants(self, principal: Principal) -> tuple:
         """Reply attributes for ``principal``: the directory's own, then [[radius.reply]]."""
         grants = list(principal.attributes)
@@ -522,51 +492,26 @@ class Authenticator:
         pending = self.challenges.redeem(request.state, request.client_name, request.username)
         if pending is None:
             return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED)
-        account = await self.store.load_account(pending.context["user"])
+        context = pending.context
+        account = await self.store.load_account(context["user"])
         refusal = self._refuse_account(account)
         if refusal is not None:
-            if "push" in pending.context and self.push is not None:
-                self.push.close(pending.context["push"])
+            if "confirm" in context:
+                factor, ticket = context["confirm"]
+                factor.withdraw(ticket)
             return refusal
         if account is None:
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
         answer = request.password.strip()
-        grants = pending.context["attributes"]
-        if "push" in pending.context:
-            return await self._match_number(pending.context["push"], answer, account, grants)
-        if "menu" in pending.context:
-            method = _menu_choice(answer, pending.context["menu"])
+        grants = context["attributes"]
+        if "confirm" in context:
+            factor, ticket = context["confirm"]
+            return await self._confirm(factor, ticket, answer, account, grants)
+        if "menu" in context:
+            method = _menu_choice(answer, context["menu"])
             if method is not None:
                 return await self._start_method(method, request, account, grants)
-        decision = await self._check_code(account, answer)
-        if decision.outcome is Outcome.ACCEPT:
-            decision = dataclasses.replace(decision, attributes=pending.context["attributes"])
-        return decision
-
-    async def _match_number(self, txid: str, typed: str, account: Account,
-                            grants: tuple) -> Decision:
-        """The number-matching round: the typed number must be the transaction's, and
-        a device must approve it (before or after)."""
-        txn = self.push.get(txid) if self.push is not None else None
-        if txn is None:
-            return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor="push")
-        if typed.isascii() and typed.isdigit() and len(typed) in CODE_LENGTHS:
-            # A code instead of the number: fine, if it is right.
-            self.push.close(txid)
-            decision = await self._check_code(account, typed)
-            if decision.outcome is Outcome.ACCEPT:
-                decision = dataclasses.replace(decision, attributes=grants)
-            return decision
-        if txn.number is None or not hmac.compare_digest(typed.encode(), txn.number.encode()):
-            self.push.close(txid)
-            return Decision.reject(Reason.WRONG_NUMBER, MSG_WRONG_NUMBER, factor="push")
-        try:
-            verdict = await self.push.wait(txid)
-        except defer.TimeoutError:
-            return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor="push")
-        except TransactionClosed:
-            return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor="push")
-        return await self._verdict(verdict, account, "push", grants)
+        return _with_grants(await self._check_code(account, answer), grants)
 
     def _refuse_account(self, account: Account | None) -> Decision | None:
         if account is None:
@@ -578,37 +523,22 @@ class Authenticator:
         return None
 
     async def _check_code(self, account: Account, code: str) -> Decision:
-        """Check ``code`` against the account's tokens (use recorded atomically), then
-        against a code texted to the user; a miss counts towards the lockout."""
-        now = self._clock.seconds()
-        policy = self.policy
-        reused_by = None
-        for token in account.tokens:
-            if oath.normalize_code(code, token.digits) is None:
+        """Check ``code`` against each code factor in turn (a use is recorded
+        atomically by the factor); a miss counts towards the lockout."""
+        replayed = missed = None
+        for factor in self._code_factors:
+            found = await factor.check(account, code)
+            if found is None:
                 continue
-            if token.kind is TokenKind.TOTP:
-                step = oath.match_totp(token, code, now, window=policy.totp_window)
-                if step is not None:
-                    drift = step - oath.totp_step(now, token.period)
-                    if await self.store.use_totp_step(token.id, step, drift):
-                        return await self._success(account, token.kind.value)
-                    reused_by = token  # lost a race with another request using the same code
-                elif oath.totp_replayed(token, code, now, window=policy.totp_window):
-                    reused_by = token
+            if found.result is CodeResult.ACCEPTED:
+                return await self._success(account, found.factor)
+            if found.result is CodeResult.REPLAYED:
+                replayed = replayed or found
             else:
-                counter = oath.match_hotp(token, code, look_ahead=policy.hotp_look_ahead)
-                if counter is not None:
-                    if await self.store.use_hotp_counter(token.id, counter):
-                        return await self._success(account, token.kind.value)
-                    reused_by = token
-                elif oath.hotp_replayed(token, code, look_back=policy.hotp_look_ahead):
-                    reused_by = token
-        if self.sms is not None and self.sms.check(account.name, code.strip()):
-            return await self._success(account, "sms")
-        if reused_by is not None or account.tokens:
-            factor = (reused_by or account.tokens[0]).kind.value
-        else:
-            factor = "sms"
+                missed = missed or found
+        factor = (replayed or missed).factor if (replayed or missed) else ""
+        policy = self.policy
+        now = self._clock.seconds()
         _, locked_until = await self.store.register_failure(
             account.name, now=now, threshold=policy.lockout_threshold,
             lock_seconds=policy.lockout_minutes * 60)
@@ -616,7 +546,7 @@ class Authenticator:
             log.warn("user {user} locked after {n} consecutive wrong codes",
                      user=account.name, n=policy.lockout_threshold)
             return Decision.reject(Reason.USER_LOCKED, MSG_LOCKED, factor=factor)
-        reason = Reason.CODE_REUSED if reused_by is not None else Reason.BAD_CODE
+        reason = Reason.CODE_REUSED if replayed is not None else Reason.BAD_CODE
         return Decision.reject(reason, MSG_WRONG_CODE, factor=factor)
 
     async def _success(self, account: Account, factor: str, grants: tuple = ()) -> Decision:
@@ -639,3 +569,21 @@ class Authenticator:
         except Exception:
             # The decision stands; losing the audit row is logged loudly instead.
             log.failure("could not write the audit row for {user}", user=request.username)
+
+
+def _with_grants(decision: Decision, grants: tuple) -> Decision:
+    """An Accept carries the login's reply attributes."""
+    if decision.outcome is Outcome.ACCEPT:
+        return dataclasses.replace(decision, attributes=grants)
+    return decision
+
+
+def _kind(factor) -> str:
+    """Which of the three factor Protocols ``factor`` implements."""
+    if isinstance(factor, CodeFactor):
+        return _CODE
+    if isinstance(factor, ConfirmedApprovalFactor):
+        return _CONFIRMED
+    if isinstance(factor, ApprovalFactor):
+        return _HELD
+    raise TypeError(f"{factor!r} is not a CodeFactor, ApprovalFactor or ConfirmedApprovalFactor")

@@ -15,7 +15,7 @@ from mfaserver.cli.common import (
     region_option,
     require_user,
 )
-from mfaserver.auth.model import METHODS
+from mfaserver.factors import METHOD_NAMES
 from mfaserver.passwords import hash_password
 from mfaserver.store import UserInfo
 
@@ -143,7 +143,7 @@ def set_phone(state: CliState, name: str, number: str | None, clear: bool,
 
 @user.command("set-default")
 @click.argument("name")
-@click.argument("method", type=click.Choice(METHODS + ("none",)))
+@click.argument("method", type=click.Choice(METHOD_NAMES + ("none",)))
 @pass_state
 def set_default(state: CliState, name: str, method: str) -> None:
     """Set the second factor a bare password starts for NAME ("none": the server's)."""

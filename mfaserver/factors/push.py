@@ -1,4 +1,9 @@
-"""Push transactions: sign-ins waiting for an answer from the user's device.
+"""Push: sign-ins waiting for an answer from the user's device (the ``push`` method).
+
+`PushFactor` holds the login until a device answers (an `ApprovalFactor`);
+`NumberMatchingPushFactor` shows a number on the device that the user types
+at the NAS (a `ConfirmedApprovalFactor`). Both are thin: the transactions
+live in one `PushTransactions` registry, which the device API serves.
 
 A login that asks for a push opens a `PushTransaction`; the user's devices
 learn of it from a wake-up and a long poll (`wait_for_new`), and answer it
@@ -26,7 +31,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mfaserver.auth.model import Verdict
+from mfaserver.auth.approvals import RateLimiter
+from mfaserver.auth.interfaces import (ApprovalWithdrawn, FactorRefused, UnknownApproval,
+                                       WrongConfirmation)
+from mfaserver.auth.model import Account, Login, Method, Reason, Verdict
 from mfaserver.factors.push_protocol import new_match_number, new_transaction_id
 
 log = Logger(namespace="mfaserver.push")
@@ -35,6 +43,9 @@ PENDING = "pending"
 ANSWERED = "answered"   # approve, deny or fraud recorded
 EXPIRED = "expired"     # nobody answered in time
 CLOSED = "closed"       # closed from the sign-in side: wrong number, NAS gave up, user blocked
+
+
+_BY_FLAG = object()   # PushTransactions.open: a number if number_matching is set
 
 
 class AnswerRefused(Exception):
@@ -53,7 +64,7 @@ class AlreadyAnswered(AnswerRefused):
     """The transaction was answered already (by this or another device)."""
 
 
-class TransactionClosed(Exception):
+class TransactionClosed(ApprovalWithdrawn):
     """The transaction was closed from the sign-in side before an answer."""
 
 
@@ -96,7 +107,8 @@ class PushTransactions:
     """The registry of push transactions, their waiters and the devices' long polls.
 
     ``wake(user)`` is called once per new transaction (never for a joined
-    login): it sends the wake-up notifications, best effort.
+    login): it sends the wake-up notifications, best effort. It may be
+    replaced (a reload) or None.
     """
 
     def __init__(self, clock: IReactorTime, *, number_matching: bool = False,
@@ -104,7 +116,7 @@ class PushTransactions:
                  max_remembered: int = 100_000):
         self._clock = clock
         self.number_matching = number_matching
-        self._wake = wake
+        self.wake = wake
         self.late_window = late_window
         self._max_remembered = max_remembered
         self._pending: dict[str, PushTransaction] = {}
@@ -123,14 +135,20 @@ class PushTransactions:
 
     def open(self, user: str, *, client: str, nas_ip: str | None,
              calling_station_id: str | None, timeout: float,
-             login_key: Hashable = None) -> PushTransaction:
+             login_key: Hashable = None, number: str | None | object = _BY_FLAG
+             ) -> PushTransaction:
         """Open a transaction for ``user``, expiring in ``timeout`` seconds, and wake
-        the user's devices and long polls."""
+        the user's devices and long polls.
+
+        ``number`` is the number the device shows for number matching (None:
+        none); left out, a new one if ``number_matching`` is set.
+        """
+        if number is _BY_FLAG:
+            number = new_match_number() if self.number_matching else None
         now = self._clock.seconds()
         txn = PushTransaction(
             new_transaction_id(), user, client, nas_ip, calling_station_id, now,
-            now + timeout, new_match_number() if self.number_matching else None,
-            login_key)
+            now + timeout, number, login_key)
         txn._expiry = self._clock.callLater(timeout, self._expire, txn)
         self._pending[txn.txid] = txn
         if login_key is not None:
@@ -138,9 +156,9 @@ class PushTransactions:
         self._by_user.setdefault(user, []).append(txn)
         for poller in self._pollers.pop(user, ()):
             poller.callback(None)
-        if self._wake is not None:
+        if self.wake is not None:
             try:
-                self._wake(user)
+                self.wake(user)
             except Exception:
                 log.failure("could not wake the devices of {user}", user=user)
         return txn
@@ -299,3 +317,97 @@ class PushTransactions:
             pollers.remove(d)
             if not pollers:
                 del self._pollers[user]
+
+
+# --- The factors ------------------------------------------------------------------------------
+
+PUSH = Method(
+    name="push", label="push to your app", starts=True, unusable=Reason.NO_DEVICE,
+    unusable_message="No authenticator app is set up for your account. "
+                     "Contact your administrator.")
+MSG_TOO_MANY_PUSHES = "Too many sign-in requests. Wait a while, then try again."
+MSG_MATCH_NUMBER = "Approve the sign-in in your app, then enter the number it shows."
+MSG_WRONG_NUMBER = "Wrong number. Please sign in again."
+
+
+def push_limit(clock: IReactorTime, per_hour: int) -> RateLimiter:
+    """The push-fatigue guard: new pushes a user may get ([push] max_per_user_per_hour)."""
+    return RateLimiter(clock, burst=push_burst(per_hour), per_hour=per_hour)
+
+
+def push_burst(per_hour: int) -> int:
+    """How many pushes may go at once under an hourly limit of ``per_hour``."""
+    return min(5, per_hour)
+
+
+class _Push:
+    """What both push factors share: the registry, the per-user send limit, usability."""
+
+    method = PUSH
+
+    def __init__(self, transactions: PushTransactions, limit: RateLimiter):
+        self.transactions = transactions
+        self._limit = limit
+
+    def usable(self, account: Account) -> bool:
+        return account.devices > 0
+
+    def withdraw_user(self, user: str) -> None:
+        self.transactions.close_user(user)
+
+    def _open(self, login: Login, timeout: float, number: str | None) -> PushTransaction:
+        if not self._limit.allow(login.user):
+            log.warn("push limit reached for {user}: no push sent", user=login.user)
+            raise FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_PUSHES)
+        return self.transactions.open(
+            login.user, client=login.client, nas_ip=login.nas_ip,
+            calling_station_id=login.calling_station_id, timeout=timeout,
+            login_key=login.key, number=number)
+
+
+class PushFactor(_Push):
+    """`ApprovalFactor`: push to the user's devices and fire with the first answer."""
+
+    def request_approval(self, login: Login, timeout: float) -> Deferred[Verdict]:
+        """Open a transaction; fire with the device's `Verdict`, fail with
+        `defer.TimeoutError` when it expires, `TransactionClosed` when closed."""
+        txn = self._open(login, timeout, number=None)
+        return self.transactions.wait(txn.txid)
+
+
+class NumberMatchingPushFactor(_Push):
+    """`ConfirmedApprovalFactor`: the device shows a number; the user types it at the NAS.
+
+    A ticket is a transaction id; the registry remembers an answered
+    transaction for a while, so the number may be typed before or after the
+    device answers.
+    """
+
+    prompt = MSG_MATCH_NUMBER
+
+    def find(self, login_key: Hashable) -> str | None:
+        txn = self.transactions.find(login_key)
+        return txn.txid if txn is not None else None
+
+    def open(self, login: Login, timeout: float) -> str:
+        return self._open(login, timeout, number=new_match_number()).txid
+
+    def known(self, ticket: str) -> bool:
+        return self.transactions.get(ticket) is not None
+
+    def confirm(self, ticket: str, typed: str) -> Deferred[Verdict]:
+        txn = self.transactions.get(ticket)
+        if txn is None:
+            raise UnknownApproval(ticket)
+        if txn.number is None or not hmac.compare_digest(typed.encode(), txn.number.encode()):
+            self.transactions.close(ticket)
+            raise WrongConfirmation(Reason.WRONG_NUMBER, MSG_WRONG_NUMBER)
+        return self.transactions.wait(ticket)
+
+    def withdraw(self, ticket: str) -> None:
+        self.transactions.close(ticket)
+
+    def pending_count(self, user: str | None = None) -> int:
+        if user is None:
+            return len(self.transactions)
+        return self.transactions.count_for(user)

@@ -1,4 +1,4 @@
-"""One-time codes sent by text message.
+"""One-time codes sent by text message: the ``sms`` method, a `CodeFactor`.
 
 A code is random (``secrets``), ``code_length`` digits, valid ``code_ttl``
 seconds, good for one login of the user it was sent to, and only the newest
@@ -14,10 +14,23 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-from mfaserver.auth.approvals import hourly_send_limit
+from mfaserver.auth.approvals import hourly_send_limit, send_burst
+from mfaserver.auth.interfaces import DeliveryFailed, FactorRefused
+from mfaserver.auth.model import Account, CodeCheck, CodeResult, Login, Method, Reason
+from mfaserver.gateways.base import GatewayError
+
+log = Logger(namespace="mfaserver.factors.sms")
+
+SMS = Method(
+    name="sms", label="text message", starts=True, unusable=Reason.NO_PHONE,
+    unusable_message="No phone number is set up for text messages. "
+                     "Contact your administrator.")
+MSG_TOO_MANY_CODES = "Too many codes were sent. Wait a while, then try again."
 
 
 class SendRefused(Exception):
@@ -36,7 +49,13 @@ def mask_phone(number: str) -> str:
 
 
 class SmsCodes:
-    """Sends codes through an `SmsGateway` and checks what users type back."""
+    """Sends codes through an `SmsGateway` and checks what users type back.
+
+    The ``sms`` method's `CodeFactor`. ``gateway`` may be swapped (a reload):
+    a send in flight finishes on the gateway it started with.
+    """
+
+    method = SMS
 
     def __init__(self, gateway, clock: IReactorTime, *, code_length: int = 6,
                  ttl: float = 300.0, per_user_per_hour: int = 5,
@@ -50,7 +69,41 @@ class SmsCodes:
         self._max_entries = max_entries
         self._codes: OrderedDict[str, _Code] = OrderedDict()
 
-    def send(self, user: str, phone: str) -> Deferred[None]:
+    def set_limits(self, per_user_per_hour: int, per_number_per_hour: int) -> None:
+        """Change the hourly send limits (a reload)."""
+        self._per_user.set_rate(send_burst(per_user_per_hour), per_user_per_hour)
+        self._per_number.set_rate(send_burst(per_number_per_hour), per_number_per_hour)
+
+    # --- the CodeFactor ---
+
+    def usable(self, account: Account) -> bool:
+        return bool(account.phone)
+
+    def send(self, login: Login) -> Deferred[str]:
+        """Text a code to the user's phone; fire with the prompt that asks for it.
+
+        Raises `FactorRefused` over a send limit (nothing sent); fails with
+        `DeliveryFailed` when the gateway cannot deliver.
+        """
+        phone = login.account.phone
+        try:
+            sent = self.send_code(login.user, phone)
+        except SendRefused:
+            log.warn("SMS limit reached for {user}: no code sent", user=login.user)
+            raise FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES) from None
+        sent.addCallbacks(lambda _: f"Enter the code sent to {mask_phone(phone)}.",
+                          _undelivered)
+        return sent
+
+    def check(self, account: Account, code: str) -> Deferred[CodeCheck]:
+        """ACCEPTED (once) if ``code`` is the user's live code, else WRONG."""
+        if self.check_code(account.name, code.strip()):
+            return succeed(CodeCheck(CodeResult.ACCEPTED, SMS.name))
+        return succeed(CodeCheck(CodeResult.WRONG, SMS.name))
+
+    # --- codes ---
+
+    def send_code(self, user: str, phone: str) -> Deferred[None]:
         """Text a new code to ``phone`` for ``user``.
 
         Raises `SendRefused` (nothing sent) over a limit; the Deferred fails
@@ -68,11 +121,7 @@ class SmsCodes:
         return self.gateway.send_sms(
             phone, f"Your sign-in code is {code}. It expires in {minutes} minutes.")
 
-    def has_code(self, user: str) -> bool:
-        entry = self._codes.get(user)
-        return entry is not None and entry.expires > self._clock.seconds()
-
-    def check(self, user: str, code: str) -> bool:
+    def check_code(self, user: str, code: str) -> bool:
         """True, once, if ``code`` is ``user``'s live code (constant-time compare)."""
         entry = self._codes.get(user)
         if entry is None:
@@ -84,3 +133,9 @@ class SmsCodes:
             return False
         del self._codes[user]
         return True
+
+
+def _undelivered(failure):
+    """A gateway's failure to deliver, as the core's `DeliveryFailed`."""
+    failure.trap(GatewayError, defer.TimeoutError)
+    raise DeliveryFailed(failure.getErrorMessage())

@@ -10,6 +10,10 @@ pressed, `call_ended` with the final call status. The first of those that
 decides resolves the Deferred; the deadline belongs to the caller, who
 cancels the Deferred to withdraw the request.
 
+`VoiceFactor` is the ``phone`` method's `ApprovalFactor` over `VoiceCalls`:
+it sets the deadline, reports a fraud keypress before the login is answered,
+and turns the gateway's failures into the core's `DeliveryFailed`.
+
 Nothing here knows the user's name or number once the call is placed except
 for logs (names only, numbers masked): prompts pass through the provider, so
 they name the client, never the user or the number. Keys pressed and PINs
@@ -28,10 +32,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mfaserver.auth.approvals import hourly_send_limit
-from mfaserver.auth.model import Verdict
+from mfaserver.auth.approvals import hourly_send_limit, send_burst
+from mfaserver.auth.interfaces import ApprovalWithdrawn, DeliveryFailed, FactorRefused
+from mfaserver.auth.model import Account, Login, Method, Reason, Verdict
 from mfaserver.factors.sms import SendRefused
-from mfaserver.gateways.base import mask_number
+from mfaserver.gateways.base import GatewayError, mask_number
 from mfaserver.gateways.twilio import gather_twiml, say_twiml
 
 log = Logger(namespace="mfaserver.factors.voice")
@@ -187,6 +192,22 @@ class VoiceCalls:
             # callbacks find the id among the finished ones.
             call.start.cancel()
 
+    def withdraw_user(self, user: str) -> None:
+        """Withdraw every pending call of ``user`` (blocked after a fraud report):
+        their Deferreds fail with `ApprovalWithdrawn`."""
+        for call_id, call in list(self._pending.items()):
+            if call.user == user:
+                del self._pending[call_id]
+                self._remember(call_id, user)
+                if call.start is not None:
+                    call.start.cancel()
+                call.result.errback(ApprovalWithdrawn(user))
+
+    def set_limits(self, per_user_per_hour: int, per_number_per_hour: int) -> None:
+        """Change the hourly call limits (a reload)."""
+        self._per_user.set_rate(send_burst(per_user_per_hour), per_user_per_hour)
+        self._per_number.set_rate(send_burst(per_number_per_hour), per_number_per_hour)
+
     # --- The provider's callbacks ----------------------------------------------------------
 
     def answer_twiml(self, call_id: str) -> bytes:
@@ -305,3 +326,57 @@ class VoiceCalls:
                 self._on_late(finished[0])
         else:
             log.warn("Callback ({what}) for an unknown call", what=what)
+
+
+# --- The factor -------------------------------------------------------------------------------
+
+PHONE = Method(
+    name="phone", label="phone call", starts=True, unusable=Reason.NO_PHONE,
+    unusable_message="Sign-in by phone call is not set up for your account.")
+MSG_TOO_MANY_CALLS = "Too many calls were placed. Wait a while, then try again."
+
+
+class VoiceFactor:
+    """`ApprovalFactor`: call the user's phone and fire with the key they press.
+
+    ``report_fraud(user, client)`` (a Deferred) is called once per call on a
+    fraud keypress, and the Deferred fires only after it: the user is
+    blocked before the login is answered.
+    """
+
+    method = PHONE
+
+    def __init__(self, calls: VoiceCalls, clock: IReactorTime, *,
+                 report_fraud: Callable[[str, str], Deferred]):
+        self.calls = calls
+        self._clock = clock
+        self._report_fraud = report_fraud
+
+    def usable(self, account: Account) -> bool:
+        return bool(account.phone)
+
+    def request_approval(self, login: Login, timeout: float) -> Deferred[Verdict]:
+        try:
+            d = self.calls.request_approval(login.user, login.account.phone, client=login.client)
+        except SendRefused:
+            log.warn("call limit reached for {user}: no call placed", user=login.user)
+            raise FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_CALLS) from None
+        d.addTimeout(timeout, self._clock)
+        d.addCallbacks(self._after_answer, _undelivered, callbackArgs=(login,))
+        return d
+
+    def _after_answer(self, verdict: Verdict, login: Login):
+        if verdict is not Verdict.FRAUD:
+            return verdict
+        d = self._report_fraud(login.user, login.client)
+        d.addCallback(lambda _: verdict)
+        return d
+
+    def withdraw_user(self, user: str) -> None:
+        self.calls.withdraw_user(user)
+
+
+def _undelivered(failure: Failure):
+    """The provider would not place the call: the core's `DeliveryFailed`."""
+    failure.trap(GatewayError)
+    raise DeliveryFailed(failure.getErrorMessage())

@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from mfaserver.auth.model import METHODS, Account, AuditEntry, Device, Token, TokenKind
+from mfaserver.auth.model import Account, AuditEntry, Device, Token, TokenKind
+from mfaserver.phones import is_e164
 from mfaserver.store.crypto import (
     KeyFileError,
     SeedCipher,
@@ -53,7 +54,8 @@ BUSY_TIMEOUT_MS = 5000
 MAX_NAME_BYTES = 253          # the longest User-Name a RADIUS attribute can carry
 MAX_SERIAL_BYTES = 128
 ALGORITHMS = frozenset({"sha1", "sha256", "sha512"})
-_E164 = re.compile(r"\+[1-9][0-9]{1,14}")
+# A method name as the factors name themselves (which ones exist is the CLI's to check).
+_METHOD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _KEY_CHECK_AAD = "\x00key-check"  # not a possible serial: serials reject control chars
 _KEY_CHECK_PLAINTEXT = b"mfaserver seed key check v1"
 _PURGE_BATCH = 5000
@@ -165,7 +167,7 @@ def _check_serial(serial: str) -> None:
 
 
 def _check_phone(phone: str | None) -> None:
-    if phone is not None and not (isinstance(phone, str) and _E164.fullmatch(phone)):
+    if phone is not None and not is_e164(phone):
         raise StoreError("phone number must be in E.164 form, e.g. +14155550123")
 
 
@@ -637,8 +639,9 @@ class Store:
     @_guarded
     def set_default_method(self, name: str, method: str | None) -> None:
         """Set the user's default second factor (push, phone, sms, totp) or clear it."""
-        if method is not None and method not in METHODS:
-            raise StoreError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        if method is not None and not (isinstance(method, str)
+                                       and _METHOD_NAME.fullmatch(method)):
+            raise StoreError(f"not a method name: {method!r}")
         self._update_user(name, "UPDATE users SET default_method = ? WHERE name = ?", (method,))
 
     @_guarded
