@@ -185,9 +185,8 @@ class Directories:
         retired.addCallback(lambda _: defer.gatherResults(
             [defer.maybeDeferred(part.stop) for part in old_parts]))
         retired.addErrback(lambda f: log.failure("could not stop a replaced directory", f))
+        self._retiring.append(retired)
         retired.addBoth(lambda _: self._retiring.remove(retired))
-        if not retired.called:
-            self._retiring.append(retired)
         return new
 
 
@@ -200,10 +199,10 @@ class PeriodicSync:
     doubled. A failed run changes nothing and is logged.
     """
 
-    def __init__(self, daemon: "MfaDaemon", reactor):
+    def __init__(self, daemon: "MfaDaemon", reactor, thread):
         self._daemon = daemon
         self._reactor = reactor
-        self.thread = WorkerThreads(reactor, 1, "mfaserver-sync")
+        self.thread = thread
         self._running = None
 
     def run_once(self):
@@ -262,10 +261,15 @@ class WebListenerService(tservice.Service):
 
 
 class MfaDaemon(tservice.MultiService):
-    """The running daemon; `reload()` applies a changed config file without a restart."""
+    """The running daemon; `reload()` applies a changed config file without a restart.
 
-    def __init__(self, config: Config, reactor):
+    ``threads(reactor, count, name)`` makes the pools for blocking calls
+    (`WorkerThreads`; tests pass one that runs calls at once).
+    """
+
+    def __init__(self, config: Config, reactor, *, threads=WorkerThreads):
         super().__init__()
+        self._threads = threads
         self.config = config
         # What the keys in NEEDS_RESTART are compared with on every reload.
         self.started_with = config
@@ -273,9 +277,8 @@ class MfaDaemon(tservice.MultiService):
         self.store = Store.open(config.database_path, config.key_path)
         # One database thread: SQLite calls are short, and one connection must
         # not be used by two threads at once. Hashing gets one thread per core.
-        db_thread = WorkerThreads(reactor, 1, "mfaserver-db")
-        self.hash_threads = WorkerThreads(reactor, max(2, os.cpu_count() or 2),
-                                          "mfaserver-hash")
+        db_thread = threads(reactor, 1, "mfaserver-db")
+        self.hash_threads = threads(reactor, max(2, os.cpu_count() or 2), "mfaserver-hash")
         for workers in (db_thread, self.hash_threads):
             LifecycleService(workers).setServiceParent(self)
         self.threaded = ThreadedStore(self.store, db_thread.run)
@@ -465,7 +468,8 @@ class MfaDaemon(tservice.MultiService):
         if config.directory.ldap is None or config.directory.sync.interval <= 0:
             return
         if self.sync is None:
-            self.sync = PeriodicSync(self, self._reactor)
+            self.sync = PeriodicSync(self, self._reactor,
+                                     self._threads(self._reactor, 1, "mfaserver-sync"))
             LifecycleService(self.sync.thread).setServiceParent(self)
         self._sync_timer = self._add_timer(config.directory.sync.interval, self.sync.run_once)
 
