@@ -422,6 +422,15 @@ class NumberMatchingTests(Registry):
         self.push.answer(txn.txid, "alice", "fraud", number=wrong)
         self.assertIs(txn.verdict, Verdict.FRAUD)
 
+    def test_only_transactions_with_a_number_are_counted_as_numbered(self):
+        plain = self.open("alice", number=None)
+        numbered = self.open("alice", calling_station_id="203.0.113.8")
+        self.open("bob", calling_station_id="203.0.113.9")
+        self.assertEqual((self.push.numbered_count("alice"), self.push.numbered_count()), (1, 2))
+        self.push.close(numbered.txid)
+        self.push.close(plain.txid)
+        self.assertEqual((self.push.numbered_count("alice"), self.push.numbered_count()), (0, 1))
+
     def test_number_is_ignored_without_number_matching(self):
         push = self.make(number_matching=False)
         txn = self.open(push=push)

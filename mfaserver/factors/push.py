@@ -124,12 +124,22 @@ class PushTransactions:
         self._by_user: dict[str, list[PushTransaction]] = {}
         self._done: OrderedDict[str, tuple[PushTransaction, float]] = OrderedDict()
         self._pollers: dict[str, list[Deferred]] = {}
+        # user -> pending transactions with a number (number matching holds no
+        # login, so these count towards the pending-login limits separately).
+        self._numbered: dict[str, int] = {}
+        self._numbered_total = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def count_for(self, user: str) -> int:
         return len(self._by_user.get(user, ()))
+
+    def numbered_count(self, user: str | None = None) -> int:
+        """Pending transactions with a number to match, of ``user`` or in all."""
+        if user is None:
+            return self._numbered_total
+        return self._numbered.get(user, 0)
 
     # --- the sign-in side ---
 
@@ -154,6 +164,9 @@ class PushTransactions:
         if login_key is not None:
             self._by_login[login_key] = txn
         self._by_user.setdefault(user, []).append(txn)
+        if number is not None:
+            self._numbered[user] = self._numbered.get(user, 0) + 1
+            self._numbered_total += 1
         for poller in self._pollers.pop(user, ()):
             poller.callback(None)
         if self.wake is not None:
@@ -283,6 +296,13 @@ class PushTransactions:
         del self._pending[txn.txid]
         if txn.login_key is not None and self._by_login.get(txn.login_key) is txn:
             del self._by_login[txn.login_key]
+        if txn.number is not None:
+            self._numbered_total -= 1
+            left = self._numbered[txn.user] - 1
+            if left:
+                self._numbered[txn.user] = left
+            else:
+                del self._numbered[txn.user]
         of_user = self._by_user[txn.user]
         of_user.remove(txn)
         if not of_user:
@@ -408,6 +428,4 @@ class NumberMatchingPushFactor(_Push):
         self.transactions.close(ticket)
 
     def pending_count(self, user: str | None = None) -> int:
-        if user is None:
-            return len(self.transactions)
-        return self.transactions.count_for(user)
+        return self.transactions.numbered_count(user)
