@@ -77,6 +77,11 @@ class TokenKind(str, enum.Enum):
     HOTP = "hotp"
 
 
+# The HMAC hashes an OATH token may use (RFC 6238 allows these three); the
+# token maths, the store, the importers and the CLI all check against this.
+OATH_ALGORITHMS = ("sha1", "sha256", "sha512")
+
+
 @dataclass(frozen=True)
 class AuthRequest:
     """One Access-Request as the core sees it.
@@ -153,7 +158,7 @@ class Token:
     secret: bytes = field(repr=False)
     digits: int = 6
     period: int = 30           # TOTP only
-    algorithm: str = "sha1"    # sha1 | sha256 | sha512
+    algorithm: str = "sha1"    # one of OATH_ALGORITHMS
     counter: int = 0           # HOTP: the next counter value expected
     last_step: int | None = None  # TOTP: the last time step accepted (replay guard)
     drift: int = 0             # TOTP: learned clock drift, in steps

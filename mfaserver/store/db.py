@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from mfaserver.auth.model import Account, AuditEntry, Device, Token, TokenKind
+from mfaserver.auth.model import (OATH_ALGORITHMS, Account, AuditEntry, Device, Token,
+                                  TokenKind)
 from mfaserver.phones import is_e164
 from mfaserver.store.crypto import (
     KeyFileError,
@@ -53,7 +54,6 @@ __all__ = ["NewToken", "Store", "StoreError", "SyncResult", "UserInfo", "check_u
 BUSY_TIMEOUT_MS = 5000
 MAX_NAME_BYTES = 253          # the longest User-Name a RADIUS attribute can carry
 MAX_SERIAL_BYTES = 128
-ALGORITHMS = frozenset({"sha1", "sha256", "sha512"})
 # A method name as the factors name themselves (which ones exist is the CLI's to check).
 _METHOD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _KEY_CHECK_AAD = "\x00key-check"  # not a possible serial: serials reject control chars
@@ -184,8 +184,9 @@ def _check_new_token(token: NewToken) -> tuple[TokenKind, str]:
     if not 1 <= token.period <= 300:
         raise StoreError(f"token period must be 1 to 300 seconds, not {token.period}")
     algorithm = str(token.algorithm).lower()
-    if algorithm not in ALGORITHMS:
-        raise StoreError(f"token algorithm must be sha1, sha256 or sha512, not {token.algorithm!r}")
+    if algorithm not in OATH_ALGORITHMS:
+        raise StoreError(f"token algorithm must be one of {', '.join(OATH_ALGORITHMS)},"
+                         f" not {token.algorithm!r}")
     if not 0 <= token.counter < 2**63:
         raise StoreError(f"token counter out of range: {token.counter}")
     if token.serial is not None:
