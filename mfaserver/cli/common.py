@@ -116,6 +116,12 @@ class CliState:
                                         [p for p in fresh if p.exists()])
         return self._store
 
+    def user_store(self, name: str) -> Store:
+        """The store, once it is known to hold the user ``name`` (else a CliError)."""
+        store = self.store()
+        require_user(store, name)
+        return store
+
     def now(self) -> float:
         return self.clock()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from mfaserver.cli.common import (
-    CliError, CliState, iso_utc, pass_state, print_qr, print_table, printable, require_user,
+    CliError, CliState, iso_utc, pass_state, print_qr, print_table, printable,
 )
 from mfaserver.factors.push_protocol import new_enrollment_token, token_digest
 
@@ -28,8 +28,7 @@ def enroll(state: CliState, name: str, no_qr: bool) -> None:
     config = state.config()
     if config.web is None or not config.web.public_url:
         raise CliError("devices enroll through the web listener: set [web] public_url")
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     token = new_enrollment_token()
     now = state.now()
     minutes = config.push.enrollment_minutes
@@ -47,8 +46,7 @@ def enroll(state: CliState, name: str, no_qr: bool) -> None:
 @pass_state
 def list_devices(state: CliState, name: str) -> None:
     """List NAME's devices."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     devices = store.list_devices(name)
     if not devices:
         click.echo(f"{name} has no devices")
@@ -64,7 +62,6 @@ def list_devices(state: CliState, name: str) -> None:
 @pass_state
 def delete_device(state: CliState, name: str, device_id: str) -> None:
     """Remove device DEVICE_ID of NAME (a lost or replaced phone)."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.delete_device(name, device_id)
     click.echo(f"deleted device {device_id} of {name}")

@@ -73,8 +73,7 @@ def add_token(state: CliState, name: str, kind: str, secret: str | None, digits:
     if kind_value is TokenKind.HOTP and period is not None:
         raise click.UsageError("--period applies to totp tokens only")
     seed = _read_secret(secret) if secret is not None else oath.generate_secret(algorithm)
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     new = NewToken(kind=kind_value, secret=seed, digits=int(digits),
                    period=int(period or 30), algorithm=algorithm,
                    counter=counter or 0, serial=serial)
@@ -119,8 +118,7 @@ def list_tokens(state: CliState, name: str | None, unassigned: bool) -> None:
 @pass_state
 def delete_token(state: CliState, name: str, serial: str) -> None:
     """Delete NAME's token SERIAL."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.delete_token(name, serial)
     click.echo(f"deleted token {serial} of {name}")
 
@@ -131,8 +129,7 @@ def delete_token(state: CliState, name: str, serial: str) -> None:
 @pass_state
 def assign_token(state: CliState, name: str, serial: str) -> None:
     """Give the unassigned (imported) token SERIAL to NAME."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.assign_token(serial, name)
     click.echo(f"assigned token {serial} to {name}")
 
@@ -156,8 +153,7 @@ def resync(state: CliState, name: str, code1: str, code2: str, serial: str | Non
     For HOTP the codes may be up to 1000 presses ahead; for TOTP the token's
     clock may be up to 120 steps off.
     """
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     if serial is not None:
         candidates = [_find_token(store, name, serial)]
     else:

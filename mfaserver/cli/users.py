@@ -117,8 +117,7 @@ def show_user(state: CliState, name: str) -> None:
 @pass_state
 def passwd(state: CliState, name: str, password_stdin: bool) -> None:
     """Set NAME's password."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.set_password(name, hash_password(read_password(password_stdin)))
     click.echo(f"password set for {name}")
 
@@ -135,8 +134,7 @@ def set_phone(state: CliState, name: str, number: str | None, clear: bool,
     if clear == (number is not None):
         raise click.UsageError("give either NUMBER or --clear")
     e164 = None if clear else parse_phone(number, region)
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.set_phone(name, e164)
     click.echo(f"phone of {name} {'cleared' if clear else 'set to ' + e164}")
 
@@ -147,8 +145,7 @@ def set_phone(state: CliState, name: str, number: str | None, clear: bool,
 @pass_state
 def set_default(state: CliState, name: str, method: str) -> None:
     """Set the second factor a bare password starts for NAME ("none": the server's)."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.set_default_method(name, None if method == "none" else method)
     click.echo(f"default method of {name} set to {method}")
 
@@ -160,8 +157,7 @@ def set_default(state: CliState, name: str, method: str) -> None:
 @pass_state
 def set_pin(state: CliState, name: str, pin_stdin: bool, clear: bool) -> None:
     """Set NAME's PIN for phone calls in [voice] pin mode (4 to 12 digits)."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     if clear:
         store.set_pin(name, None)
         click.echo(f"PIN of {name} cleared")
@@ -182,8 +178,7 @@ def set_pin(state: CliState, name: str, pin_stdin: bool, clear: bool) -> None:
 @pass_state
 def block(state: CliState, name: str) -> None:
     """Refuse all logins of NAME until unblocked."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.set_blocked(name, True)
     click.echo(f"blocked {name}")
 
@@ -193,8 +188,7 @@ def block(state: CliState, name: str) -> None:
 @pass_state
 def unblock(state: CliState, name: str) -> None:
     """Allow NAME to log in again; also clears a lockout after failures."""
-    store = state.store()
-    require_user(store, name)
+    store = state.user_store(name)
     store.set_blocked(name, False)
     click.echo(f"unblocked {name}")
 

@@ -188,7 +188,7 @@ class _Server:
     `time.monotonic` value (a float: reads and writes are atomic).
     """
 
-    def __init__(self, url: str, tls: _VerifiedTls, config: LdapConfig, pool_size: int):
+    def __init__(self, url: str, tls: VerifiedTls, config: LdapConfig, pool_size: int):
         self.url = url
         self.ldap = ldap3.Server(url, get_info=ldap3.NONE, connect_timeout=config.timeout,
                                  tls=tls, allowed_referral_hosts=[])

@@ -23,8 +23,9 @@ import os
 import struct
 from urllib.parse import quote, urlencode
 
-from mfaserver.auth.model import OATH_ALGORITHMS as ALGORITHMS
-from mfaserver.auth.model import Token, TokenKind
+from mfaserver.auth.model import OATH_ALGORITHMS, Token, TokenKind
+
+ALGORITHMS = OATH_ALGORITHMS
 
 # Seed sizes for generated secrets: the HMAC output length of each hash,
 # as RFC 6238 Appendix B uses (and RFC 4226 R6 recommends 160 bits for SHA-1).
