@@ -4,6 +4,8 @@ UDP, calls to the blocking pools run at once, a real SQLite store in a temporary
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -122,8 +124,8 @@ class InlineThreads:
 class DaemonTests(SynchronousTestCase):
 
     def setUp(self):
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
+        self.dir = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         self.reactor = UDPMemoryReactor()
         self.reactor.advance(T0)
         self.events: list[dict] = []
