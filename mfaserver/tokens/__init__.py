@@ -1,0 +1,1 @@
+"""Hardware token seed files from vendors (PSKC, CSV), read for `mfaserver token import`."""
