@@ -15,6 +15,9 @@ synchronous (``http.client``): a CLI waits for its one answer anyway. Only
 ``https`` is spoken, except ``http`` to a loopback address, which never
 crosses a network. Redirects are not followed: a signed request goes only
 to the server that was enrolled with.
+
+Connections are made by `open_connection`, or by the function a caller
+puts in ``ctx.meta[CONNECT]`` (tests: an in-memory server).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import re
 import socket
 import ssl
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote, urlsplit
 
 import click
@@ -181,13 +185,31 @@ def _reserve_store(path: str) -> int:
 
 # -- HTTP --------------------------------------------------------------------
 
+# The key in click's ``ctx.meta`` (shared by every nested context) under which
+# a caller may put another `open_connection`.
+CONNECT = "mfaserver.authenticator.connect"
+
+
+def open_connection(scheme: str, host: str, port: int | None, timeout: float,
+                    context: ssl.SSLContext | None) -> http.client.HTTPConnection:
+    """An unopened ``http.client`` connection: HTTPS with ``context``, or clear HTTP."""
+    if scheme == "https":
+        return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+    return http.client.HTTPConnection(host, port, timeout=timeout)
+
 
 @dataclass(frozen=True)
 class Server:
-    """Where the device's server is and how to reach it safely."""
+    """Where the device's server is and how to reach it safely.
+
+    ``connect`` makes the connection for each request (`open_connection`'s
+    signature); the commands take it from ``ctx.meta[CONNECT]`` when set.
+    """
 
     base_url: str
     ca_file: str | None = None
+    connect: Callable[..., http.client.HTTPConnection] = field(
+        default=open_connection, repr=False, compare=False)
 
     def _endpoint(self):
         parts = urlsplit(self.base_url)
@@ -217,15 +239,13 @@ class Server:
                 timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict | None]:
         """Send one request; (status, JSON object or None). CliError on network trouble."""
         scheme, host, port, prefix = self._endpoint()
+        context = None
         if scheme == "https":
             try:
                 context = ssl.create_default_context(cafile=self.ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise CliError(f"cannot load CA file {self.ca_file}: {one_line(exc)}") from None
-            connection = http.client.HTTPSConnection(host, port, timeout=timeout,
-                                                     context=context)
-        else:
-            connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        connection = self.connect(scheme, host, port, timeout, context)
         all_headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         payload = None
         if body is not None:
@@ -287,8 +307,13 @@ def _unexpected(what: str) -> CliError:
     return CliError(f"unexpected response from server: {what}")
 
 
+def _server(base_url: str, ca_file: str | None) -> Server:
+    connect = click.get_current_context().meta.get(CONNECT, open_connection)
+    return Server(base_url, ca_file, connect)
+
+
 def _device_server(device: Device) -> Server:
-    return Server(device.base_url, device.ca_file)
+    return _server(device.base_url, device.ca_file)
 
 
 # -- enroll ------------------------------------------------------------------
@@ -327,7 +352,7 @@ def enroll(state: CliState, url: str, store_path: str, key_type: str,
         raise click.UsageError("give at most one of --notify-ntfy and --notify-webhook")
     base_url, token = parse_enrollment_url(url)
     ca_file = os.path.abspath(ca_file) if ca_file else None
-    server = Server(base_url, ca_file)
+    server = _server(base_url, ca_file)
     server.check()
 
     key = push_protocol.generate_device_key(key_type)
