@@ -556,7 +556,7 @@ def test_encode_request_without_message_authenticator():
 
 # -- hypothesis ---------------------------------------------------------------
 
-FUZZ = settings(max_examples=300, deadline=200, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 LEGACY_VALID = build(ACCESS_REQUEST, [
     (USER_NAME, b"alice"), (USER_PASSWORD, hidden()),
     vsa(VENDOR_MICROSOFT, 11, b"abc"), (STATE, b"st"), (NAS_PORT, b"\x00\x00\x00\x01"),

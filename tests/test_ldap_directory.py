@@ -1,82 +1,48 @@
-"""LdapDirectory against a real slapd on 127.0.0.1, and the AD name and error rules.
+"""LdapDirectory without servers or processes: refusals before any LDAP traffic, the
+deadline, the worker pipe protocol and its threads, and the AD name and error rules.
 
-The integration tests run on the real reactor (pytest-twisted): real sockets,
-real worker processes and their threads, real timeouts (1 s, so the slow
-cases stay short). The fixture waits until the workers have started, so that
-the timings measure logins, not Python starting up.
+The worker processes are fakes on a `task.Clock` (`ProcessReactor`): nothing
+is spawned, and what the daemon writes down each pipe is recorded. The
+tests against a real slapd and real worker processes are in
+tests/integration/test_ldap_directory.py.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import ldap3
 import pytest
-import pytest_twisted
-from twisted.internet import defer, task
-from twisted.internet import reactor as real_reactor
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.internet import task
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.python.failure import Failure
 
-import ldap_server
 from ldap_server import (
-    ADMINS_GROUP, BASE_DN, DUP_PASSWORD, MOBILE, PUBLIC_DN, PUBLIC_PASSWORD, SERVICE_DN,
-    SERVICE_PASSWORD, VPN_GROUP, user_password,
+    ADMINS_GROUP, BASE_DN, MOBILE, SERVICE_DN, SERVICE_PASSWORD, VPN_GROUP, user_password,
 )
 from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, UnknownUser
 from mfaserver.auth.model import Principal, Reason
 from mfaserver.config import LdapConfig
 from mfaserver.directory import ad, ldap_worker
-from mfaserver.directory.ldap import LdapDirectory
+from mfaserver.directory.ldap import FIRST_RESTART_DELAY, KILL_GRACE, LdapDirectory
 
 PW0 = user_password(0)
-
-INJECTIONS = [
-    "*", "user*", "adm*", "*)(uid=*", "*)(|(objectClass=*)", "user000)(uid=*",
-    "x)(memberOf=cn=admins*", "\\", "\\2a", "\x00", "user000\x00", "a,ou=x", "#x",
-    "uid=user000,ou=people,dc=example,dc=org", "(uid=user000)", "u" * 253,
-    "Üser000", "user000*",
-]
+NOWHERE = "ldap://ldap.example.invalid"  # never contacted: no worker runs for real
 
 
-def config(servers, **overrides) -> LdapConfig:
-    values = dict(servers=tuple(servers), base_dn=BASE_DN, bind_dn=SERVICE_DN,
-                  bind_password=SERVICE_PASSWORD, timeout=1.0, pool_size=4,
-                  retry_dead_after=30.0)
+def config(servers=(NOWHERE,), **overrides) -> LdapConfig:
+    values = dict(servers=tuple(servers), base_dn=BASE_DN, timeout=1.0, pool_size=4)
     values.update(overrides)
     return LdapConfig(**values)
 
 
-@pytest_twisted.async_yield_fixture
-async def directory():
-    """Makes started LdapDirectory objects on the real reactor; stops them afterwards."""
-    started = []
-
-    async def make(servers, groups=(), processes=None, **overrides) -> LdapDirectory:
-        made = LdapDirectory(config(servers, **overrides), real_reactor, groups=groups,
-                             processes=processes)
-        started.append(made)
-        await made.start()
-        return made
-
-    yield make
-    for made in started:
-        await made.stop()
-
-
-async def failure(d, kind):
-    """The exception ``d`` fails with; the test fails if it succeeds or fails otherwise."""
-    try:
-        result = await d
-    except kind as e:
-        return e
-    pytest.fail(f"expected {kind.__name__}, got {result!r}")
+def result_now(d):
+    """The result the already-fired ``d`` succeeded with."""
+    results = []
+    d.addCallback(results.append)
+    assert results, "expected a result at once"
+    return results[0]
 
 
 def failure_now(d, kind):
@@ -87,234 +53,84 @@ def failure_now(d, kind):
     return failures[0].trap(kind) and failures[0].value
 
 
-# --- Logins --------------------------------------------------------------------------------------
+class FakeProcess:
+    """The transport of a worker process that was never started: records what it is sent."""
 
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_login_returns_the_canonical_name_and_phone(slapd, directory):
-    ldap = await directory([slapd.url])
-    principal = await ldap.authenticate("USER000", PW0)
-    assert principal.username == "user000"
-    assert principal.phone == MOBILE
-    assert principal.groups == frozenset()
-    other = await ldap.authenticate("user005", user_password(5))
-    assert (other.username, other.phone) == ("user005", None)
+    def __init__(self, protocol, pid: int):
+        self.protocol = protocol
+        self.pid = pid
+        self.written: list[bytes] = []
+        self.stdin_closed = False
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def logins_sent(self) -> list[dict]:
+        """The JSON lines written after the setup line."""
+        return [json.loads(line) for line in b"".join(self.written[1:]).splitlines()]
+
+    def answer(self, request_id: int, outcome: Principal | Exception) -> None:
+        """The worker writes its answer, in two pieces as a pipe may deliver it."""
+        line = json.dumps(ldap_worker.encode_outcome(request_id, outcome)).encode() + b"\n"
+        self.protocol.outReceived(line[:7])
+        self.protocol.outReceived(line[7:])
+
+    def end(self, reason=ProcessTerminated(signal=9)) -> None:
+        self.protocol.processEnded(Failure(reason))
 
 
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_wrong_password_is_invalid_credentials(slapd, directory):
-    ldap = await directory([slapd.url])
-    e = await failure(ldap.authenticate("user000", user_password(1)), InvalidCredentials)
-    assert e.reason is Reason.BAD_PASSWORD
-    # The pooled connections survive a refusal: the next login works.
-    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
+class ProcessReactor(task.Clock):
+    """A clock whose spawnProcess starts nothing and hands out `FakeProcess` transports."""
+
+    def __init__(self):
+        super().__init__()
+        self.processes: list[FakeProcess] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, **kwargs):
+        process = FakeProcess(protocol, pid=1000 + len(self.processes))
+        self.processes.append(process)
+        protocol.makeConnection(process)
+        return process
 
 
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_unknown_user(slapd, directory):
-    ldap = await directory([slapd.url])
-    await failure(ldap.authenticate("nobody", "whatever"), UnknownUser)
-    await failure(ldap.authenticate("", "whatever"), UnknownUser)
+def started(processes: int = 1, **overrides) -> tuple[LdapDirectory, ProcessReactor]:
+    """An LdapDirectory with its fake worker processes running."""
+    reactor = ProcessReactor()
+    ldap = LdapDirectory(config(**overrides), reactor, processes=processes)
+    ldap.start()
+    return ldap, reactor
 
 
-@pytest.mark.integration
+# --- Refused before any LDAP traffic --------------------------------------------------------------
+
 @pytest.mark.parametrize("password", ["", " ", "\t \n", "\u00a0", "\u200b", "\u00ad"])
-def test_empty_or_blank_password_is_refused_without_contacting_the_server(
-        password, hung_ldap):
-    ldap = LdapDirectory(config([hung_ldap.url]), real_reactor)  # no workers even started
+def test_empty_or_blank_password_is_refused_without_contacting_the_server(password):
+    ldap, reactor = started()
     d = ldap.authenticate("user000", password)
-    # Refused at once, before any connection (the hung server would stall).
+    # Refused at once, before anything went to a worker (so to no LDAP server).
     e = failure_now(d, InvalidCredentials)
     assert e.reason in (Reason.EMPTY_PASSWORD, Reason.BAD_PASSWORD)
-    assert hung_ldap.connections == 0
+    assert reactor.processes[0].logins_sent() == []
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("password", ["pass\x00word", "pass\x07word"])
-def test_password_that_saslprep_refuses_is_refused_without_contacting_the_server(
-        password, hung_ldap):
-    ldap = LdapDirectory(config([hung_ldap.url]), real_reactor)
+def test_password_that_saslprep_refuses_is_refused_without_contacting_the_server(password):
+    ldap, reactor = started()
     e = failure_now(ldap.authenticate("user000", password), InvalidCredentials)
     assert e.reason is Reason.BAD_PASSWORD
-    assert hung_ldap.connections == 0
+    assert reactor.processes[0].logins_sent() == []
 
 
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_empty_password_sends_nothing_on_open_pooled_connections(slapd, ldap_proxy,
-                                                                       directory):
-    ldap = await directory([ldap_proxy.url])
-    await ldap.authenticate("user000", PW0)  # the pools now hold open connections
-    sent = len(ldap_proxy.sent)
-    await failure(ldap.authenticate("user000", ""), InvalidCredentials)
-    await failure(ldap.authenticate("user000", "   "), InvalidCredentials)
-    assert len(ldap_proxy.sent) == sent
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_injection_attempts_match_nobody(slapd, directory):
-    ldap = await directory([slapd.url])
-    for name in INJECTIONS:
-        await failure(ldap.authenticate(name, PW0), UnknownUser)
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_two_matching_entries_are_refused_as_ambiguous(slapd, directory):
-    ldap = await directory([slapd.url])
-    e = await failure(ldap.authenticate("dup", DUP_PASSWORD), InvalidCredentials)
-    assert e.reason is Reason.AMBIGUOUS_USER
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_anonymous_search_sees_only_what_anonymous_may_read(slapd, directory):
-    public = await directory([slapd.url], bind_dn="", bind_password="", base_dn=PUBLIC_DN)
-    assert (await public.authenticate("public", PUBLIC_PASSWORD)).username == "public"
-    everything = await directory([slapd.url], bind_dn="", bind_password="")
-    await failure(everything.authenticate("user000", PW0), UnknownUser)
-    assert (await everything.authenticate("public", PUBLIC_PASSWORD)).username == "public"
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_search_base_that_does_not_exist_makes_the_directory_unavailable(
-        slapd, directory):
-    ldap = await directory([slapd.url], base_dn="ou=nowhere,dc=example,dc=org")
-    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_wrong_service_password_makes_the_directory_unavailable(slapd, directory):
-    ldap = await directory([slapd.url], bind_password="wrong")
-    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-
-
-# --- Groups --------------------------------------------------------------------------------------
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_required_group_member_logs_in_and_others_are_refused(slapd, directory):
-    ldap = await directory([slapd.url], required_group=VPN_GROUP)
-    principal = await ldap.authenticate("user050", user_password(50))
-    assert principal.groups == {VPN_GROUP}
-    e = await failure(ldap.authenticate("user150", user_password(150)), InvalidCredentials)
-    assert e.reason is Reason.NOT_IN_GROUP
-    # Groups are checked only after the bind: a wrong password is just that.
-    e = await failure(ldap.authenticate("user150", "wrong"), InvalidCredentials)
-    assert e.reason is Reason.BAD_PASSWORD
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_reply_groups_are_reported(slapd, directory):
-    missing = f"cn=missing,ou=groups,{BASE_DN}"
-    ldap = await directory([slapd.url], groups=[ADMINS_GROUP, VPN_GROUP, missing])
-    assert (await ldap.authenticate("user000", PW0)).groups == {ADMINS_GROUP, VPN_GROUP}
-    assert (await ldap.authenticate("user050", user_password(50))).groups == {VPN_GROUP}
-    assert (await ldap.authenticate("user250", user_password(250))).groups == frozenset()
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_referrals_in_the_search_result_are_not_followed(slapd, hung_ldap, directory):
-    referral = f"ou=elsewhere,{ldap_server.PEOPLE_DN}"
-    manage_dsa_it = [("2.16.840.1.113730.3.4.2", True, None)]
-    admin = ldap3.Connection(slapd.url, ldap_server.ROOT_DN, ldap_server.ROOT_PASSWORD,
-                             auto_bind=True)
-    assert admin.add(referral, ["referral", "extensibleObject"],
-                     {"ou": "elsewhere", "ref": f"{hung_ldap.url}/{referral}"},
-                     controls=manage_dsa_it), admin.result
-    try:
-        ldap = await directory([slapd.url])
-        assert (await ldap.authenticate("user000", PW0)).username == "user000"
-        await failure(ldap.authenticate("nobody", PW0), UnknownUser)
-    finally:
-        admin.delete(referral, controls=manage_dsa_it)
-        admin.unbind()
-    assert hung_ldap.connections == 0
-
-
-# --- Failures of servers -------------------------------------------------------------------------
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_dead_first_server_fails_over_and_is_skipped_then_retried(
-        slapd, closing_ldap, directory):
-    ldap = await directory([ldap_server.dead_url(), closing_ldap.url, slapd.url],
-                     retry_dead_after=0.5)
-    assert (await ldap.authenticate("user000", PW0)).username == "user000"
-    assert closing_ldap.connections == 1
-    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
-    assert closing_ldap.connections == 1  # skipped while marked dead
-    await task.deferLater(real_reactor, 0.6)
-    assert (await ldap.authenticate("user002", user_password(2))).username == "user002"
-    assert closing_ldap.connections == 2  # tried again after retry_dead_after
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_all_servers_down_is_unavailable(closing_ldap, directory):
-    ldap = await directory([ldap_server.dead_url(), closing_ldap.url], processes=1)
-    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-    # Every server is marked dead now, so all are tried again.
-    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-    assert closing_ldap.connections == 2
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_idle_connections_closed_by_the_server_are_replaced(slapd, ldap_proxy,
-                                                                  directory):
-    ldap = await directory([ldap_proxy.url])
-    await ldap.authenticate("user000", PW0)
-    ldap_proxy.drop_connections()
-    await task.deferLater(real_reactor, 0.1)
-    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_hung_server_fails_in_time_while_a_healthy_directory_keeps_serving(
-        slapd, hung_ldap, directory):
-    hung = await directory([hung_ldap.url], pool_size=2)
-    healthy = await directory([slapd.url], pool_size=2)
-    start = time.monotonic()
-    stuck = [defer.ensureDeferred(failure(hung.authenticate(f"user{i:03d}", user_password(i)),
-                                          DirectoryUnavailable))
-             for i in range(6)]
-    names = await defer.gatherResults(
-        [healthy.authenticate(f"user{i:03d}", user_password(i)) for i in range(20)])
-    assert names[19].username == "user019"
-    assert time.monotonic() - start < 0.8
-    await defer.gatherResults(stuck)
-    # Two logins held the two threads for the 1 s timeout; the four queued
-    # behind them skipped the server that had just failed.
-    assert time.monotonic() - start < 1.8
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_hung_first_server_costs_one_timeout_then_fails_over(slapd, hung_ldap,
-                                                                   directory):
-    ldap = await directory([hung_ldap.url, slapd.url], processes=1, pool_size=2)
-    start = time.monotonic()
-    principals = await defer.gatherResults(
-        [ldap.authenticate(f"user{i:03d}", user_password(i)) for i in range(16)])
-    assert [p.username for p in principals] == [f"user{i:03d}" for i in range(16)]
-    assert time.monotonic() - start < 1.8
-    start = time.monotonic()
-    await ldap.authenticate("user000", PW0)  # the hung server is skipped now
-    assert time.monotonic() - start < 0.3
-
-
-def test_login_that_gets_no_worker_fails_at_the_deadline(hung_ldap):
+def test_login_that_gets_no_worker_fails_at_the_deadline():
     clock = task.Clock()
-    ldap = LdapDirectory(config([hung_ldap.url]), clock)  # workers never started
+    ldap = LdapDirectory(config(), clock)  # workers never started
     d = ldap.authenticate("user000", PW0)
     clock.advance(1.9)
     assert not d.called
@@ -322,26 +138,77 @@ def test_login_that_gets_no_worker_fails_at_the_deadline(hung_ldap):
     failure_now(d, DirectoryUnavailable)
 
 
-# --- The worker processes ------------------------------------------------------------------------
+# --- The worker processes and their pipes ---------------------------------------------------------
 
-def worker_pids(ldap: LdapDirectory) -> list[int]:
-    return [w.pid for w in ldap._workers if w.running]
+def test_a_login_goes_down_the_pipe_and_the_answer_fires_it():
+    ldap, reactor = started()
+    worker = reactor.processes[0]
+    assert json.loads(worker.written[0])["threads"] == 4  # the setup line: pool_size threads
+    d = ldap.authenticate("USER000", PW0)
+    assert worker.logins_sent() == [{"id": 1, "user": "USER000", "filter": "(uid=USER000)",
+                                     "name": "USER000", "password": PW0}]
+    assert not d.called
+    worker.answer(1, Principal("user000", MOBILE))
+    assert result_now(d) == Principal("user000", MOBILE)
 
 
-def process_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def test_logins_go_to_the_worker_with_the_fewest_in_progress():
+    ldap, reactor = started(processes=2)
+    first, second = reactor.processes
+    for i in range(3):
+        ldap.authenticate(f"user{i:03d}", user_password(i))
+    second.answer(2, UnknownUser())  # the first now holds two, the second none
+    ldap.authenticate("user003", user_password(3))
+    assert [m["id"] for m in first.logins_sent()] == [1, 3]
+    assert [m["id"] for m in second.logins_sent()] == [2, 4]
 
 
-async def until(condition, timeout: float = 2.0) -> None:
-    """Wait on the real reactor until ``condition()`` holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await task.deferLater(real_reactor, 0.01)
+def test_a_login_a_stuck_worker_does_not_answer_fails_at_the_deadline_and_is_withdrawn():
+    ldap, reactor = started()
+    worker = reactor.processes[0]
+    d = ldap.authenticate("user000", PW0)
+    reactor.advance(1.9)
+    assert not d.called
+    reactor.advance(0.1)  # 1 s timeout: one per server plus one
+    failure_now(d, DirectoryUnavailable)
+    assert worker.logins_sent()[-1] == {"cancel": 1}
+    worker.answer(1, Principal("user000"))  # too late: ignored
+
+
+def test_a_worker_that_ends_fails_its_logins_and_is_started_again_later():
+    ldap, reactor = started()
+    d = ldap.authenticate("user000", PW0)
+    reactor.processes[0].end()
+    assert "ended" in str(failure_now(d, DirectoryUnavailable))
+    waiting = ldap.authenticate("user001", user_password(1))  # waits for the next worker
+    reactor.advance(FIRST_RESTART_DELAY * 0.9)
+    assert len(reactor.processes) == 1
+    reactor.advance(FIRST_RESTART_DELAY * 0.1)
+    assert len(reactor.processes) == 2
+    assert [m["user"] for m in reactor.processes[1].logins_sent()] == ["user001"]
+    # It dies too before answering anything: the next one waits twice as long.
+    reactor.processes[1].end()
+    failure_now(waiting, DirectoryUnavailable)
+    reactor.advance(FIRST_RESTART_DELAY * 1.9)
+    assert len(reactor.processes) == 2
+    reactor.advance(FIRST_RESTART_DELAY * 0.1)
+    assert len(reactor.processes) == 3
+
+
+def test_stop_closes_the_pipe_then_signals_a_worker_that_does_not_exit():
+    ldap, reactor = started()
+    worker = reactor.processes[0]
+    stopped = ldap.stop()
+    assert worker.stdin_closed and worker.signals == []
+    reactor.advance(2)  # the login deadline: one timeout per server plus one
+    assert worker.signals == ["TERM"]
+    reactor.advance(KILL_GRACE)
+    assert worker.signals == ["TERM", "KILL"]
+    assert not stopped.called
+    worker.end(ProcessDone(0))
+    assert result_now(stopped) is None
+    reactor.advance(60)
+    assert len(reactor.processes) == 1  # not started again
 
 
 def test_outcomes_and_config_survive_the_json_lines():
@@ -360,6 +227,7 @@ def test_outcomes_and_config_survive_the_json_lines():
     down = through_json(ldap_worker.encode_outcome(10, DirectoryUnavailable("no answer")))
     assert str(ldap_worker.decode_outcome(down)) == "no answer"
     original = config(["ldaps://a.example", "ldaps://b.example"], ca_file=Path("/x/ca.pem"),
+                      bind_dn=SERVICE_DN, bind_password=SERVICE_PASSWORD,
                       required_group=VPN_GROUP, active_directory=True)
     assert ldap_worker.config_from_json(
         through_json(ldap_worker.config_to_json(original))) == original
@@ -401,200 +269,7 @@ def test_worker_drops_logins_cancelled_before_a_thread_took_them():
         {"id": 3, "error": "invalid", "reason": "bad_password", "detail": "bind refused"}]
 
 
-@pytest.mark.integration
-def test_worker_process_speaks_json_lines_and_exits_at_end_of_input(slapd):
-    setup = {"config": ldap_worker.config_to_json(config([slapd.url])),
-             "groups": [VPN_GROUP], "threads": 2}
-    requests = [{"id": 1, "user": "user000", "filter": "(uid=user000)", "name": "user000",
-                 "password": PW0},
-                {"id": 2, "user": "user001", "filter": "(uid=user001)", "name": "user001",
-                 "password": "wrong"}]
-    lines = [json.dumps(m) for m in (setup, *requests)]
-    child = subprocess.run([sys.executable, "-m", "mfaserver.directory.ldap_worker"],
-                           input="\n".join(lines) + "\n", capture_output=True, text=True,
-                           timeout=30)
-    assert child.returncode == 0, child.stderr
-    answers = [json.loads(line) for line in child.stdout.splitlines()]
-    assert answers[0] == {"ready": True}
-    assert sorted(answers[1:], key=lambda m: m["id"]) == [
-        {"id": 1, "principal": {"username": "user000", "phone": MOBILE, "groups": [VPN_GROUP]}},
-        {"id": 2, "error": "invalid", "reason": "bad_password",
-         "detail": "bind refused: invalidCredentials"}]
-    assert child.stderr == ""
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_service_password_is_in_neither_argv_nor_environment(slapd, directory):
-    ldap = await directory([slapd.url], processes=2)
-    pids = worker_pids(ldap)
-    assert len(pids) == 2
-    for pid in pids:
-        for what in ("cmdline", "environ"):
-            with open(f"/proc/{pid}/{what}", "rb") as f:
-                assert SERVICE_PASSWORD.encode() not in f.read()
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_two_worker_processes_share_the_logins(slapd, directory):
-    ldap = await directory([slapd.url], groups=[ADMINS_GROUP], processes=2)
-    principals = await defer.gatherResults(
-        [ldap.authenticate(f"user{i:03d}", user_password(i)) for i in range(40)])
-    assert [p.username for p in principals] == [f"user{i:03d}" for i in range(40)]
-    assert [p.groups for p in principals[:3]] == [{ADMINS_GROUP}, {ADMINS_GROUP}, set()]
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_worker_that_dies_fails_its_logins_at_once(hung_ldap, directory):
-    ldap = await directory([hung_ldap.url], processes=1)
-    start = time.monotonic()
-    d = ldap.authenticate("user000", PW0)
-    await until(lambda: hung_ldap.connections > 0)
-    os.kill(worker_pids(ldap)[0], signal.SIGKILL)
-    e = await failure(d, DirectoryUnavailable)
-    assert "ended" in str(e)
-    assert time.monotonic() - start < 0.9  # before the server's 1 s timeout
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_worker_that_dies_is_replaced(slapd, directory):
-    ldap = await directory([slapd.url], processes=1)
-    await ldap.authenticate("user000", PW0)
-    [first] = worker_pids(ldap)
-    os.kill(first, signal.SIGKILL)
-    await until(lambda: process_gone(first) and not worker_pids(ldap))
-    # The login waits for the new worker process.
-    assert (await ldap.authenticate("user001", user_password(1))).username == "user001"
-    assert worker_pids(ldap) != [first]
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_stuck_worker_fails_logins_at_the_deadline_and_is_killed_on_stop(
-        slapd, directory):
-    ldap = await directory([slapd.url], processes=1)
-    [pid] = worker_pids(ldap)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        start = time.monotonic()
-        login = defer.ensureDeferred(failure(ldap.authenticate("user000", PW0),
-                                             DirectoryUnavailable))
-        login.addCallback(lambda _: time.monotonic() - start)
-        # A stopped process reads no end of input and ignores SIGTERM (sent after the
-        # deadline): SIGKILL ends it.
-        await ldap.stop()
-        assert 3.9 < time.monotonic() - start < 5.5
-        assert 1.9 < await login < 3  # 1 s timeout: one per server plus one
-        assert process_gone(pid)
-    finally:
-        if not process_gone(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_stop_ends_the_workers_cleanly(slapd):
-    ldap = LdapDirectory(config([slapd.url]), real_reactor, processes=2)
-    await ldap.start()
-    pending = ldap.authenticate("user000", PW0)
-    pids = worker_pids(ldap)
-    start = time.monotonic()
-    await ldap.stop()
-    assert time.monotonic() - start < 1.5  # at end of input, not by a signal
-    assert all(process_gone(pid) for pid in pids)
-    assert (await pending).username == "user000"  # a login in progress finishes
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_worker_log_events_reach_the_daemon_log(slapd, directory):
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        dead = ldap_server.dead_url()
-        ldap = await directory([dead, slapd.url], processes=1)
-        assert (await ldap.authenticate("user000", PW0)).username == "user000"
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    failed = [e for e in events if e.get("log_format", "").startswith("LDAP server {url} failed")]
-    assert [e["url"] for e in failed] == [dead]
-    assert failed[0]["log_level"] == LogLevel.warn
-    assert PW0 not in repr(events) and SERVICE_PASSWORD not in repr(events)
-
-
-# --- TLS -----------------------------------------------------------------------------------------
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_ldaps_with_the_right_ca_works(slapd, ldap_certs, directory):
-    ldap = await directory([slapd.ldaps_url], ca_file=ldap_certs.ca_file)
-    assert (await ldap.authenticate("user000", PW0)).username == "user000"
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_start_tls_with_the_right_ca_works_and_hides_the_password(
-        slapd, ldap_proxy, ldap_certs, directory):
-    ldap = await directory([ldap_proxy.url], start_tls=True, ca_file=ldap_certs.ca_file)
-    assert (await ldap.authenticate("user000", PW0)).username == "user000"
-    assert PW0.encode() not in ldap_proxy.sent
-    assert SERVICE_PASSWORD.encode() not in ldap_proxy.sent
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_plain_ldap_sends_the_password_in_clear(slapd, ldap_proxy, directory):
-    # The converse of the test above, to show that the recording works.
-    ldap = await directory([ldap_proxy.url])
-    await ldap.authenticate("user000", PW0)
-    assert PW0.encode() in ldap_proxy.sent
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("ca", ["other", "system"])
-@pytest_twisted.ensureDeferred
-async def test_ldaps_with_an_untrusted_certificate_is_refused(ca, slapd, ldap_certs,
-                                                               directory):
-    ca_file = ldap_certs.other_ca_file if ca == "other" else None
-    ldap = await directory([slapd.ldaps_url], ca_file=ca_file)
-    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_start_tls_with_an_untrusted_certificate_never_sends_the_password(
-        slapd, ldap_proxy, ldap_certs, directory):
-    ldap = await directory([ldap_proxy.url], start_tls=True, ca_file=ldap_certs.other_ca_file)
-    await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-    assert ldap_proxy.sent  # the StartTLS request went out...
-    assert SERVICE_PASSWORD.encode() not in ldap_proxy.sent  # ...but no bind
-    assert PW0.encode() not in ldap_proxy.sent
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_certificate_for_another_host_name_is_refused(slapd_wrong_name, ldap_certs,
-                                                             directory):
-    for url, tls in ((slapd_wrong_name.ldaps_url, False), (slapd_wrong_name.url, True)):
-        ldap = await directory([url], start_tls=tls, ca_file=ldap_certs.ca_file)
-        await failure(ldap.authenticate("user000", PW0), DirectoryUnavailable)
-
-
-@pytest.mark.integration
-@pytest_twisted.ensureDeferred
-async def test_ad_mode_strips_the_domain_and_reports_the_canonical_name(slapd, directory):
-    # slapd stands in for AD here: only the name handling and the bind are AD-specific.
-    ldap = await directory([slapd.url], active_directory=True, ad_domain="EXAMPLE")
-    assert (await ldap.authenticate("example\\USER000", PW0)).username == "user000"
-    await failure(ldap.authenticate("OTHER\\user000", PW0), UnknownUser)
-    e = await failure(ldap.authenticate("EXAMPLE\\user000", "wrong"), InvalidCredentials)
-    assert e.reason is Reason.BAD_PASSWORD
-
-
-# --- Active Directory: names and bind errors (no server) ----------------------------------------
+# --- Active Directory: names and bind errors (no server) ------------------------------------------
 
 AD_FILTER = "(&(objectClass=user)(sAMAccountName={username}))"
 

@@ -1,15 +1,15 @@
-"""Directory sync: Store.sync_users, phone numbers, run_sync, and ``mfaserver sync`` on slapd."""
+"""Directory sync: Store.sync_users, phone numbers, and run_sync and ``mfaserver sync``
+on fake directories. Against a real slapd: tests/integration/test_sync.py."""
 
 from __future__ import annotations
 
-import ldap3
 import pytest
 from click.testing import CliRunner
 
-import ldap_server
-
+from cli_setup import (
+    ALICE_PHONE, BOB_PHONE, DAY, NOW, invoke_sync, sync_many_users, write_config,
+)
 from mfaserver.auth.model import TokenKind
-from mfaserver.cli.common import CliState
 from mfaserver.cli.main import cli
 from mfaserver.config import LdapConfig, SyncConfig, load_config
 from mfaserver.directory.sync import (
@@ -23,11 +23,6 @@ from mfaserver.directory.sync import (
 )
 from mfaserver.store import NewToken, Store
 from mfaserver.store.db import SyncResult
-
-NOW = 1_700_000_000.0
-DAY = 86400.0
-ALICE_PHONE = "+14155550123"
-BOB_PHONE = "+442071838750"
 
 
 @pytest.fixture
@@ -151,16 +146,9 @@ def test_a_failing_sync_changes_nothing(store, monkeypatch):
         unchanged=1)
 
 
-def test_a_hundred_thousand_users(store):
-    entries = [(f"user{i:06d}", f"+1415555{i % 10000:04d}") for i in range(100_000)]
-    assert store.sync_users(entries, now=NOW, keep_days=30) == SyncResult(added=100_000)
-    # Next run: 1000 left, 1000 new, 1000 changed numbers.
-    changed = [(name, BOB_PHONE) if i < 1000 else (name, phone)
-               for i, (name, phone) in enumerate(entries[1000:])]
-    changed += [(f"new{i:06d}", None) for i in range(1000)]
-    result = store.sync_users(changed, now=NOW + 1, keep_days=30)
-    assert result == SyncResult(added=1000, updated=1000, disabled=1000, unchanged=98_000)
-    assert store.count_users(source="ldap") == 101_000
+def test_many_users_are_added_changed_and_disabled_in_one_sync(store):
+    # tests/integration/test_sync.py does the same with 100,000 users.
+    sync_many_users(store, 1000, changes=10)
 
 
 # --- phone numbers and entries ---
@@ -238,34 +226,6 @@ def test_sync_filter():
 # --- run_sync with a fake directory ---
 
 
-def write_config(tmp_path, servers=("ldap://127.0.0.1:9",), ldap_extra="", sync_extra="",
-                 with_ldap=True):
-    path = tmp_path / "mfaserver.toml"
-    text = f"""\
-[server]
-state_dir = "state"
-
-[[radius.clients]]
-name = "t"
-address = "127.0.0.1"
-secret = "0123456789abcdef0123"
-
-[directory.sync]
-keep_days = 30
-{sync_extra}
-"""
-    if with_ldap:
-        urls = ", ".join(f'"{u}"' for u in servers)
-        text += f"""
-[directory.ldap]
-servers = [{urls}]
-base_dn = "dc=example,dc=org"
-{ldap_extra}
-"""
-    path.write_text(text)
-    return path
-
-
 def fake_fetch(*users):
     def fetch(ldap, sync):
         return list(users)
@@ -310,243 +270,16 @@ def test_run_sync_without_ldap_config(tmp_path, store):
         run_sync(config, store, NOW)
 
 
-def test_fetch_failure_names_every_server(tmp_path, store):
-    urls = (ldap_server.dead_url(), ldap_server.dead_url())
-    config = load_config(write_config(tmp_path, servers=urls,
-                                      ldap_extra="timeout = 2\nallow_plaintext = true"))
-    with pytest.raises(SyncError) as info:
-        run_sync(config, store, NOW)
-    message = str(info.value)
-    assert message.startswith("cannot read users from LDAP: ")
-    assert all(url in message for url in urls) and "\n" not in message
-
-
-def invoke(config_path, *args, now=NOW):
-    state = CliState(clock=lambda: now)
-    return CliRunner().invoke(cli, ["-c", str(config_path), "sync", *args], obj=state)
-
-
 def test_cli_sync_without_ldap_config_is_a_one_line_error(tmp_path):
-    result = invoke(write_config(tmp_path, with_ldap=False))
+    result = invoke_sync(write_config(tmp_path, with_ldap=False))
     assert result.exit_code == 1
     assert result.stderr.splitlines() == [
         f"error: {tmp_path / 'mfaserver.toml'}: [directory.ldap] is not configured:"
         " nothing to sync from"]
 
 
-# --- against a real slapd ---
-
-
-@pytest.fixture
-def own_slapd(tmp_path, ldap_certs):
-    """A fresh slapd per test: these tests change the directory, so the shared
-    session ``slapd`` from conftest must not be used."""
-    if not ldap_server.available():
-        pytest.skip("slapd or its schema files are not installed (apt-get install slapd)")
-    server = ldap_server.start_slapd(
-        tmp_path / "slapd", tls=(ldap_certs.ca_file, ldap_certs.cert_file, ldap_certs.key_file))
-    yield server
-    server.stop()
-
-
-def root_connection(slapd):
-    return ldap3.Connection(slapd.url, ldap_server.ROOT_DN, ldap_server.ROOT_PASSWORD,
-                            auto_bind=True, raise_exceptions=True)
-
-
-def set_mobile(slapd, i: int, number: str) -> None:
-    with root_connection(slapd) as conn:
-        conn.modify(ldap_server.user_dn(i), {"mobile": [(ldap3.MODIFY_REPLACE, [number])]})
-
-
-def slapd_config(tmp_path, servers, timeout=3, ldap_extra="", **kwargs):
-    """A config file that syncs from ``servers`` as the fixture's service account."""
-    return write_config(tmp_path, servers=servers, ldap_extra=f"""\
-bind_dn = "{ldap_server.SERVICE_DN}"
-bind_password = "{ldap_server.SERVICE_PASSWORD}"
-timeout = {timeout}
-{ldap_extra}""", **kwargs)
-
-
-def open_store(config_path) -> Store:
-    config = load_config(config_path)
-    return Store.open(config.database_path, config.key_path, create=False)
-
-
-@pytest.mark.integration
-def test_sync_imports_the_directory_then_disables_a_deleted_user(tmp_path, own_slapd):
-    set_mobile(own_slapd, 1, "+1 (415) 555-0123")
-    set_mobile(own_slapd, 2, "12345")
-    config_path = slapd_config(tmp_path, [own_slapd.url])
-
-    result = invoke(config_path)
-    assert result.exit_code == 0, result.output
-    # user000..user299, "dup" (twice, one user) and "public"; user000's
-    # fixture number (+1 555 ...) is not a valid number.
-    assert result.stdout.splitlines() == [
-        "sync: 303 users in the directory; added 302, updated 0, re-enabled 0, disabled 0,"
-        " removed 0, unchanged 0; 2 invalid phone numbers",
-        "invalid phone number: user000: '+15555550100': not a valid number",
-        "invalid phone number: user002: '12345': no valid country code (write it as +CC...)",
-    ]
-    with open_store(config_path) as store:
-        assert store.count_users(source="ldap") == 302
-        assert store.get_user("user001").phone == ALICE_PHONE
-        assert store.get_user("user000").phone is None
-        assert store.get_user("user002").phone is None
-        assert store.get_user("user003").source == "ldap"
-
-    with root_connection(own_slapd) as conn:
-        conn.delete(ldap_server.user_dn(5))
-    set_mobile(own_slapd, 3, "+44 20 7183 8750")
-    result = invoke(config_path, now=NOW + DAY)
-    assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[0] == (
-        "sync: 302 users in the directory; added 0, updated 1, re-enabled 0, disabled 1,"
-        " removed 0, unchanged 300; 2 invalid phone numbers")
-    with open_store(config_path) as store:
-        assert store.get_user("user005").disabled_since == NOW + DAY
-        assert store.load_account("user005").blocked
-        assert store.get_user("user003").phone == BOB_PHONE
-
-
-@pytest.mark.integration
-def test_sync_refuses_when_ldap_is_down_and_disables_nothing(tmp_path, own_slapd):
-    config_path = slapd_config(tmp_path, [own_slapd.url])
-    assert invoke(config_path).exit_code == 0
-    dead = ldap_server.dead_url()
-    down = slapd_config(tmp_path, [dead])
-    result = invoke(down, now=NOW + DAY)
-    assert result.exit_code == 1
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read users from LDAP: {dead}:")
-    own_slapd.stop()
-    result = invoke(config_path, now=NOW + DAY)
-    assert result.exit_code == 1 and "cannot read users from LDAP" in result.stderr
-    with open_store(config_path) as store:
-        assert [u for u in store.list_users() if u.disabled_since is not None] == []
-
-
-@pytest.mark.integration
-def test_sync_fails_over_to_the_next_server(tmp_path, slapd):
-    config_path = slapd_config(tmp_path, [ldap_server.dead_url(), slapd.url])
-    result = invoke(config_path)
-    assert result.exit_code == 0, result.output
-    assert "added 302" in result.stdout
-
-
-@pytest.mark.integration
-def test_sync_refuses_a_filter_matching_nobody_unless_forced(tmp_path, slapd):
-    config_path = slapd_config(tmp_path, [slapd.url])
-    assert invoke(config_path).exit_code == 0
-    nobody = slapd_config(tmp_path, [slapd.url], sync_extra='filter = "(uid=nobody)"')
-    result = invoke(nobody, now=NOW + 1)
-    assert result.exit_code == 1
-    assert result.stderr.splitlines() == [
-        "error: the directory returned no users: refusing to disable all 302 synced users"
-        " (check base_dn and the sync filter, or use --force)"]
-    result = invoke(nobody, "--force", "--dry-run", now=NOW + 1)
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("sync (dry run, nothing changed): 0 users in the directory;"
-                                    " added 0, updated 0, re-enabled 0, disabled 302,")
-    with open_store(config_path) as store:
-        assert all(u.disabled_since is None for u in store.list_users())
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("scheme", ["ldaps", "starttls"])
-def test_sync_over_tls_checks_the_certificate_against_ca_file(tmp_path, slapd, ldap_certs,
-                                                             scheme):
-    url, tls = (slapd.ldaps_url, "") if scheme == "ldaps" else (slapd.url, "start_tls = true")
-    bad = slapd_config(tmp_path, [url],
-                       ldap_extra=f'ca_file = "{ldap_certs.other_ca_file}"\n{tls}')
-    result = invoke(bad)
-    assert result.exit_code == 1
-    assert result.stderr.startswith(f"error: cannot read users from LDAP: {url}: ")
-    good = slapd_config(tmp_path, [url], ldap_extra=f'ca_file = "{ldap_certs.ca_file}"\n{tls}')
-    result = invoke(good)
-    assert result.exit_code == 0, result.output
-    assert "added 302" in result.stdout
-
-
-@pytest.mark.integration
-def test_sync_refuses_a_certificate_for_another_host(tmp_path, slapd_wrong_name, ldap_certs):
-    config_path = slapd_config(tmp_path, [slapd_wrong_name.ldaps_url],
-                               ldap_extra=f'ca_file = "{ldap_certs.ca_file}"')
-    result = invoke(config_path)
-    assert result.exit_code == 1
-    assert result.stderr.splitlines() == [
-        f"error: cannot read users from LDAP: {slapd_wrong_name.ldaps_url}: connect failed:"
-        " the server's certificate is not valid for its host name"]
-
-
-@pytest.mark.integration
-def test_dry_run_on_a_fresh_install_creates_no_database(tmp_path, slapd):
-    config_path = slapd_config(tmp_path, [slapd.url])
-    result = invoke(config_path, "--dry-run")
-    assert result.exit_code == 1
-    assert "does not exist" in result.stderr
-    assert not (tmp_path / "state").exists()
-
-
-def add_people(slapd, count: int) -> None:
-    with root_connection(slapd) as conn:
-        for i in range(count):
-            uid = f"extra{i:03d}"
-            conn.add(f"uid={uid},{ldap_server.PEOPLE_DN}", ["inetOrgPerson"],
-                     {"uid": uid, "cn": uid, "sn": uid})
-
-
-@pytest.mark.integration
-def test_a_search_cut_short_by_a_size_limit_fails_and_changes_nothing(tmp_path, own_slapd):
-    config_path = slapd_config(tmp_path, [own_slapd.url])
-    assert invoke(config_path).exit_code == 0
-    # slapd gives the service account at most 500 entries, paged or not; a
-    # sync that took those for the whole directory would disable the rest.
-    add_people(own_slapd, 400)
-    result = invoke(config_path, now=NOW + 1)
-    assert result.exit_code == 1
-    assert result.stderr.splitlines() == [
-        f"error: cannot read users from LDAP: {own_slapd.url}: search failed:"
-        " sizeLimitExceeded after 500 entries, not the whole directory"]
-    with open_store(config_path) as store:
-        assert store.count_users() == 302
-        assert all(u.disabled_since is None for u in store.list_users())
-
-
-@pytest.mark.integration
-def test_sync_pages_through_a_large_directory(tmp_path, own_slapd, monkeypatch):
-    from mfaserver.directory import sync
-
-    monkeypatch.setattr(sync, "PAGE_SIZE", 100)
-    add_people(own_slapd, 400)
-    config_path = write_config(tmp_path, servers=[own_slapd.url], ldap_extra=f"""\
-bind_dn = "{ldap_server.ROOT_DN}"
-bind_password = "{ldap_server.ROOT_PASSWORD}"
-""")
-    result = invoke(config_path)
-    assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("sync: 703 users in the directory; added 702,")
-
-
-@pytest.mark.integration
-def test_sync_gives_up_on_a_hung_server_and_uses_the_next(tmp_path, slapd, hung_ldap):
-    config_path = slapd_config(tmp_path, [hung_ldap.url, slapd.url], timeout=1)
-    result = invoke(config_path)
-    assert result.exit_code == 0, result.output
-    assert "added 302" in result.stdout
-    assert hung_ldap.connections == 1
-
-
 def test_user_show_tells_a_disabled_directory_user(tmp_path):
-    from click.testing import CliRunner
-
-    from mfaserver.cli.main import cli
-    from mfaserver.store import Store
-
-    config = tmp_path / "mfaserver.toml"
-    config.write_text('[server]\nstate_dir = "state"\n[[radius.clients]]\nname = "t"\n'
-                      'address = "127.0.0.1"\nsecret = "0123456789abcdef0123"\n')
+    config = write_config(tmp_path, with_ldap=False)
     with Store.open(tmp_path / "state" / "mfaserver.sqlite3", tmp_path / "state" / "seed.key") as s:
         s.sync_users([("gone", None)], now=1000.0, keep_days=30)
         s.sync_users([("other", None)], now=2000.0, keep_days=30)

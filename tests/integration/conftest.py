@@ -1,4 +1,9 @@
-"""Fixtures that run the real daemon on 127.0.0.1 and drive it with FreeRADIUS's radclient."""
+"""Fixtures that start real servers on 127.0.0.1: the daemon (driven with FreeRADIUS's
+radclient), OpenLDAP's slapd (see `ldap_server`), and LDAP servers that misbehave.
+
+The slapd fixtures skip their tests where slapd is not installed
+(``scripts/test`` installs it).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import ldap_server
 from mfaserver.radius import codec
 from mfaserver.testing import status_server
 
@@ -196,3 +202,72 @@ def daemon(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("daemon"))
     yield d
     stop_daemon(d)
+
+
+# --- slapd, certificates, and LDAP servers that misbehave ----------------------------------------
+
+def _start_slapd(directory: Path, certs: ldap_server.Certificates,
+                 right_name: bool = True) -> ldap_server.Slapd:
+    """slapd with the test data, its certificate from ``certs``' CA valid for 127.0.0.1
+    (or, not ``right_name``, for another host)."""
+    if not ldap_server.available():
+        pytest.skip("slapd or its schema files are not installed (apt-get install slapd)")
+    cert, key = ((certs.cert_file, certs.key_file) if right_name
+                 else (certs.wrong_cert_file, certs.wrong_key_file))
+    return ldap_server.start_slapd(directory, tls=(certs.ca_file, cert, key))
+
+
+@pytest.fixture(scope="session")
+def ldap_certs(tmp_path_factory) -> ldap_server.Certificates:
+    """A CA, server certificates signed by it, and an unrelated CA."""
+    return ldap_server.make_certificates(tmp_path_factory.mktemp("ldap-certs"))
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory, ldap_certs):
+    """slapd with the test data, its certificate valid for 127.0.0.1."""
+    server = _start_slapd(tmp_path_factory.mktemp("slapd"), ldap_certs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def slapd_wrong_name(tmp_path_factory, ldap_certs):
+    """A second slapd whose certificate (from the right CA) names another host."""
+    server = _start_slapd(tmp_path_factory.mktemp("slapd-wrong-name"), ldap_certs,
+                          right_name=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_slapd(tmp_path, ldap_certs):
+    """A fresh slapd for one test, which may change the directory (the shared
+    session ``slapd`` must keep its data)."""
+    server = _start_slapd(tmp_path / "slapd", ldap_certs)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hung_ldap():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
+    server = ldap_server.HungServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def closing_ldap():
+    """A TCP server on 127.0.0.1 that closes every connection at once."""
+    server = ldap_server.HungServer(hang=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def ldap_proxy(slapd):
+    """A relay to slapd's plain port that records what clients send."""
+    proxy = ldap_server.RecordingProxy(slapd.port)
+    yield proxy
+    proxy.close()
