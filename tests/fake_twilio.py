@@ -1,4 +1,11 @@
-"""A fake of Twilio's REST API on 127.0.0.1, for tests of the SMS and voice factors.
+"""A fake of Twilio's REST API, in memory or on 127.0.0.1, for the SMS and voice tests.
+
+In memory (unit tests), ``FakeTwilio(clock, http_client=StubTreq(endpoints))``:
+the gateway reaches ``fake.resource`` through ``StubTreq(fake.resource)``,
+calls play out on ``clock`` and the fake posts its callbacks through
+``http_client``. On a port (integration tests), ``FakeTwilio(reactor).start()``
+and ``api_base``; then calls play out on the reactor and the callbacks go
+over real HTTP.
 
 It speaks the subset mfaserver uses: POST
 ``/2010-04-01/Accounts/{AccountSid}/Messages.json`` and ``.../Calls.json``
@@ -50,15 +57,17 @@ from xml.etree import ElementTree
 import treq
 from treq.client import HTTPClient
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.client import Agent, HTTPConnectionPool
+
+from mfaserver.testing import hold_request
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "fake-twilio-auth-token-7d1e0c"
 FROM_NUMBER = "+15550001111"
 
+# Twilio's rule, written apart from mfaserver's (mfaserver.phones.is_e164).
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 _PATH = re.compile(r"/2010-04-01/Accounts/([^/]+)/(Messages|Calls)\.json")
 
@@ -130,16 +139,21 @@ class _Script:
 
 
 class FakeTwilio:
-    """The fake server. ``start()``, point ``api_base`` at it, ``await stop()``.
+    """The fake Twilio: in memory through `resource`, or ``start()`` on a port.
 
-    ``messages`` lists the SMS accepted (dicts: to, from, body, sid),
-    ``calls`` the `FakeCall` objects, ``requests`` counts every request to
-    the REST API, including refused ones.
+    ``reactor`` is the clock calls play out on (a `Clock` in memory) and,
+    for `start`, the reactor to listen on. ``http_client`` (a treq
+    ``HTTPClient``, e.g. ``StubTreq`` of our endpoints) posts the callbacks;
+    by default an Agent on ``reactor``. ``messages`` lists the SMS accepted
+    (dicts: to, from, body, sid), ``calls`` the `FakeCall` objects,
+    ``requests`` counts every request to the REST API, refused ones too;
+    ``dropped`` counts the requests left unanswered (`hang_next`) whose
+    client hung up.
     """
 
     def __init__(self, reactor, *, account_sid: str = ACCOUNT_SID,
                  auth_token: str = AUTH_TOKEN, from_numbers=(FROM_NUMBER,),
-                 answer_delay: float = 0.01):
+                 answer_delay: float = 0.01, http_client: HTTPClient | None = None):
         self.reactor = reactor
         self.account_sid = account_sid
         self.auth_token = auth_token
@@ -148,18 +162,24 @@ class FakeTwilio:
         self.messages: list[dict] = []
         self.calls: list[FakeCall] = []
         self.requests = 0
+        self.dropped = 0
+        self.resource = _Api(self)
         self._scripts: dict[str, _Script] = {}
         self._failures: list[tuple[int, bytes]] = []
+        self._hangs: list[bool] = []                # partial? for each request to leave hanging
         self._port = None
         self._delayed: list = []                    # calls about to be answered
         self._running: set[defer.Deferred] = set()  # calls being played out
-        self._http = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        if http_client is None:
+            http_client = HTTPClient(
+                Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        self._http = http_client
 
     # --- Test controls -------------------------------------------------------------------
 
     def start(self) -> FakeTwilio:
         """Listen on 127.0.0.1 on a free port."""
-        self._port = self.reactor.listenTCP(0, server.Site(_Api(self)), interface="127.0.0.1")
+        self._port = self.reactor.listenTCP(0, server.Site(self.resource), interface="127.0.0.1")
         return self
 
     @property
@@ -167,13 +187,14 @@ class FakeTwilio:
         return f"http://127.0.0.1:{self._port.getHost().port}"
 
     async def stop(self) -> None:
-        """Stop listening and abandon calls still being played out."""
+        """Abandon calls still being played out and stop listening (if `start`ed)."""
         for delayed in self._delayed:
             if delayed.active():
                 delayed.cancel()
         for running in list(self._running):
             running.cancel()
-        await self._port.stopListening()
+        if self._port is not None:
+            await self._port.stopListening()
 
     def script_call(self, to: str, keys: str | None = "#", *, status: str = "no-answer") -> None:
         """What the callee at ``to`` does when called.
@@ -192,6 +213,17 @@ class FakeTwilio:
             body = _error_body(status, code, message)
         self._failures.append((status, body))
 
+    def hang_next(self, *, partial: bool = False) -> None:
+        """Leave the next REST request unanswered (a provider that hangs).
+
+        With ``partial`` the status, headers and a few bytes of the body go
+        out, then nothing more.
+        """
+        self._hangs.append(partial)
+
+    def _dropped(self) -> None:
+        self.dropped += 1
+
     def call_finished(self, sid: str) -> defer.Deferred:
         """Fires with the `FakeCall` once its last callback is done."""
         call = next(c for c in self.calls if c.sid == sid)
@@ -205,8 +237,11 @@ class FakeTwilio:
 
     # --- The REST API --------------------------------------------------------------------
 
-    def handle(self, request) -> tuple[int, bytes]:
+    def handle(self, request) -> tuple[int, bytes] | None:
+        """The answer to a REST request: (status, JSON body), or None to leave it hanging."""
         self.requests += 1
+        if self._hangs:
+            return None
         if self._failures:
             return self._failures.pop(0)
         match = _PATH.fullmatch(request.path.decode("latin-1"))
@@ -372,7 +407,11 @@ class _Api(resource.Resource):
         self._fake = fake
 
     def render_POST(self, request):
-        status, body = self._fake.handle(request)
+        answer = self._fake.handle(request)
+        if answer is None:
+            return hold_request(request, partial=self._fake._hangs.pop(0),
+                                dropped=self._fake._dropped)
+        status, body = answer
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json; charset=utf-8")
         return body
@@ -391,44 +430,7 @@ def _error_body(status: int, code: int | None, message: str) -> bytes:
                   "more_info": f"https://www.twilio.com/docs/errors/{code}"})
 
 
-# --- Servers that misbehave ----------------------------------------------------------------------
-
-class _Stalling(Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        # Read the request; answer nothing, or only the start of an answer.
-        if self.factory.partial and not self.answered:
-            self.answered = True
-            self.transport.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 1000\r\n\r\n{\"sid\": ")
-
-    def connectionMade(self) -> None:
-        self.answered = False
-        self.factory.connections += 1
-
-    def connectionLost(self, reason=None) -> None:
-        self.factory.closed += 1
-
-
-class HungServer(Factory):
-    """Accepts connections on 127.0.0.1 and never answers them.
-
-    With ``partial=True`` it sends the status line, the headers and a few
-    bytes of the body, then stalls. ``connections`` and ``closed`` count the
-    connections accepted and closed (by the client).
-    """
-
-    protocol = _Stalling
-
-    def __init__(self, reactor, *, partial: bool = False):
-        self.partial = partial
-        self.connections = 0
-        self.closed = 0
-        self._port = reactor.listenTCP(0, self, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self._port.getHost().port}"
-
-    def stop(self) -> defer.Deferred:
-        return self._port.stopListening()
-
+# --- Nothing listening -----------------------------------------------------------------------
 
 def unused_port() -> int:
     """A port on 127.0.0.1 where nothing listens (it was free a moment ago)."""

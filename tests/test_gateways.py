@@ -1,60 +1,55 @@
-"""The http, smtp and console gateways, over loopback on the real reactor.
+"""The http, smtp and console gateways, in memory.
 
-The http gateway talks to a recording twisted.web server, the smtp gateway to
-Twisted's own ESMTP server (`fake_smtp`), with STARTTLS and AUTH where a test
-needs them; certificates come from the ``ldap_certs`` fixture (a test CA, a
-server certificate for 127.0.0.1, and an unrelated CA).
+The http gateway talks to a `WebhookStandIn` through treq's StubTreq, with a
+`Clock` for its deadline; where connecting and TLS matter it uses its own
+Agent on a `MemoryReactorClock`, whose connections iosim completes to a `Site`
+(wrapped in TLS for https). The smtp gateway runs on a `MemoryReactorClock`
+and talks to `fake_smtp.FakeSmtpServer` (Twisted's own ESMTP server) in
+memory, STARTTLS and AUTH included. Certificates come from
+`ldap_server.make_certificates` (a test CA, a server certificate for
+127.0.0.1 and localhost, one for another name, and an unrelated CA). Over real sockets: tests/integration/test_gateways_network.py.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import time
-from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import pytest
-import pytest_twisted
-from twisted.internet import defer, protocol, task
-from twisted.internet import reactor as real_reactor
+from treq.testing import StubTreq
+from twisted.internet import protocol
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.ssl import PrivateCertificate
-from twisted.logger import Logger, formatEvent, globalLogPublisher
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, capturedLogs, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
-from fake_smtp import FakeSmtpServer
-from ldap_server import free_tcp_port
+import ldap_server
+from fake_smtp import FakeSmtpServer, Silent, connect_in_memory
 from mfaserver.gateways.base import GatewayError
 from mfaserver.gateways.console import ConsoleGateway
 from mfaserver.gateways.http import HttpGateway, HttpGatewaySettings, substitute
 from mfaserver.gateways.smtp import SmtpGateway, SmtpSettings
+from mfaserver.testing import WebhookStandIn
 
 NUMBER = "+4917012345678"
 TEXT = "Your code is 493817"
-
-# Twisted's server-side TLS options (the test servers) still pass pyOpenSSL objects.
-pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
+URL = "https://sms.example.com/"
 API_KEY = "key-5ecret-4pi-k3y"
 TOKEN = "Bearer t0ken-in-a-header"
 SMTP_PASSWORD = "sm7p-pa55word"
+NOT_E164 = ["4917012345678", "+49 170 1234567", "+4917012345678\n", "+491701234567890123",
+            "+0123456789", "+49170١٢٣٤٥٦٧", "+49170\r\nRCPT TO:<x@y>", ""]
 
-
-async def gateway_error(d) -> GatewayError:
-    """The GatewayError that ``d`` fails with."""
-    with pytest.raises(GatewayError) as info:
-        await d
-    return info.value
-
-
-@pytest.fixture
-def log_events():
-    """Every log event emitted during the test."""
-    events: list[dict] = []
-    observer = events.append
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
+# Twisted's server-side TLS options (the test servers) still pass pyOpenSSL objects.
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")
 
 
 def logged_text(events) -> str:
@@ -67,161 +62,33 @@ def logged_text(events) -> str:
                      if not str(e.get("log_system", "")).startswith("FakeSmtpProtocol"))
 
 
-# --- A recording web server and a silent TCP server ---------------------------------------------
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    query: dict
-    headers: dict
-    body: bytes
+def exception_text(errors) -> str:
+    """Everything an exception could show: its text, repr and what it was raised from."""
+    return " ".join(f"{e!s} {e!r} {e.__cause__!r} {e.__context__!r}" for e in errors)
 
 
-class _Recorder(Resource):
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.requests: list[Recorded] = []
-        self.status = 200
-        self.hang = False
-        self.pending = []
-
-    def render(self, request):
-        self.requests.append(Recorded(
-            request.method.decode(), request.path.decode(),
-            parse_qs(urlsplit(request.uri.decode()).query),
-            {k.decode().lower(): v[0].decode()
-             for k, v in request.requestHeaders.getAllRawHeaders()},
-            request.content.read()))
-        if self.hang:
-            self.pending.append(request)
-            return NOT_DONE_YET
-        request.setResponseCode(self.status)
-        if 300 <= self.status < 400:
-            request.setHeader(b"location", self.url.encode() + b"elsewhere")
-        return b'{"result": "whatever"}'
+def tls_server_options(cert_file, key_file):
+    return PrivateCertificate.loadPEM(cert_file.read_bytes() + key_file.read_bytes()).options()
 
 
-class WebServer:
-    """twisted.web on 127.0.0.1, plain or HTTPS; `requests` records what arrived."""
-
-    def __init__(self, tls=None):
-        self.resource = _Recorder()
-        site = Site(self.resource)
-        site.log = lambda request: None  # no access log: the query holds test secrets
-        site.noisy = False
-        if tls is None:
-            self._port = real_reactor.listenTCP(0, site, interface="127.0.0.1")
-            scheme = "http"
-        else:
-            self._port = real_reactor.listenSSL(0, site, tls, interface="127.0.0.1")
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self._port.getHost().port}/"
-        self.resource.url = self.url
-
-    @property
-    def requests(self) -> list[Recorded]:
-        return self.resource.requests
-
-    def close(self):
-        for request in self.resource.pending:
-            if request.channel is not None:  # else the client hung up already
-                request.channel.transport.abortConnection()
-        return defer.maybeDeferred(self._port.stopListening)
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory) -> ldap_server.Certificates:
+    return ldap_server.make_certificates(tmp_path_factory.mktemp("certificates"))
 
 
-class SilentServer:
-    """Accepts TCP connections on 127.0.0.1 and never says or reads anything."""
+class GatewayTestCase(SynchronousTestCase):
+    """Test certificates (``certs``), and how a Deferred fails."""
 
-    def __init__(self):
-        self.connections = []
-        factory = protocol.Factory.forProtocol(protocol.Protocol)
-        factory.noisy = False
-        outer = self
+    @pytest.fixture(autouse=True)
+    def _certificates(self, certificates):
+        self.certs = certificates
 
-        class Silent(protocol.Protocol):
-            def connectionMade(self):
-                outer.connections.append(self)
-                self.transport.pauseProducing()
-
-        factory.protocol = Silent
-        self._port = real_reactor.listenTCP(0, factory, interface="127.0.0.1")
-        self.port = self._port.getHost().port
-
-    def close(self):
-        for connection in self.connections:
-            connection.transport.abortConnection()
-        return defer.maybeDeferred(self._port.stopListening)
-
-
-@pytest_twisted.async_yield_fixture
-async def web():
-    server = WebServer()
-    yield server
-    await server.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def silent():
-    server = SilentServer()
-    yield server
-    await server.close()
-
-
-def http_gateway(url: str, **settings) -> HttpGateway:
-    settings.setdefault("fields", {"to": "{to}", "text": "{text}", "api_key": API_KEY})
-    settings.setdefault("headers", {"Authorization": TOKEN})
-    return HttpGateway(HttpGatewaySettings(url=url, **settings), real_reactor)
+    def gateway_error(self, d) -> GatewayError:
+        """The GatewayError that ``d`` has failed with."""
+        return self.failureResultOf(d, GatewayError).value
 
 
 # --- http --------------------------------------------------------------------------------------
-
-@pytest_twisted.ensureDeferred
-async def test_http_json_post_sends_the_templated_fields_and_headers(web):
-    gateway = http_gateway(web.url + "send", fields={
-        "to": "{to}", "msisdn": "{number}", "message": "MFA: {text}", "api_key": API_KEY,
-        "kind": "sms"})
-    assert await gateway.send_sms(NUMBER, TEXT) is None
-    [request] = web.requests
-    assert (request.method, request.path) == ("POST", "/send")
-    assert request.headers["content-type"].startswith("application/json")
-    assert request.headers["authorization"] == TOKEN
-    assert json.loads(request.body) == {
-        "to": NUMBER, "msisdn": NUMBER[1:], "message": f"MFA: {TEXT}", "api_key": API_KEY,
-        "kind": "sms"}
-
-
-@pytest_twisted.ensureDeferred
-async def test_http_form_post_is_form_encoded_utf8(web):
-    gateway = http_gateway(web.url, format="form", method="PUT")
-    await gateway.send_sms(NUMBER, "Code 123456 – grüße & a=b")
-    [request] = web.requests
-    assert request.method == "PUT"
-    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
-    assert parse_qs(request.body.decode()) == {
-        "to": [NUMBER], "text": ["Code 123456 – grüße & a=b"], "api_key": [API_KEY]}
-
-
-@pytest_twisted.ensureDeferred
-async def test_http_get_puts_the_fields_in_the_query_string(web):
-    gateway = http_gateway(web.url + "sms?fixed=1", method="GET")
-    await gateway.send_sms(NUMBER, "Code 123456 & more")
-    [request] = web.requests
-    assert request.method == "GET"
-    assert request.body == b""
-    assert request.query == {"fixed": ["1"], "to": [NUMBER], "text": ["Code 123456 & more"],
-                             "api_key": [API_KEY]}
-
-
-@pytest_twisted.ensureDeferred
-async def test_http_placeholders_in_the_message_are_sent_as_written(web):
-    gateway = http_gateway(web.url)
-    text = "{to} {number} {text} {text.__class__} {0} {subject} %(x)s {{"
-    await gateway.send_sms(NUMBER, text)
-    assert json.loads(web.requests[0].body)["text"] == text
-
 
 def test_substitution_replaces_only_the_known_names_in_one_pass():
     values = {"to": "{text}", "text": "{to}.__class__"}
@@ -253,393 +120,217 @@ def test_http_settings_repr_hides_fields_and_headers():
     assert API_KEY not in repr(settings) and TOKEN not in repr(settings)
 
 
-@pytest_twisted.ensureDeferred
-async def test_http_alert_fills_subject_and_text(web):
-    gateway = http_gateway(web.url, fields={"title": "{subject}", "body": "{text}", "to": "{to}"})
-    await gateway.send_alert("Fraud report: alice", "alice denied a push from 192.0.2.7")
-    assert json.loads(web.requests[0].body) == {
-        "title": "Fraud report: alice", "body": "alice denied a push from 192.0.2.7", "to": ""}
+def http_settings(url: str = URL, **settings) -> HttpGatewaySettings:
+    settings.setdefault("fields", {"to": "{to}", "text": "{text}", "api_key": API_KEY})
+    settings.setdefault("headers", {"Authorization": TOKEN})
+    return HttpGatewaySettings(url=url, **settings)
 
 
-@pytest_twisted.ensureDeferred
-async def test_http_non_success_status_is_a_gateway_error(web):
-    web.resource.status = 503
-    failure = await gateway_error(http_gateway(web.url).send_sms(NUMBER, TEXT))
-    assert str(failure) == "http gateway: status 503"
-    assert failure.status == 503
+class HttpGatewayTests(GatewayTestCase):
+    """The webhook's side through StubTreq; the deadline on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.web = WebhookStandIn()
+        self.stub = StubTreq(self.web)
+
+    def gateway(self, url: str = URL, **settings) -> HttpGateway:
+        return HttpGateway(http_settings(url, **settings), self.clock, http_client=self.stub)
+
+    def test_json_post_sends_the_templated_fields_and_headers(self):
+        gateway = self.gateway(URL + "send", fields={
+            "to": "{to}", "msisdn": "{number}", "message": "MFA: {text}", "api_key": API_KEY,
+            "kind": "sms"})
+        self.assertIsNone(self.successResultOf(gateway.send_sms(NUMBER, TEXT)))
+        [request] = self.web.requests
+        self.assertEqual((request.method, request.path), ("POST", "/send"))
+        self.assertTrue(request.headers["content-type"].startswith("application/json"))
+        self.assertEqual(request.headers["authorization"], TOKEN)
+        self.assertEqual(json.loads(request.body), {
+            "to": NUMBER, "msisdn": NUMBER[1:], "message": f"MFA: {TEXT}", "api_key": API_KEY,
+            "kind": "sms"})
+
+    def test_form_put_is_form_encoded_utf8(self):
+        self.successResultOf(self.gateway(format="form", method="PUT").send_sms(
+            NUMBER, "Code 123456 – grüße & a=b"))
+        [request] = self.web.requests
+        self.assertEqual(request.method, "PUT")
+        self.assertEqual(request.headers["content-type"], "application/x-www-form-urlencoded")
+        self.assertEqual(parse_qs(request.body.decode()), {
+            "to": [NUMBER], "text": ["Code 123456 – grüße & a=b"], "api_key": [API_KEY]})
+
+    def test_get_puts_the_fields_in_the_query_string(self):
+        self.successResultOf(self.gateway(URL + "sms?fixed=1", method="GET").send_sms(
+            NUMBER, "Code 123456 & more"))
+        [request] = self.web.requests
+        self.assertEqual((request.method, request.body), ("GET", b""))
+        self.assertEqual(request.query, {"fixed": ["1"], "to": [NUMBER],
+                                         "text": ["Code 123456 & more"], "api_key": [API_KEY]})
+
+    def test_placeholders_in_the_message_are_sent_as_written(self):
+        text = "{to} {number} {text} {text.__class__} {0} {subject} %(x)s {{"
+        self.successResultOf(self.gateway().send_sms(NUMBER, text))
+        self.assertEqual(json.loads(self.web.requests[0].body)["text"], text)
+
+    def test_alert_fills_subject_and_text(self):
+        gateway = self.gateway(fields={"title": "{subject}", "body": "{text}", "to": "{to}"})
+        self.successResultOf(gateway.send_alert("Fraud report: alice",
+                                                "alice denied a push from 192.0.2.7"))
+        self.assertEqual(json.loads(self.web.requests[0].body), {
+            "title": "Fraud report: alice", "body": "alice denied a push from 192.0.2.7",
+            "to": ""})
+
+    def test_non_success_status_is_a_gateway_error(self):
+        self.web.status = 503
+        error = self.gateway_error(self.gateway().send_sms(NUMBER, TEXT))
+        self.assertEqual((str(error), error.status), ("http gateway: status 503", 503))
+
+    def test_custom_success_status(self):
+        self.web.status = 299
+        self.successResultOf(self.gateway(success_status=(299,)).send_sms(NUMBER, TEXT))
+        self.web.status = 200
+        error = self.gateway_error(self.gateway(success_status=(299,)).send_sms(NUMBER, TEXT))
+        self.assertEqual(error.status, 200)
+
+    def test_redirect_is_not_followed(self):
+        self.web.status = 302
+        error = self.gateway_error(self.gateway().send_sms(NUMBER, TEXT))
+        self.assertEqual(error.status, 302)
+        self.assertEqual(len(self.web.requests), 1)  # the API key went nowhere else
+
+    def test_server_that_never_answers_times_out_and_is_hung_up_on(self):
+        self.web.hold = True
+        d = self.gateway(timeout=0.5).send_sms(NUMBER, TEXT)
+        self.clock.advance(0.5)
+        self.assertEqual(str(self.gateway_error(d)), "http gateway: no answer within 0.5 seconds")
+        self.stub.flush()
+        self.assertEqual((len(self.web.requests), self.web.dropped), (1, 1))
+
+    def test_server_that_stalls_in_the_body_times_out_and_is_hung_up_on(self):
+        self.web.hold = self.web.partial = True
+        d = self.gateway(timeout=0.5).send_sms(NUMBER, TEXT)
+        self.assertNoResult(d)
+        self.clock.advance(0.5)
+        self.assertEqual(str(self.gateway_error(d)), "http gateway: no answer within 0.5 seconds")
+        self.stub.flush()
+        self.assertEqual(self.web.dropped, 1)
+
+    def test_caller_can_cancel(self):
+        self.web.hold = True
+        d = self.gateway().send_sms(NUMBER, TEXT)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.stub.flush()
+        self.assertEqual(self.web.dropped, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the deadline went with it
+
+    def test_number_not_in_e164_form_is_refused_before_any_request(self):
+        for number in NOT_E164:
+            with self.subTest(number=number):
+                error = self.gateway_error(self.gateway().send_sms(number, TEXT))
+                self.assertIn("E.164", str(error))
+        self.assertEqual(self.web.requests, [])
+
+    def test_no_secret_in_logs_or_errors(self):
+        errors = []
+        with capturedLogs() as events:
+            gateway = self.gateway(method="GET")
+            self.successResultOf(gateway.send_sms(NUMBER, TEXT))
+            self.web.status = 500
+            errors.append(self.gateway_error(gateway.send_sms(NUMBER, TEXT)))
+            self.web.status, self.web.hold = 200, True
+            d = self.gateway(timeout=0.3).send_sms(NUMBER, TEXT)
+            self.clock.advance(0.3)
+            errors.append(self.gateway_error(d))
+            reactor = MemoryReactorClock()
+            refused = HttpGateway(http_settings(f"http://127.0.0.1:1/?k={API_KEY}"), reactor)
+            d = refused.send_sms(NUMBER, TEXT)
+            ConnectionCompleter(reactor).failOnce(Failure(ConnectionRefusedError()))
+            reactor.advance(1)
+            errors.append(self.gateway_error(d))
+        seen = logged_text(events) + exception_text(errors)
+        for secret in (API_KEY, TOKEN, "493817", NUMBER[1:]):
+            self.assertNotIn(secret, seen)
 
 
-@pytest_twisted.ensureDeferred
-async def test_http_custom_success_status(web):
-    web.resource.status = 299
-    await http_gateway(web.url, success_status=(299,)).send_sms(NUMBER, TEXT)
-    web.resource.status = 200
-    failure = await gateway_error(http_gateway(web.url, success_status=(299,))
-                                  .send_sms(NUMBER, TEXT))
-    assert failure.status == 200
+class HttpConnectionTests(GatewayTestCase):
+    """The gateway's own Agent on a MemoryReactorClock: connecting, and TLS."""
 
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.web = WebhookStandIn()
 
-@pytest_twisted.ensureDeferred
-async def test_http_redirect_is_not_followed(web):
-    web.resource.status = 302
-    failure = await gateway_error(http_gateway(web.url).send_sms(NUMBER, TEXT))
-    assert failure.status == 302
-    assert len(web.requests) == 1  # the API key went nowhere else
+    def gateway(self, url: str = URL, **settings) -> HttpGateway:
+        return HttpGateway(http_settings(url, **settings), self.reactor)
 
+    def serve_https(self, cert_file, key_file) -> None:
+        """The stand-in on port 443 of every host, over TLS with this certificate."""
+        site = Site(self.web, reactor=self.reactor)
+        self.reactor.listenTCP(443, TLSMemoryBIOFactory(
+            tls_server_options(cert_file, key_file), False, site, clock=self.reactor))
 
-@pytest_twisted.ensureDeferred
-async def test_http_server_that_never_answers_times_out(web):
-    web.resource.hang = True
-    started = time.monotonic()
-    failure = await gateway_error(http_gateway(web.url, timeout=0.5).send_sms(NUMBER, TEXT))
-    assert 0.4 < time.monotonic() - started < 3
-    assert str(failure) == "http gateway: no answer within 0.5 seconds"
-    assert len(web.requests) == 1
+    def connect(self, d):
+        """Complete the connection the gateway asked for; ``d``, once all is said."""
+        ConnectionCompleter(self.reactor).succeedOnce().flush()
+        return d
 
+    def test_https_with_the_ca_file_delivers(self):
+        self.serve_https(self.certs.cert_file, self.certs.key_file)
+        d = self.gateway("https://127.0.0.1/", ca_file=self.certs.ca_file).send_sms(NUMBER, TEXT)
+        self.successResultOf(self.connect(d))
+        self.assertEqual(len(self.web.requests), 1)
 
-@pytest_twisted.ensureDeferred
-async def test_http_silent_server_times_out(silent):
-    failure = await gateway_error(
-        http_gateway(f"http://127.0.0.1:{silent.port}/", timeout=0.5).send_sms(NUMBER, TEXT))
-    assert "no answer within 0.5 seconds" in str(failure)
+    def test_https_by_host_name_with_the_ca_file_delivers(self):
+        self.serve_https(self.certs.cert_file, self.certs.key_file)
+        d = self.gateway("https://localhost/", ca_file=self.certs.ca_file).send_sms(NUMBER, TEXT)
+        self.successResultOf(self.connect(d))
 
+    def test_https_with_an_untrusted_certificate_fails_before_sending(self):
+        self.serve_https(self.certs.cert_file, self.certs.key_file)
+        d = self.gateway("https://127.0.0.1/", ca_file=self.certs.other_ca_file).send_sms(
+            NUMBER, TEXT)
+        self.assertTrue(str(self.gateway_error(self.connect(d))).startswith(
+            "http gateway: TLS failed"))
+        self.assertEqual(self.web.requests, [])
 
-@pytest_twisted.ensureDeferred
-async def test_http_connection_refused_is_a_gateway_error():
-    gateway = http_gateway(f"http://127.0.0.1:{free_tcp_port()}/")
-    failure = await gateway_error(gateway.send_sms(NUMBER, TEXT))
-    assert str(failure) == "http gateway: connection refused"
-    assert failure.status is None
+    def test_https_certificate_for_another_name_fails(self):
+        self.serve_https(self.certs.wrong_cert_file, self.certs.wrong_key_file)
+        d = self.gateway("https://127.0.0.1/", ca_file=self.certs.ca_file).send_sms(NUMBER, TEXT)
+        self.assertEqual(str(self.gateway_error(self.connect(d))),
+                         "http gateway: TLS failed: the certificate is not for this host")
+        self.assertEqual(self.web.requests, [])
 
+    def test_ca_file_without_certificates_is_refused_at_start(self):
+        empty = self.certs.ca_file.parent / "empty.pem"
+        empty.write_text("nothing here\n")
+        with self.assertRaisesRegex(ValueError, "no PEM certificate"):
+            self.gateway(ca_file=empty)
 
-@pytest.mark.parametrize("number", ["4917012345678", "+49 170 1234567", "+4917012345678\n",
-                                    "+491701234567890123", "+0123456789", "+49170١٢٣٤٥٦٧"])
-@pytest_twisted.ensureDeferred
-async def test_http_number_not_in_e164_form_is_refused_before_any_request(web, number):
-    failure = await gateway_error(http_gateway(web.url).send_sms(number, TEXT))
-    assert "E.164" in str(failure)
-    assert web.requests == []
+    def test_connection_refused_is_a_gateway_error(self):
+        d = self.gateway("http://127.0.0.1:8080/").send_sms(NUMBER, TEXT)
+        ConnectionCompleter(self.reactor).failOnce(Failure(ConnectionRefusedError()))
+        self.reactor.advance(1)  # the endpoint's next attempt: there is none
+        error = self.gateway_error(d)
+        self.assertEqual((str(error), error.status), ("http gateway: connection refused", None))
 
+    def test_silent_server_times_out_and_is_hung_up_on(self):
+        factory = protocol.Factory.forProtocol(Silent)
+        self.reactor.listenTCP(80, factory)
+        d = self.gateway("http://127.0.0.1/", timeout=0.5).send_sms(NUMBER, TEXT)
+        pump = ConnectionCompleter(self.reactor).succeedOnce()
+        self.reactor.advance(0.5)
+        self.assertIn("no answer within 0.5 seconds", str(self.gateway_error(d)))
+        pump.flush()
+        self.assertTrue(pump.server.lost)
 
-@pytest_twisted.ensureDeferred
-async def test_http_caller_can_cancel(web):
-    web.resource.hang = True
-    d = http_gateway(web.url).send_sms(NUMBER, TEXT)
-    while not web.requests:
-        await task.deferLater(real_reactor, 0.01, lambda: None)
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
-
-
-@pytest_twisted.ensureDeferred
-async def test_http_no_secret_in_logs_or_errors(web, log_events):
-    failures = []
-    gateway = http_gateway(web.url, method="GET")
-    await gateway.send_sms(NUMBER, TEXT)
-    web.resource.status = 500
-    failures.append(await gateway_error(gateway.send_sms(NUMBER, TEXT)))
-    web.resource.status, web.resource.hang = 200, True
-    failures.append(await gateway_error(http_gateway(web.url, timeout=0.3)
-                                        .send_sms(NUMBER, TEXT)))
-    failures.append(await gateway_error(
-        http_gateway(f"http://127.0.0.1:{free_tcp_port()}/?k={API_KEY}").send_sms(NUMBER, TEXT)))
-    seen = logged_text(log_events) + " ".join(
-        f"{f!s} {f!r} {f.__cause__!r} {f.__context__!r}" for f in failures)
-    for secret in (API_KEY, TOKEN, "493817", NUMBER[1:]):
-        assert secret not in seen
-
-
-# --- https -------------------------------------------------------------------------------------
-
-def tls_options(certs):
-    pem = certs.cert_file.read_bytes() + certs.key_file.read_bytes()
-    return PrivateCertificate.loadPEM(pem).options()
-
-
-@pytest_twisted.async_yield_fixture
-async def https(ldap_certs):
-    server = WebServer(tls=tls_options(ldap_certs))
-    yield server
-    await server.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_https_with_the_ca_file_delivers(https, ldap_certs):
-    await http_gateway(https.url, ca_file=ldap_certs.ca_file).send_sms(NUMBER, TEXT)
-    assert len(https.requests) == 1
-
-
-@pytest_twisted.ensureDeferred
-async def test_https_with_an_untrusted_certificate_fails_before_sending(https, ldap_certs):
-    gateway = http_gateway(https.url, ca_file=ldap_certs.other_ca_file)
-    failure = await gateway_error(gateway.send_sms(NUMBER, TEXT))
-    assert str(failure).startswith("http gateway: TLS failed")
-    assert https.requests == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_https_certificate_for_another_name_fails(ldap_certs):
-    server = WebServer(tls=PrivateCertificate.loadPEM(
-        ldap_certs.wrong_cert_file.read_bytes() + ldap_certs.wrong_key_file.read_bytes()
-    ).options())
-    try:
-        failure = await gateway_error(
-            http_gateway(server.url, ca_file=ldap_certs.ca_file).send_sms(NUMBER, TEXT))
-        assert str(failure) == "http gateway: TLS failed: the certificate is not for this host"
-        assert server.requests == []
-    finally:
-        await server.close()
-
-
-def test_ca_file_without_certificates_is_refused_at_start(tmp_path):
-    empty = tmp_path / "empty.pem"
-    empty.write_text("nothing here\n")
-    with pytest.raises(ValueError, match="no PEM certificate"):
-        http_gateway("https://sms.example.com/", ca_file=empty)
+    def test_connection_that_never_completes_times_out(self):
+        d = self.gateway(timeout=0.5).send_sms(NUMBER, TEXT)
+        self.reactor.advance(0.5)
+        self.assertIn("no answer within 0.5 seconds", str(self.gateway_error(d)))
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
 
 
 # --- smtp --------------------------------------------------------------------------------------
-
-@pytest_twisted.async_yield_fixture
-async def smtp_server():
-    """A plain (no STARTTLS) SMTP server; pass options through `make_smtp` instead."""
-    server = FakeSmtpServer(real_reactor)
-    yield server
-    await server.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def make_smtp():
-    servers = []
-
-    def make(**options):
-        server = FakeSmtpServer(real_reactor, **options)
-        servers.append(server)
-        return server
-    yield make
-    for server in servers:
-        await server.close()
-
-
-def smtp_gateway(port: int, **settings) -> SmtpGateway:
-    settings.setdefault("host", "127.0.0.1")
-    settings.setdefault("sender", "MFA server <mfa@example.com>")
-    settings.setdefault("starttls", "none")
-    settings.setdefault("sms_address", "{number}@sms.example.net")
-    return SmtpGateway(SmtpSettings(port=port, **settings), real_reactor)
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_sms_is_mailed_to_the_templated_address(smtp_server):
-    assert await smtp_gateway(smtp_server.port).send_sms(NUMBER, TEXT) is None
-    [received] = smtp_server.received
-    assert received.sender == "mfa@example.com"
-    assert received.recipient == "4917012345678@sms.example.net"
-    message = received.message
-    assert message["From"] == "MFA server <mfa@example.com>"
-    assert message["To"] == "4917012345678@sms.example.net"
-    assert message["Subject"] is None
-    assert message["Date"] and message["Message-ID"].endswith("@example.com>")
-    assert message.get_content() == TEXT + "\n"
-    assert not received.tls
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_e164_placeholder_keeps_the_plus(smtp_server):
-    await smtp_gateway(smtp_server.port, sms_address="sms+{e164}@gw.example").send_sms(
-        NUMBER, TEXT)
-    assert smtp_server.received[0].recipient == f"sms+{NUMBER}@gw.example"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_sms_without_sms_address_fails(smtp_server):
-    failure = await gateway_error(
-        smtp_gateway(smtp_server.port, sms_address="").send_sms(NUMBER, TEXT))
-    assert "sms_address" in str(failure)
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_number_not_in_e164_form_is_refused(smtp_server):
-    failure = await gateway_error(
-        smtp_gateway(smtp_server.port).send_sms("+49170\r\nRCPT TO:<x@y>", TEXT))
-    assert "E.164" in str(failure)
-    assert smtp_server.received == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_alert_goes_to_every_recipient_with_subject_and_utf8_body(smtp_server):
-    gateway = smtp_gateway(smtp_server.port)
-    text = "Benutzer ‚jürgen‘ meldet Betrug.\n.\nZeile nach einem Punkt.\n"
-    await gateway.send_alert(["admin@example.com", "sec@example.com"],
-                             "Betrugsmeldung: jürgen", text)
-    assert sorted(r.recipient for r in smtp_server.received) == [
-        "admin@example.com", "sec@example.com"]
-    message = smtp_server.received[0].message
-    assert message["Subject"] == "Betrugsmeldung: jürgen"
-    assert message["To"] == "admin@example.com, sec@example.com"
-    assert message.get_content_charset() == "utf-8"
-    assert message.get_content() == text
-    # Non-ASCII goes encoded: the relay need not offer 8BITMIME.
-    assert max(smtp_server.received[0].data) < 128
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_line_breaks_in_a_subject_cannot_add_headers(smtp_server):
-    await smtp_gateway(smtp_server.port).send_alert(
-        ["admin@example.com"], "user x\r\nBcc: evil@example.org", "text")
-    [received] = smtp_server.received
-    assert received.message["Bcc"] is None
-    assert received.message["Subject"] == "user x Bcc: evil@example.org"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_alerts_to_is_an_alert_sink(smtp_server):
-    sink = smtp_gateway(smtp_server.port).alerts_to(["admin@example.com"])
-    await sink.send_alert("Subject", "Text")
-    assert smtp_server.received[0].recipient == "admin@example.com"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_alert_is_delivered_when_one_recipient_takes_it(smtp_server):
-    smtp_server.refuse.add("gone@example.com")
-    await smtp_gateway(smtp_server.port).send_alert(
-        ["gone@example.com", "Admin <admin@example.com>"], "s", "t")
-    [received] = smtp_server.received
-    assert received.recipient == "admin@example.com"
-    assert received.message["To"] == "gone@example.com, Admin <admin@example.com>"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_alert_to_a_malformed_recipient_fails(smtp_server):
-    failure = await gateway_error(smtp_gateway(smtp_server.port).send_alert(
-        ["not an address"], "s", "t"))
-    assert "not an e-mail address" in str(failure)
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_alert_without_recipients_fails(smtp_server):
-    await gateway_error(smtp_gateway(smtp_server.port).send_alert([], "s", "t"))
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_refused_recipient_fails_without_naming_it(smtp_server):
-    smtp_server.refuse.add("4917012345678@sms.example.net")
-    failure = await gateway_error(smtp_gateway(smtp_server.port).send_sms(NUMBER, TEXT))
-    assert str(failure).startswith("smtp gateway: server answered")
-    assert NUMBER[1:] not in f"{failure} {failure!r}"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_starttls_required_against_a_server_without_it_fails(smtp_server):
-    failure = await gateway_error(
-        smtp_gateway(smtp_server.port, starttls="required").send_sms(NUMBER, TEXT))
-    assert str(failure) == "smtp gateway: the server does not offer STARTTLS"
-    assert smtp_server.received == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_starttls_optional_without_it_sends_in_clear_to_loopback(smtp_server):
-    await smtp_gateway(smtp_server.port, starttls="optional").send_sms(NUMBER, TEXT)
-    assert not smtp_server.received[0].tls
-
-
-@pytest.mark.parametrize("starttls", ["required", "optional"])
-@pytest_twisted.ensureDeferred
-async def test_smtp_starttls_with_the_ca_file_delivers_over_tls(make_smtp, ldap_certs, starttls):
-    server = make_smtp(cert_file=ldap_certs.cert_file, key_file=ldap_certs.key_file)
-    await smtp_gateway(server.port, starttls=starttls, ca_file=ldap_certs.ca_file).send_sms(
-        NUMBER, TEXT)
-    [received] = server.received
-    assert received.tls
-
-
-@pytest.mark.parametrize("starttls", ["required", "optional"])
-@pytest_twisted.ensureDeferred
-async def test_smtp_starttls_with_an_untrusted_certificate_fails(make_smtp, ldap_certs, starttls):
-    server = make_smtp(cert_file=ldap_certs.cert_file, key_file=ldap_certs.key_file)
-    failure = await gateway_error(smtp_gateway(
-        server.port, starttls=starttls, ca_file=ldap_certs.other_ca_file).send_sms(NUMBER, TEXT))
-    assert str(failure).startswith("smtp gateway: TLS failed")
-    assert server.received == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_starttls_certificate_for_another_name_fails(make_smtp, ldap_certs):
-    server = make_smtp(cert_file=ldap_certs.wrong_cert_file, key_file=ldap_certs.wrong_key_file)
-    failure = await gateway_error(smtp_gateway(
-        server.port, starttls="required", ca_file=ldap_certs.ca_file).send_sms(NUMBER, TEXT))
-    assert str(failure) == "smtp gateway: TLS failed: the certificate is not for this host"
-    assert server.received == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_starttls_none_never_starts_tls(make_smtp, ldap_certs):
-    server = make_smtp(cert_file=ldap_certs.cert_file, key_file=ldap_certs.key_file)
-    await smtp_gateway(server.port, starttls="none").send_sms(NUMBER, TEXT)
-    assert not server.received[0].tls
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_login_after_starttls(make_smtp, ldap_certs):
-    server = make_smtp(cert_file=ldap_certs.cert_file, key_file=ldap_certs.key_file,
-                       user="mfa", password=SMTP_PASSWORD)
-    await smtp_gateway(server.port, starttls="required", ca_file=ldap_certs.ca_file,
-                       username="mfa", password=SMTP_PASSWORD).send_sms(NUMBER, TEXT)
-    [received] = server.received
-    assert received.tls and received.user == "mfa"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_wrong_password_fails_without_leaking_it(make_smtp, ldap_certs, log_events):
-    server = make_smtp(cert_file=ldap_certs.cert_file, key_file=ldap_certs.key_file,
-                       user="mfa", password="the-right-one")
-    failure = await gateway_error(smtp_gateway(
-        server.port, starttls="required", ca_file=ldap_certs.ca_file,
-        username="mfa", password=SMTP_PASSWORD).send_alert(["a@example.com"], "s", TEXT))
-    assert str(failure) == "smtp gateway: login refused (535)"
-    encoded = [base64.b64encode(p).decode() for p in (
-        SMTP_PASSWORD.encode(), b"mfa\0mfa\0" + SMTP_PASSWORD.encode(),
-        b"\0mfa\0" + SMTP_PASSWORD.encode())]
-    seen = f"{failure} {failure!r} {failure.__cause__!r} {failure.__context__!r} " + \
-        logged_text(log_events)
-    for secret in [SMTP_PASSWORD, "493817", *encoded]:
-        assert secret not in seen
-    assert server.received == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_login_refused_when_the_server_offers_no_auth(smtp_server):
-    failure = await gateway_error(smtp_gateway(
-        smtp_server.port, starttls="none", username="mfa",
-        password=SMTP_PASSWORD).send_sms(NUMBER, TEXT))
-    assert str(failure) == "smtp gateway: the server offers no login method we support"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_silent_server_times_out(silent):
-    started = time.monotonic()
-    failure = await gateway_error(smtp_gateway(silent.port, timeout=0.5).send_sms(NUMBER, TEXT))
-    assert 0.4 < time.monotonic() - started < 3
-    assert str(failure) == "smtp gateway: no end of session within 0.5 seconds"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_connection_refused_is_a_gateway_error():
-    failure = await gateway_error(smtp_gateway(free_tcp_port()).send_sms(NUMBER, TEXT))
-    assert str(failure) == "smtp gateway: connection refused"
-
-
-@pytest_twisted.ensureDeferred
-async def test_smtp_no_secret_in_logs(smtp_server, log_events):
-    gateway = smtp_gateway(smtp_server.port)
-    await gateway.send_sms(NUMBER, TEXT)
-    smtp_server.refuse.add("4917012345678@sms.example.net")
-    await gateway_error(gateway.send_sms(NUMBER, TEXT))
-    seen = logged_text(log_events)
-    for secret in ("493817", NUMBER[1:]):
-        assert secret not in seen
-
 
 @pytest.mark.parametrize("settings, message", [
     ({"host": "mail.example.com", "starttls": "none"}, "only allowed to a relay on this"),
@@ -670,25 +361,244 @@ def test_smtp_settings_repr_hides_the_password():
     assert SMTP_PASSWORD not in repr(settings)
 
 
+class SmtpGatewayTests(GatewayTestCase):
+    """The gateway on a MemoryReactorClock; `FakeSmtpServer.accept` completes its connection."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.server = FakeSmtpServer()
+
+    def tls_server(self, cert_file=None, key_file=None, **options) -> FakeSmtpServer:
+        self.server = FakeSmtpServer(cert_file=cert_file or self.certs.cert_file,
+                                     key_file=key_file or self.certs.key_file, **options)
+        return self.server
+
+    def gateway(self, **settings) -> SmtpGateway:
+        settings.setdefault("host", "127.0.0.1")
+        settings.setdefault("sender", "MFA server <mfa@example.com>")
+        settings.setdefault("starttls", "none")
+        settings.setdefault("sms_address", "{number}@sms.example.net")
+        return SmtpGateway(SmtpSettings(**settings), self.reactor)
+
+    def session(self, d):
+        """Let the server take the connection and the session run; ``d`` afterwards."""
+        self.server.accept(self.reactor)
+        return d
+
+    def test_sms_is_mailed_to_the_templated_address(self):
+        self.assertIsNone(self.successResultOf(self.session(
+            self.gateway().send_sms(NUMBER, TEXT))))
+        [received] = self.server.received
+        self.assertEqual((received.sender, received.recipient),
+                         ("mfa@example.com", "4917012345678@sms.example.net"))
+        message = received.message
+        self.assertEqual(message["From"], "MFA server <mfa@example.com>")
+        self.assertEqual(message["To"], "4917012345678@sms.example.net")
+        self.assertIsNone(message["Subject"])
+        self.assertTrue(message["Date"] and message["Message-ID"].endswith("@example.com>"))
+        self.assertEqual(message.get_content(), TEXT + "\n")
+        self.assertFalse(received.tls)
+
+    def test_e164_placeholder_keeps_the_plus(self):
+        self.successResultOf(self.session(self.gateway(
+            sms_address="sms+{e164}@gw.example").send_sms(NUMBER, TEXT)))
+        self.assertEqual(self.server.received[0].recipient, f"sms+{NUMBER}@gw.example")
+
+    def test_sms_without_sms_address_fails_without_connecting(self):
+        error = self.gateway_error(self.gateway(sms_address="").send_sms(NUMBER, TEXT))
+        self.assertIn("sms_address", str(error))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_number_not_in_e164_form_is_refused_without_connecting(self):
+        for number in NOT_E164:
+            with self.subTest(number=number):
+                self.assertIn("E.164", str(self.gateway_error(
+                    self.gateway().send_sms(number, TEXT))))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_alert_goes_to_every_recipient_with_subject_and_utf8_body(self):
+        text = "Benutzer ‚jürgen‘ meldet Betrug.\n.\nZeile nach einem Punkt.\n"
+        self.successResultOf(self.session(self.gateway().send_alert(
+            ["admin@example.com", "sec@example.com"], "Betrugsmeldung: jürgen", text)))
+        self.assertEqual(sorted(r.recipient for r in self.server.received),
+                         ["admin@example.com", "sec@example.com"])
+        message = self.server.received[0].message
+        self.assertEqual(message["Subject"], "Betrugsmeldung: jürgen")
+        self.assertEqual(message["To"], "admin@example.com, sec@example.com")
+        self.assertEqual(message.get_content_charset(), "utf-8")
+        self.assertEqual(message.get_content(), text)
+        # Non-ASCII goes encoded: the relay need not offer 8BITMIME.
+        self.assertLess(max(self.server.received[0].data), 128)
+
+    def test_line_breaks_in_a_subject_cannot_add_headers(self):
+        self.successResultOf(self.session(self.gateway().send_alert(
+            ["admin@example.com"], "user x\r\nBcc: evil@example.org", "text")))
+        [received] = self.server.received
+        self.assertIsNone(received.message["Bcc"])
+        self.assertEqual(received.message["Subject"], "user x Bcc: evil@example.org")
+
+    def test_alerts_to_is_an_alert_sink(self):
+        sink = self.gateway().alerts_to(["admin@example.com"])
+        self.successResultOf(self.session(sink.send_alert("Subject", "Text")))
+        self.assertEqual(self.server.received[0].recipient, "admin@example.com")
+
+    def test_alert_is_delivered_when_one_recipient_takes_it(self):
+        self.server.refuse.add("gone@example.com")
+        self.successResultOf(self.session(self.gateway().send_alert(
+            ["gone@example.com", "Admin <admin@example.com>"], "s", "t")))
+        [received] = self.server.received
+        self.assertEqual(received.recipient, "admin@example.com")
+        self.assertEqual(received.message["To"], "gone@example.com, Admin <admin@example.com>")
+
+    def test_alert_to_a_malformed_recipient_fails(self):
+        error = self.gateway_error(self.gateway().send_alert(["not an address"], "s", "t"))
+        self.assertIn("not an e-mail address", str(error))
+
+    def test_alert_without_recipients_fails(self):
+        self.gateway_error(self.gateway().send_alert([], "s", "t"))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_refused_recipient_fails_without_naming_it(self):
+        self.server.refuse.add("4917012345678@sms.example.net")
+        error = self.gateway_error(self.session(self.gateway().send_sms(NUMBER, TEXT)))
+        self.assertTrue(str(error).startswith("smtp gateway: server answered"))
+        self.assertNotIn(NUMBER[1:], f"{error} {error!r}")
+
+    def test_starttls_required_against_a_server_without_it_fails(self):
+        error = self.gateway_error(self.session(self.gateway(starttls="required").send_sms(
+            NUMBER, TEXT)))
+        self.assertEqual(str(error), "smtp gateway: the server does not offer STARTTLS")
+        self.assertEqual(self.server.received, [])
+
+    def test_starttls_optional_without_it_sends_in_clear_to_loopback(self):
+        self.successResultOf(self.session(self.gateway(starttls="optional").send_sms(
+            NUMBER, TEXT)))
+        self.assertFalse(self.server.received[0].tls)
+
+    def test_starttls_with_the_ca_file_delivers_over_tls(self):
+        for starttls in ("required", "optional"):
+            with self.subTest(starttls=starttls):
+                server = self.tls_server()
+                self.successResultOf(self.session(self.gateway(
+                    starttls=starttls, ca_file=self.certs.ca_file).send_sms(NUMBER, TEXT)))
+                [received] = server.received
+                self.assertTrue(received.tls)
+
+    def test_starttls_with_an_untrusted_certificate_fails(self):
+        for starttls in ("required", "optional"):
+            with self.subTest(starttls=starttls):
+                server = self.tls_server()
+                error = self.gateway_error(self.session(self.gateway(
+                    starttls=starttls, ca_file=self.certs.other_ca_file).send_sms(NUMBER, TEXT)))
+                self.assertTrue(str(error).startswith("smtp gateway: TLS failed"))
+                self.assertEqual(server.received, [])
+
+    def test_starttls_certificate_for_another_name_fails(self):
+        self.tls_server(self.certs.wrong_cert_file, self.certs.wrong_key_file)
+        error = self.gateway_error(self.session(self.gateway(
+            starttls="required", ca_file=self.certs.ca_file).send_sms(NUMBER, TEXT)))
+        self.assertEqual(str(error),
+                         "smtp gateway: TLS failed: the certificate is not for this host")
+        self.assertEqual(self.server.received, [])
+
+    def test_starttls_none_never_starts_tls(self):
+        server = self.tls_server()
+        self.successResultOf(self.session(self.gateway(starttls="none").send_sms(NUMBER, TEXT)))
+        self.assertFalse(server.received[0].tls)
+
+    def test_login_after_starttls(self):
+        server = self.tls_server(user="mfa", password=SMTP_PASSWORD)
+        self.successResultOf(self.session(self.gateway(
+            starttls="required", ca_file=self.certs.ca_file, username="mfa",
+            password=SMTP_PASSWORD).send_sms(NUMBER, TEXT)))
+        [received] = server.received
+        self.assertTrue(received.tls)
+        self.assertEqual(received.user, "mfa")
+
+    def test_wrong_password_fails_without_leaking_it(self):
+        server = self.tls_server(user="mfa", password="the-right-one")
+        with capturedLogs() as events:
+            error = self.gateway_error(self.session(self.gateway(
+                starttls="required", ca_file=self.certs.ca_file, username="mfa",
+                password=SMTP_PASSWORD).send_alert(["a@example.com"], "s", TEXT)))
+        self.assertEqual(str(error), "smtp gateway: login refused (535)")
+        encoded = [base64.b64encode(p).decode() for p in (
+            SMTP_PASSWORD.encode(), b"mfa\0mfa\0" + SMTP_PASSWORD.encode(),
+            b"\0mfa\0" + SMTP_PASSWORD.encode())]
+        seen = exception_text([error]) + logged_text(events)
+        for secret in [SMTP_PASSWORD, "493817", *encoded]:
+            self.assertNotIn(secret, seen)
+        self.assertEqual(server.received, [])
+
+    def test_login_refused_when_the_server_offers_no_auth(self):
+        error = self.gateway_error(self.session(self.gateway(
+            starttls="none", username="mfa", password=SMTP_PASSWORD).send_sms(NUMBER, TEXT)))
+        self.assertEqual(str(error), "smtp gateway: the server offers no login method we support")
+
+    def test_silent_server_times_out_and_is_hung_up_on(self):
+        d = self.gateway(timeout=0.5).send_sms(NUMBER, TEXT)
+        silent = Silent()
+        pump = connect_in_memory(self.reactor, silent)
+        self.reactor.advance(0.499)
+        self.assertNoResult(d)
+        self.reactor.advance(0.001)
+        self.assertEqual(str(self.gateway_error(d)),
+                         "smtp gateway: no end of session within 0.5 seconds")
+        pump.flush()
+        self.assertTrue(silent.lost)
+
+    def test_connection_that_never_completes_times_out(self):
+        d = self.gateway(timeout=0.5).send_sms(NUMBER, TEXT)
+        self.reactor.advance(0.5)
+        self.assertIn("no end of session", str(self.gateway_error(d)))
+        self.assertTrue(self.reactor.connectors[0]._disconnected)
+
+    def test_caller_can_cancel_a_session(self):
+        d = self.gateway().send_sms(NUMBER, TEXT)
+        silent = Silent()
+        pump = connect_in_memory(self.reactor, silent)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        pump.flush()
+        self.assertTrue(silent.lost)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_connection_refused_is_a_gateway_error(self):
+        d = self.gateway().send_sms(NUMBER, TEXT)
+        ConnectionCompleter(self.reactor).failOnce(Failure(ConnectionRefusedError()))
+        self.assertEqual(str(self.gateway_error(d)), "smtp gateway: connection refused")
+
+    def test_no_secret_in_logs(self):
+        gateway = self.gateway()
+        with capturedLogs() as events:
+            self.successResultOf(self.session(gateway.send_sms(NUMBER, TEXT)))
+            self.server.refuse.add("4917012345678@sms.example.net")
+            self.gateway_error(self.session(gateway.send_sms(NUMBER, TEXT)))
+        seen = logged_text(events)
+        for secret in ("493817", NUMBER[1:]):
+            self.assertNotIn(secret, seen)
+
+
 # --- console -----------------------------------------------------------------------------------
 
-def test_console_logs_the_sms_with_its_text(log_events):
-    d = ConsoleGateway().send_sms(NUMBER, TEXT)
-    assert d.called and d.result is None
-    [event] = [e for e in log_events if e.get("log_namespace") == "mfaserver.gateways.console"]
-    assert formatEvent(event) == f"SMS to {NUMBER}: {TEXT}"
+class ConsoleGatewayTests(SynchronousTestCase):
+    def test_logs_the_sms_with_its_text(self):
+        with capturedLogs() as events:
+            self.assertIsNone(self.successResultOf(ConsoleGateway().send_sms(NUMBER, TEXT)))
+        [event] = [e for e in events if e.get("log_namespace") == "mfaserver.gateways.console"]
+        self.assertEqual(formatEvent(event), f"SMS to {NUMBER}: {TEXT}")
 
+    def test_logs_alerts_as_warnings(self):
+        log = Logger(namespace="test.console")
+        with capturedLogs() as events:
+            self.assertIsNone(self.successResultOf(
+                ConsoleGateway(log).send_alert("Fraud report", "alice denied a push")))
+        [event] = [e for e in events if e.get("log_namespace") == "test.console"]
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(formatEvent(event), "Alert: Fraud report: alice denied a push")
 
-def test_console_logs_alerts_as_warnings(log_events):
-    log = Logger(namespace="test.console")
-    d = ConsoleGateway(log).send_alert("Fraud report", "alice denied a push")
-    assert d.called and d.result is None
-    [event] = [e for e in log_events if e.get("log_namespace") == "test.console"]
-    assert event["log_level"].name == "warn"
-    assert formatEvent(event) == "Alert: Fraud report: alice denied a push"
-
-
-def test_console_message_braces_are_not_format_fields(log_events):
-    ConsoleGateway().send_sms(NUMBER, "{text} {0} {x.y}")
-    [event] = [e for e in log_events if e.get("log_namespace") == "mfaserver.gateways.console"]
-    assert formatEvent(event) == f"SMS to {NUMBER}: {{text}} {{0}} {{x.y}}"
+    def test_message_braces_are_not_format_fields(self):
+        with capturedLogs() as events:
+            ConsoleGateway().send_sms(NUMBER, "{text} {0} {x.y}")
+        [event] = [e for e in events if e.get("log_namespace") == "mfaserver.gateways.console"]
+        self.assertEqual(formatEvent(event), f"SMS to {NUMBER}: {{text}} {{0}} {{x.y}}")

@@ -1,28 +1,32 @@
-"""TwilioGateway against the fake Twilio on 127.0.0.1, and the signature and TwiML helpers.
+"""TwilioGateway against the fake Twilio in memory, and the signature and TwiML helpers.
 
-The gateway tests run on the real reactor (pytest-twisted): real sockets and
-real, short timeouts. A small twisted.web site plays our callback endpoints
-for calls: it serves TwiML on the answer URL, records the <Gather> and
-status posts, and checks X-Twilio-Signature on every one.
+The gateway reaches the fake through treq's StubTreq, with a `Clock` for its
+deadline and for the fake's play-out of calls; the fake's callbacks reach a
+small twisted.web resource that plays our endpoints through another StubTreq:
+it serves TwiML on the answer URL, records the <Gather> and status posts, and
+checks X-Twilio-Signature on every one. Connecting and the connection pool
+are tested with the gateway's own Agent on a `MemoryReactorClock`.
 """
 
 from __future__ import annotations
 
-import time
 from urllib.parse import parse_qs
 from xml.etree import ElementTree
 
 import pytest
-import pytest_twisted
-from twisted.internet import defer
-from twisted.internet.task import deferLater
-from twisted.internet import reactor as real_reactor
-from twisted.logger import globalLogPublisher
-from twisted.web import resource, server
+from treq.testing import StubTreq
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
+from twisted.test.iosim import ConnectionCompleter
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import resource
+from twisted.web.server import Site
 
-from fake_twilio import (
-    ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio, HungServer, unused_port,
-)
+from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio, twilio_signature
 from mfaserver.gateways.base import GatewayError, is_e164, mask_number
 from mfaserver.gateways.twilio import (
     TwilioGateway, TwilioSettings, check_signature, gather_twiml, say_twiml,
@@ -30,6 +34,9 @@ from mfaserver.gateways.twilio import (
 
 USER_PHONE = "+15551234567"
 SMS_TEXT = "Your sign-in code is 493817"
+PUBLIC = "https://mfa.example.com"  # where our endpoints are
+PRESS_POUND = gather_twiml("Press pound to sign in, zero to report fraud.",
+                           PUBLIC + "/gather?c=1", num_digits=1, finish_on_key="")
 
 # Twilio's documented example (www.twilio.com/docs/usage/security), recomputed here.
 DOC_URL = "https://mycompany.com/myapp.php?foo=1&bar=2"
@@ -46,55 +53,11 @@ LIB_PARAMS = {
 LIB_SIGNATURE = "RSOYDt4T1cUTdK1PDd93/VVr8B8="
 
 
-def settings(api_base: str, **overrides) -> TwilioSettings:
+def settings(api_base: str = "https://api.twilio.com", **overrides) -> TwilioSettings:
     values = dict(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, from_number=FROM_NUMBER,
                   api_base=api_base, timeout=2.0)
     values.update(overrides)
     return TwilioSettings(**values)
-
-
-async def failure(d, kind=GatewayError):
-    """The exception ``d`` fails with; the test fails if it succeeds or fails otherwise."""
-    try:
-        result = await d
-    except kind as e:
-        return e
-    pytest.fail(f"expected {kind.__name__}, got {result!r}")
-
-
-@pytest.fixture
-def log_events():
-    """Every log event emitted during the test."""
-    events = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
-
-def logged_text(events) -> str:
-    return "\n".join(repr(event) for event in events)
-
-
-@pytest_twisted.async_yield_fixture
-async def fake():
-    twilio = FakeTwilio(real_reactor).start()
-    yield twilio
-    await twilio.stop()
-
-
-@pytest_twisted.async_yield_fixture
-async def gateways():
-    """Makes TwilioGateway objects on the real reactor; closes their connections afterwards."""
-    made = []
-
-    def make(api_base: str, **overrides) -> TwilioGateway:
-        gateway = TwilioGateway(settings(api_base, **overrides), real_reactor)
-        made.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in made:
-        await gateway.close()
 
 
 class Endpoints(resource.Resource):
@@ -105,11 +68,10 @@ class Endpoints(resource.Resource):
     def __init__(self, twiml: bytes = b""):
         super().__init__()
         self.twiml = twiml
-        self.base = ""
         self.posts: list[tuple[str, dict[str, str], bool]] = []  # path, params, signature ok
 
     def render_POST(self, request):
-        url = self.base + request.uri.decode()
+        url = PUBLIC + request.uri.decode()
         # The form body only: request.args would mix in the query string.
         params = {name: values[-1] for name, values in parse_qs(
             request.content.read().decode(), keep_blank_values=True).items()}
@@ -127,19 +89,10 @@ class Endpoints(resource.Resource):
         return [path for path, _, _ in self.posts]
 
 
-@pytest_twisted.async_yield_fixture
-async def endpoints():
-    site = Endpoints()
-    port = real_reactor.listenTCP(0, server.Site(site), interface="127.0.0.1")
-    site.base = f"http://127.0.0.1:{port.getHost().port}"
-    yield site
-    await port.stopListening()
-
-
 # --- Settings and numbers --------------------------------------------------------------------
 
 def test_settings_repr_hides_the_auth_token():
-    assert AUTH_TOKEN not in repr(settings("https://api.twilio.com"))
+    assert AUTH_TOKEN not in repr(settings())
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -155,7 +108,7 @@ def test_settings_repr_hides_the_auth_token():
 ])
 def test_settings_refuse_bad_values_naming_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"^{key}:"):
-        settings(**{"api_base": "https://api.twilio.com", **overrides})
+        settings(**overrides)
 
 
 def test_plain_http_is_allowed_only_on_loopback():
@@ -231,7 +184,6 @@ def test_signature_refuses_anything_else(token, url, params, signature):
 
 
 def test_empty_values_are_signed():
-    from fake_twilio import twilio_signature
     url = "https://mfa.example.com/twilio/gather"
     signature = twilio_signature("tok", url, [("CallSid", "CA1"), ("Digits", "")])
     assert check_signature("tok", url, {"CallSid": "CA1", "Digits": ""}, signature)
@@ -294,251 +246,247 @@ def test_say_twiml():
 
 # --- send_sms -------------------------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_send_sms(fake, gateways, log_events):
-    result = await gateways(fake.api_base).send_sms(USER_PHONE, SMS_TEXT)
-    assert result is None
-    assert len(fake.messages) == 1
-    message = fake.messages[0]
-    assert (message["to"], message["from"], message["body"]) == (USER_PHONE, FROM_NUMBER,
-                                                                 SMS_TEXT)
-    assert message["sid"].startswith("SM")
-    logged = logged_text(log_events)
-    assert message["sid"] in logged and "***4567" in logged
-    assert AUTH_TOKEN not in logged and "493817" not in logged and USER_PHONE not in logged
+class TwilioTestCase(SynchronousTestCase):
+    """The fake Twilio and our endpoints in memory, time on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.endpoints = Endpoints()
+        self.fake = FakeTwilio(self.clock, http_client=StubTreq(self.endpoints))
+        self.stub = StubTreq(self.fake.resource)
+
+    def gateway(self, **overrides) -> TwilioGateway:
+        return TwilioGateway(settings(**overrides), self.clock, http_client=self.stub)
+
+    def gateway_error(self, d) -> GatewayError:
+        """The GatewayError that ``d`` has failed with."""
+        return self.failureResultOf(d, GatewayError).value
 
 
-@pytest_twisted.ensureDeferred
-async def test_send_sms_reuses_the_connection(fake, gateways):
-    gateway = gateways(fake.api_base)
-    await gateway.send_sms(USER_PHONE, SMS_TEXT)
-    await gateway.send_sms(USER_PHONE, SMS_TEXT)
-    assert len(fake.messages) == 2
+class SendSmsTests(TwilioTestCase):
+    def test_send_sms(self):
+        with capturedLogs() as events:
+            self.assertIsNone(self.successResultOf(
+                self.gateway().send_sms(USER_PHONE, SMS_TEXT)))
+        [message] = self.fake.messages
+        self.assertEqual((message["to"], message["from"], message["body"]),
+                         (USER_PHONE, FROM_NUMBER, SMS_TEXT))
+        self.assertTrue(message["sid"].startswith("SM"))
+        logged = repr(events)
+        self.assertIn(message["sid"], logged)
+        self.assertIn("***4567", logged)
+        for secret in (AUTH_TOKEN, "493817", USER_PHONE):
+            self.assertNotIn(secret, logged)
+
+    def test_send_sms_with_bad_credentials_fails(self):
+        with capturedLogs() as events:
+            error = self.gateway_error(self.gateway(auth_token="wrong-token").send_sms(
+                USER_PHONE, SMS_TEXT))
+        self.assertEqual((error.status, error.provider_code), (401, 20003))
+        self.assertEqual(str(error), "twilio 401 20003: Authenticate")
+        self.assertEqual(self.fake.messages, [])
+        self.assertNotIn("wrong-token", repr(events))
+        self.assertNotIn("493817", repr(events))
+
+    def test_send_sms_to_a_number_twilio_refuses_names_the_error_code(self):
+        with capturedLogs() as events:
+            error = self.gateway_error(self.gateway().send_sms("+1555123", SMS_TEXT))
+        self.assertEqual((error.status, error.provider_code), (400, 21211))
+        self.assertTrue(str(error).startswith("twilio 400 21211: The 'To' number "))
+        self.assertNotIn("+1555123", str(error))  # the number Twilio quotes is masked
+        self.assertNotIn("+1555123", repr(events))
+
+    def test_send_sms_to_a_non_e164_number_sends_nothing(self):
+        for to in ["5551234567", "+1 555 123 4567", "+15551234567\n", "", None]:
+            with self.subTest(to=to):
+                self.assertIn("E.164", str(self.gateway_error(
+                    self.gateway().send_sms(to, SMS_TEXT))))
+        self.assertEqual(self.fake.requests, 0)
+
+    def test_send_sms_with_an_empty_or_overlong_text_sends_nothing(self):
+        for text in ["", "x" * 1601]:
+            with self.subTest(length=len(text)):
+                self.gateway_error(self.gateway().send_sms(USER_PHONE, text))
+        self.assertEqual(self.fake.requests, 0)
+
+    def test_send_sms_provider_errors(self):
+        for status, code, expected in [
+            (500, 20500, "twilio 500 20500: Internal Server Error"),
+            (503, None, "twilio 503: Internal Server Error"),
+            (429, 20429, "twilio 429 20429: Too Many Requests"),
+        ]:
+            with self.subTest(status=status):
+                message = "Too Many Requests" if status == 429 else "Internal Server Error"
+                self.fake.fail_next(status, code=code, message=message)
+                error = self.gateway_error(self.gateway().send_sms(USER_PHONE, SMS_TEXT))
+                self.assertEqual(str(error), expected)
+                self.assertEqual((error.status, error.provider_code), (status, code))
+
+    def test_send_sms_unparseable_error_answer(self):
+        for body in [b"<html><body>502 Bad Gateway</body></html>", b"", b"[1, 2]",
+                     b'{"code": "x"}', b'{"code": true, "message": 5}', b"\xff\xfe",
+                     b"[" * 100000]:
+            with self.subTest(body=body[:20]):
+                self.fake.fail_next(502, body=body)
+                error = self.gateway_error(self.gateway().send_sms(USER_PHONE, SMS_TEXT))
+                self.assertTrue(str(error).startswith("twilio 502"))
+                self.assertEqual((error.status, error.provider_code), (502, None))
+
+    def test_send_sms_answer_too_large_fails(self):
+        self.fake.fail_next(201, body=b'{"sid": "' + b"x" * (1024 * 1024) + b'"}')
+        error = self.gateway_error(self.gateway().send_sms(USER_PHONE, SMS_TEXT))
+        self.assertIn("longer than", str(error))
+
+    def test_send_sms_accepted_with_odd_json_succeeds(self):
+        # 201 means Twilio took the message: failing would invite a duplicate send.
+        self.fake.fail_next(201, body=b"not json")
+        self.assertIsNone(self.successResultOf(self.gateway().send_sms(USER_PHONE, SMS_TEXT)))
+
+    def test_send_sms_to_a_hung_server_times_out_and_hangs_up(self):
+        for partial in (False, True):
+            with self.subTest(partial=partial):
+                self.fake.hang_next(partial=partial)
+                d = self.gateway(timeout=0.5).send_sms(USER_PHONE, SMS_TEXT)
+                self.assertNoResult(d)
+                self.clock.advance(0.5)
+                self.assertEqual(str(self.gateway_error(d)), "twilio: no answer within 0.5 s")
+        self.stub.flush()
+        self.assertEqual(self.fake.dropped, 2)  # we dropped both connections
+
+    def test_cancelling_a_send_gives_cancelled_error_and_hangs_up(self):
+        self.fake.hang_next()
+        d = self.gateway().send_sms(USER_PHONE, SMS_TEXT)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.stub.flush()
+        self.assertEqual(self.fake.dropped, 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-@pytest_twisted.ensureDeferred
-async def test_send_sms_with_bad_credentials_fails(fake, gateways, log_events):
-    gateway = gateways(fake.api_base, auth_token="wrong-token")
-    error = await failure(gateway.send_sms(USER_PHONE, SMS_TEXT))
-    assert (error.status, error.provider_code) == (401, 20003)
-    assert str(error) == "twilio 401 20003: Authenticate"
-    assert fake.messages == []
-    logged = logged_text(log_events)
-    assert "wrong-token" not in logged and "493817" not in logged
+class ConnectionTests(SynchronousTestCase):
+    """The gateway's own Agent and pool on a MemoryReactorClock."""
 
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.fake = FakeTwilio(self.reactor)
+        self.gateway = TwilioGateway(settings("http://127.0.0.1:8080", timeout=5.0),
+                                     self.reactor)
 
-@pytest_twisted.ensureDeferred
-async def test_send_sms_to_a_number_twilio_refuses_names_the_error_code(fake, gateways,
-                                                                         log_events):
-    error = await failure(gateways(fake.api_base).send_sms("+1555123", SMS_TEXT))
-    assert (error.status, error.provider_code) == (400, 21211)
-    assert str(error).startswith("twilio 400 21211: The 'To' number ")
-    assert "+1555123" not in str(error)  # the number Twilio quotes is masked
-    assert "+1555123" not in logged_text(log_events)
+    def test_send_sms_reuses_the_connection_and_close_closes_it(self):
+        self.reactor.listenTCP(8080, Site(self.fake.resource, reactor=self.reactor))
+        d = self.gateway.send_sms(USER_PHONE, SMS_TEXT)
+        pump = ConnectionCompleter(self.reactor).succeedOnce()
+        pump.flush()
+        self.successResultOf(d)
+        d = self.gateway.send_sms(USER_PHONE, SMS_TEXT)
+        self.assertEqual(self.reactor.tcpClients, [])  # no new connection
+        pump.flush()
+        self.successResultOf(d)
+        self.assertEqual(len(self.fake.messages), 2)
+        closed = self.gateway.close()
+        pump.flush()
+        self.successResultOf(closed)
+        self.assertTrue(pump.serverIO.disconnected)
 
-
-@pytest.mark.parametrize("to", ["5551234567", "+1 555 123 4567", "+15551234567\n", ""])
-@pytest_twisted.ensureDeferred
-async def test_send_sms_to_a_non_e164_number_sends_nothing(fake, gateways, to):
-    await failure(gateways(fake.api_base).send_sms(to, SMS_TEXT))
-    assert fake.requests == 0
-
-
-@pytest.mark.parametrize("text", ["", "x" * 1601])
-@pytest_twisted.ensureDeferred
-async def test_send_sms_with_an_empty_or_overlong_text_sends_nothing(fake, gateways, text):
-    await failure(gateways(fake.api_base).send_sms(USER_PHONE, text))
-    assert fake.requests == 0
-
-
-@pytest.mark.parametrize("status, code, expected", [
-    (500, 20500, "twilio 500 20500: Internal Server Error"),
-    (503, None, "twilio 503: Internal Server Error"),
-    (429, 20429, "twilio 429 20429: Too Many Requests"),
-])
-@pytest_twisted.ensureDeferred
-async def test_send_sms_provider_errors(fake, gateways, status, code, expected):
-    message = "Too Many Requests" if status == 429 else "Internal Server Error"
-    fake.fail_next(status, code=code, message=message)
-    error = await failure(gateways(fake.api_base).send_sms(USER_PHONE, SMS_TEXT))
-    assert str(error) == expected
-    assert (error.status, error.provider_code) == (status, code)
-
-
-@pytest.mark.parametrize("body", [
-    b"<html><body>502 Bad Gateway</body></html>", b"", b"[1, 2]", b'{"code": "x"}',
-    b'{"code": true, "message": 5}', b"\xff\xfe", b"[" * 100000,
-])
-@pytest_twisted.ensureDeferred
-async def test_send_sms_unparseable_error_answer(fake, gateways, body):
-    fake.fail_next(502, body=body)
-    error = await failure(gateways(fake.api_base).send_sms(USER_PHONE, SMS_TEXT))
-    assert str(error).startswith("twilio 502")
-    assert (error.status, error.provider_code) == (502, None)
-
-
-@pytest_twisted.ensureDeferred
-async def test_send_sms_answer_too_large_fails(fake, gateways):
-    fake.fail_next(201, body=b'{"sid": "' + b"x" * (1024 * 1024) + b'"}')
-    error = await failure(gateways(fake.api_base).send_sms(USER_PHONE, SMS_TEXT))
-    assert "longer than" in str(error)
-
-
-@pytest_twisted.ensureDeferred
-async def test_send_sms_accepted_with_odd_json_succeeds(fake, gateways):
-    # 201 means Twilio took the message: failing would invite a duplicate send.
-    fake.fail_next(201, body=b"not json")
-    assert await gateways(fake.api_base).send_sms(USER_PHONE, SMS_TEXT) is None
-
-
-@pytest_twisted.ensureDeferred
-async def test_send_sms_with_nothing_listening_fails_quickly(gateways):
-    gateway = gateways(f"http://127.0.0.1:{unused_port()}", timeout=5.0)
-    started = time.monotonic()
-    error = await failure(gateway.send_sms(USER_PHONE, SMS_TEXT))
-    assert time.monotonic() - started < 1.0
-    assert str(error).startswith("twilio unreachable")
-    assert error.status is None
-
-
-@pytest.mark.parametrize("partial", [False, True], ids=["silent", "stalls-in-body"])
-@pytest_twisted.ensureDeferred
-async def test_send_sms_to_a_hung_server_times_out(gateways, partial):
-    hung = HungServer(real_reactor, partial=partial)
-    try:
-        gateway = gateways(hung.url, timeout=0.5)
-        started = time.monotonic()
-        error = await failure(gateway.send_sms(USER_PHONE, SMS_TEXT))
-        elapsed = time.monotonic() - started
-        await deferLater(real_reactor, 0.05)
-        assert (hung.connections, hung.closed) == (1, 1)  # we dropped the connection
-    finally:
-        await hung.stop()
-    assert 0.4 < elapsed < 2.0
-    assert str(error) == "twilio: no answer within 0.5 s"
-
-
-@pytest_twisted.ensureDeferred
-async def test_cancelling_a_send_gives_cancelled_error(gateways):
-    hung = HungServer(real_reactor)
-    try:
-        d = gateways(hung.url).send_sms(USER_PHONE, SMS_TEXT)
-        real_reactor.callLater(0.1, d.cancel)
-        await failure(d, defer.CancelledError)
-    finally:
-        await hung.stop()
+    def test_send_sms_with_nothing_listening_fails_before_the_deadline(self):
+        d = self.gateway.send_sms(USER_PHONE, SMS_TEXT)
+        ConnectionCompleter(self.reactor).failOnce(Failure(ConnectionRefusedError()))
+        self.reactor.advance(1)  # the endpoint's next attempt: there is none
+        error = self.failureResultOf(d, GatewayError).value
+        self.assertTrue(str(error).startswith("twilio unreachable"))
+        self.assertIsNone(error.status)
 
 
 # --- start_call -----------------------------------------------------------------------------
 
-async def place_call(fake, gateway, endpoints, keys, twiml):
-    """Call USER_PHONE, who presses ``keys``; the FakeCall once it has ended."""
-    fake.script_call(USER_PHONE, keys)
-    endpoints.twiml = twiml
-    sid = await gateway.start_call(USER_PHONE, answer_url=endpoints.base + "/answer?c=1",
-                                   status_url=endpoints.base + "/status")
-    assert sid.startswith("CA") and len(sid) == 34
-    call = await fake.call_finished(sid)
-    assert call.sid == sid
-    assert all(ok for _, _, ok in endpoints.posts), "a callback had a bad signature"
-    return call
+class StartCallTests(TwilioTestCase):
+    def place_call(self, keys, twiml: bytes):
+        """Call USER_PHONE, who presses ``keys``; the FakeCall once it has ended."""
+        self.fake.script_call(USER_PHONE, keys)
+        self.endpoints.twiml = twiml
+        sid = self.successResultOf(self.gateway().start_call(
+            USER_PHONE, answer_url=PUBLIC + "/answer?c=1", status_url=PUBLIC + "/status"))
+        self.assertTrue(sid.startswith("CA"))
+        self.assertEqual(len(sid), 34)
+        finished = self.fake.call_finished(sid)
+        self.assertNoResult(finished)
+        self.clock.advance(self.fake.answer_delay)
+        call = self.successResultOf(finished)
+        self.assertEqual(call.sid, sid)
+        self.assertTrue(all(ok for _, _, ok in self.endpoints.posts),
+                        "a callback had a bad signature")
+        return call
 
+    def test_call_pressing_pound(self):
+        call = self.place_call("#", PRESS_POUND)
+        self.assertEqual((call.to, call.from_, call.timeout), (USER_PHONE, FROM_NUMBER, 30))
+        self.assertEqual(call.url, PUBLIC + "/answer?c=1")
+        self.assertEqual(call.status_callback, PUBLIC + "/status")
+        self.assertEqual(call.status_callback_event, ["completed"])
+        self.assertEqual(self.endpoints.paths(), ["/answer", "/gather", "/status"])
+        answer, gather, status = (params for _, params, _ in self.endpoints.posts)
+        self.assertEqual((answer["CallStatus"], answer["CallSid"]), ("in-progress", call.sid))
+        self.assertEqual((gather["Digits"], gather["CallSid"]), ("#", call.sid))
+        self.assertEqual(status["CallStatus"], "completed")
+        # What our endpoints answered, as the fake saw it.
+        self.assertEqual(call.exchange("answer").body, PRESS_POUND)
+        self.assertEqual(ElementTree.fromstring(call.exchange("gather").body)[0].text,
+                         "Thank you.")
 
-def press_pound(endpoints) -> bytes:
-    return gather_twiml("Press pound to sign in, zero to report fraud.",
-                        endpoints.base + "/gather?c=1", num_digits=1, finish_on_key="")
+    def test_call_reporting_fraud(self):
+        self.place_call("0#", PRESS_POUND)
+        path, params, _ = self.endpoints.posts[1]
+        self.assertEqual((path, params["Digits"]), ("/gather", "0"))
 
+    def test_call_with_pin(self):
+        self.place_call("1234#", gather_twiml("Enter your PIN, then pound.", PUBLIC + "/gather"))
+        self.assertEqual(self.endpoints.posts[1][1]["Digits"], "1234")
 
-@pytest_twisted.ensureDeferred
-async def test_call_pressing_pound(fake, gateways, endpoints):
-    call = await place_call(fake, gateways(fake.api_base), endpoints, "#",
-                            press_pound(endpoints))
-    assert (call.to, call.from_, call.timeout) == (USER_PHONE, FROM_NUMBER, 30)
-    assert call.url == endpoints.base + "/answer?c=1"
-    assert call.status_callback == endpoints.base + "/status"
-    assert call.status_callback_event == ["completed"]
-    assert endpoints.paths() == ["/answer", "/gather", "/status"]
-    answer, gather, status = (params for _, params, _ in endpoints.posts)
-    assert answer["CallStatus"] == "in-progress" and answer["CallSid"] == call.sid
-    assert gather["Digits"] == "#" and gather["CallSid"] == call.sid
-    assert status["CallStatus"] == "completed"
-    # What our endpoints answered, as the fake saw it.
-    assert call.exchange("answer").body == press_pound(endpoints)
-    assert ElementTree.fromstring(call.exchange("gather").body)[0].text == "Thank you."
+    def test_call_pound_alone_with_pound_as_finish_key_posts_nothing(self):
+        # The trap the module docstring warns about: "#" alone is no input.
+        self.place_call("#", gather_twiml("Press pound.", PUBLIC + "/gather"))
+        self.assertEqual(self.endpoints.paths(), ["/answer", "/status"])
 
+    def test_call_answered_in_silence_posts_nothing(self):
+        self.place_call("", PRESS_POUND)
+        self.assertEqual(self.endpoints.paths(), ["/answer", "/status"])
 
-@pytest_twisted.ensureDeferred
-async def test_call_reporting_fraud(fake, gateways, endpoints):
-    await place_call(fake, gateways(fake.api_base), endpoints, "0#", press_pound(endpoints))
-    assert endpoints.posts[1][:2] == ("/gather", {**endpoints.posts[1][1], "Digits": "0"})
+    def test_call_not_answered(self):
+        call = self.place_call(None, PRESS_POUND)
+        self.assertEqual(self.endpoints.paths(), ["/status"])
+        self.assertEqual(self.endpoints.posts[0][1]["CallStatus"], "no-answer")
+        self.assertEqual(call.status, "no-answer")
 
+    def test_call_without_status_url(self):
+        self.fake.script_call(USER_PHONE, "#")
+        self.endpoints.twiml = PRESS_POUND
+        sid = self.successResultOf(self.gateway().start_call(
+            USER_PHONE, answer_url=PUBLIC + "/answer"))
+        self.clock.advance(self.fake.answer_delay)
+        self.successResultOf(self.fake.call_finished(sid))
+        self.assertEqual(self.endpoints.paths(), ["/answer", "/gather"])
+        self.assertIsNone(self.fake.calls[0].status_callback)
 
-@pytest_twisted.ensureDeferred
-async def test_call_with_pin(fake, gateways, endpoints):
-    twiml = gather_twiml("Enter your PIN, then pound.", endpoints.base + "/gather")
-    await place_call(fake, gateways(fake.api_base), endpoints, "1234#", twiml)
-    assert endpoints.posts[1][1]["Digits"] == "1234"
+    def test_call_to_a_number_twilio_refuses(self):
+        error = self.gateway_error(self.gateway().start_call(
+            "+1555123", answer_url=PUBLIC + "/answer"))
+        self.assertEqual(error.provider_code, 21211)
+        self.assertEqual(self.fake.calls, [])
 
+    def test_call_to_a_non_e164_number_sends_nothing(self):
+        self.gateway_error(self.gateway().start_call("5551234567", answer_url=PUBLIC + "/answer"))
+        self.assertEqual(self.fake.requests, 0)
 
-@pytest_twisted.ensureDeferred
-async def test_call_pound_alone_with_pound_as_finish_key_posts_nothing(fake, gateways,
-                                                                       endpoints):
-    # The trap the module docstring warns about: "#" alone is no input.
-    twiml = gather_twiml("Press pound.", endpoints.base + "/gather")
-    await place_call(fake, gateways(fake.api_base), endpoints, "#", twiml)
-    assert endpoints.paths() == ["/answer", "/status"]
+    def test_call_with_a_relative_url_is_a_programming_error(self):
+        gateway = self.gateway()
+        with self.assertRaisesRegex(ValueError, "answer_url"):
+            gateway.start_call(USER_PHONE, answer_url="/answer")
+        with self.assertRaisesRegex(ValueError, "status_url"):
+            gateway.start_call(USER_PHONE, answer_url=PUBLIC + "/answer", status_url="/status")
+        self.assertEqual(self.fake.requests, 0)
 
-
-@pytest_twisted.ensureDeferred
-async def test_call_answered_in_silence_posts_nothing(fake, gateways, endpoints):
-    await place_call(fake, gateways(fake.api_base), endpoints, "", press_pound(endpoints))
-    assert endpoints.paths() == ["/answer", "/status"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_call_not_answered(fake, gateways, endpoints):
-    call = await place_call(fake, gateways(fake.api_base), endpoints, None,
-                            press_pound(endpoints))
-    assert endpoints.paths() == ["/status"]
-    assert endpoints.posts[0][1]["CallStatus"] == "no-answer"
-    assert call.status == "no-answer"
-
-
-@pytest_twisted.ensureDeferred
-async def test_call_without_status_url(fake, gateways, endpoints):
-    fake.script_call(USER_PHONE, "#")
-    endpoints.twiml = press_pound(endpoints)
-    sid = await gateways(fake.api_base).start_call(USER_PHONE,
-                                                   answer_url=endpoints.base + "/answer")
-    await fake.call_finished(sid)
-    assert endpoints.paths() == ["/answer", "/gather"]
-    assert fake.calls[0].status_callback is None
-
-
-@pytest_twisted.ensureDeferred
-async def test_call_to_a_number_twilio_refuses(fake, gateways, endpoints):
-    error = await failure(gateways(fake.api_base).start_call(
-        "+1555123", answer_url=endpoints.base + "/answer"))
-    assert error.provider_code == 21211
-    assert fake.calls == []
-
-
-@pytest_twisted.ensureDeferred
-async def test_call_to_a_non_e164_number_sends_nothing(fake, gateways, endpoints):
-    await failure(gateways(fake.api_base).start_call("5551234567",
-                                                     answer_url=endpoints.base + "/answer"))
-    assert fake.requests == 0
-
-
-def test_call_with_a_relative_answer_url_is_a_programming_error():
-    gateway = TwilioGateway(settings("https://api.twilio.com"), real_reactor)
-    with pytest.raises(ValueError, match="answer_url"):
-        gateway.start_call(USER_PHONE, answer_url="/answer")
-
-
-@pytest_twisted.ensureDeferred
-async def test_call_answer_without_a_call_sid_fails(fake, gateways, endpoints):
-    fake.fail_next(201, body=b'{"status": "queued"}')
-    error = await failure(gateways(fake.api_base).start_call(
-        USER_PHONE, answer_url=endpoints.base + "/answer"))
-    assert "no call SID" in str(error)
+    def test_call_answer_without_a_call_sid_fails(self):
+        self.fake.fail_next(201, body=b'{"status": "queued"}')
+        error = self.gateway_error(self.gateway().start_call(
+            USER_PHONE, answer_url=PUBLIC + "/answer"))
+        self.assertIn("no call SID", str(error))

@@ -1,138 +1,147 @@
-"""Wake-up notifications: what is POSTed where, once, and how failures are taken."""
+"""Wake-up notifications: what is POSTed where, once, and how failures are taken.
+
+The notifier's Agent is treq's RequestTraversalAgent over a `WebhookStandIn`
+(in memory); its timeouts run on a `Clock`.
+"""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-import pytest_twisted
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
-from twisted.web import resource, server
+from treq.testing import RequestTraversalAgent
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
 
 from mfaserver.auth.model import Device
-from mfaserver.gateways.wake import NTFY_TEXT, WakeNotifier
+from mfaserver.gateways.wake import NTFY_TEXT, WEBHOOK_BODY, WakeNotifier
+from mfaserver.testing import WebhookStandIn
+
+BOTH = frozenset({"ntfy", "webhook"})
+URL = "https://ntfy.example.org"
 
 
-class _Sink(resource.Resource):
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.received: list[tuple[bytes, bytes, bytes]] = []
-        self.status = 200
-        self.held: list = []  # requests not answered yet (hold = True)
-        self.hold = False
-
-    def render_POST(self, request):
-        self.received.append((request.path, request.getHeader(b"content-type"),
-                              request.content.read()))
-        if self.hold:
-            self.held.append(request)
-            return server.NOT_DONE_YET
-        request.setResponseCode(self.status)
-        return b""
+def device(name: str, kind: str | None, url: str | None, user: str = "alice") -> Device:
+    return Device(id=name, user=user, public_key="ed25519:x", notify_type=kind, notify_url=url)
 
 
-@pytest_twisted.async_yield_fixture
-async def sink():
-    site = _Sink()
-    port = reactor.listenTCP(0, server.Site(site), interface="127.0.0.1")
-    site.url = f"http://127.0.0.1:{port.getHost().port}"
-    yield site
-    for request in site.held:
-        request.finish()
-    await port.stopListening()
-
-
-def devices_of(mapping):
+def devices_of(devices: list[Device]):
+    """``list_devices`` over a list of devices."""
     def list_devices(user):
-        return defer.succeed(mapping.get(user, []))
+        return defer.succeed([d for d in devices if d.user == user])
     return list_devices
 
 
-async def settle(notifier, wanted: int):
-    for _ in range(200):
-        if notifier.sent + notifier.failed >= wanted and not notifier._in_flight:
-            return
-        await deferLater(reactor, 0.01, lambda: None)
+class WakeNotifierTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.target = WebhookStandIn(body=b"")
+        self.agent = RequestTraversalAgent(self.target)
 
+    def notifier(self, devices: list[Device], kinds=BOTH, **options) -> WakeNotifier:
+        options.setdefault("timeout", 5)
+        return WakeNotifier(self.clock, devices_of(devices), kinds=kinds, agent=self.agent,
+                            **options)
 
-def device(name, kind, url):
-    return Device(id=name, user="alice", public_key="ed25519:x", notify_type=kind,
-                  notify_url=url)
+    def paths(self) -> list[str]:
+        return [r.path for r in self.target.requests]
 
+    def test_each_device_of_the_user_gets_one_wake_up_of_its_kind(self):
+        notifier = self.notifier([
+            device("a", "ntfy", URL + "/topic-a"), device("b", "webhook", URL + "/hook-b"),
+            device("c", None, None), device("d", "ntfy", URL + "/topic-d", user="bob")])
+        self.assertIsNone(notifier("alice"))
+        got = sorted((r.path, r.headers["content-type"], r.body) for r in self.target.requests)
+        self.assertEqual(got, [("/hook-b", "application/json", WEBHOOK_BODY),
+                               ("/topic-a", "text/plain; charset=utf-8", NTFY_TEXT)])
+        self.assertEqual(json.loads(WEBHOOK_BODY), {"type": "wake"})
+        self.assertEqual((notifier.sent, notifier.failed), (2, 0))
 
-@pytest_twisted.ensureDeferred
-async def test_each_device_of_the_user_gets_one_wake_up_of_its_kind(sink):
-    notifier = WakeNotifier(reactor, devices_of({"alice": [
-        device("a", "ntfy", sink.url + "/topic-a"),
-        device("b", "webhook", sink.url + "/hook-b"),
-        device("c", None, None),
-    ]}), kinds=frozenset({"ntfy", "webhook"}), timeout=5)
-    notifier("alice")
-    notifier("bob")  # no devices: nothing
-    await settle(notifier, 2)
-    got = sorted(sink.received)
-    assert got == [(b"/hook-b", b"application/json", b'{"type": "wake"}'),
-                   (b"/topic-a", b"text/plain; charset=utf-8", NTFY_TEXT)]
-    assert json.loads(got[0][2]) == {"type": "wake"}
-    assert (notifier.sent, notifier.failed) == (2, 0)
+    def test_a_user_without_devices_gets_nothing(self):
+        notifier = self.notifier([device("a", "ntfy", URL + "/topic-a")])
+        notifier("bob")
+        self.assertEqual(self.target.requests, [])
 
+    def test_only_the_configured_kind_is_sent(self):
+        notifier = self.notifier([device("a", "ntfy", URL + "/topic-a"),
+                                  device("b", "webhook", URL + "/hook-b")],
+                                 kinds=frozenset({"webhook"}))
+        notifier("alice")
+        self.assertEqual(self.paths(), ["/hook-b"])
 
-@pytest_twisted.ensureDeferred
-async def test_only_the_configured_kind_is_sent(sink):
-    notifier = WakeNotifier(reactor, devices_of({"alice": [
-        device("a", "ntfy", sink.url + "/topic-a"),
-        device("b", "webhook", sink.url + "/hook-b"),
-    ]}), kinds=frozenset({"webhook"}), timeout=5)
-    notifier("alice")
-    await settle(notifier, 1)
-    assert [path for path, _, _ in sink.received] == [b"/hook-b"]
+    def test_no_kinds_sends_nothing_and_lists_no_devices(self):
+        asked = []
+        notifier = WakeNotifier(self.clock, lambda user: asked.append(user) or defer.succeed([]),
+                                kinds=frozenset(), agent=self.agent)
+        notifier("alice")
+        self.assertEqual((asked, self.target.requests), ([], []))
 
+    def test_a_refusing_target_is_counted_as_failed_and_not_retried(self):
+        self.target.status = 500
+        notifier = self.notifier([device("a", "ntfy", URL + "/t")])
+        notifier("alice")
+        self.clock.advance(60)
+        self.assertEqual((notifier.sent, notifier.failed, len(self.target.requests)), (0, 1, 1))
 
-@pytest_twisted.ensureDeferred
-async def test_a_refusing_target_is_counted_as_failed_and_not_retried(sink):
-    sink.status = 500
-    notifier = WakeNotifier(reactor, devices_of({"alice": [device("a", "ntfy",
-                                                                  sink.url + "/t")]}),
-                            kinds=frozenset({"ntfy"}), timeout=5)
-    notifier("alice")
-    await settle(notifier, 1)
-    await deferLater(reactor, 0.2, lambda: None)
-    assert (notifier.sent, notifier.failed, len(sink.received)) == (0, 1, 1)
+    def test_a_failure_is_logged_without_the_private_topic(self):
+        self.target.status = 500
+        with capturedLogs() as events:
+            self.notifier([device("a", "ntfy", URL + "/secret-topic-4711")])("alice")
+        self.assertIn("a wake-up notification failed", repr(events))
+        self.assertNotIn("secret-topic-4711", repr(events))
 
+    def test_a_target_that_never_answers_times_out_and_is_hung_up_on(self):
+        for partial in (False, True):
+            with self.subTest(partial=partial):
+                self.target.hold, self.target.partial = True, partial
+                notifier = self.notifier([device("a", "ntfy", URL + "/t")], timeout=2)
+                notifier("alice")
+                self.clock.advance(1.999)
+                self.assertEqual(notifier.failed, 0)
+                self.clock.advance(0.001)
+                self.assertEqual((notifier.sent, notifier.failed), (0, 1))
+        self.agent.flush()
+        self.assertEqual(self.target.dropped, 2)
 
-@pytest_twisted.ensureDeferred
-async def test_at_most_max_in_flight_at_once_the_rest_queued(sink):
-    sink.hold = True
-    users = {f"u{i}": [device(f"d{i}", "webhook", f"{sink.url}/{i}")] for i in range(5)}
-    notifier = WakeNotifier(reactor, devices_of(users), kinds=frozenset({"webhook"}),
-                            timeout=5, max_in_flight=2)
-    for user in users:
-        notifier(user)
-    for _ in range(100):
-        if len(sink.received) >= 2:
-            break
-        await deferLater(reactor, 0.01, lambda: None)
-    await deferLater(reactor, 0.1, lambda: None)
-    assert len(sink.received) == 2
-    assert len(notifier._queue) == 3
-    sink.hold = False
-    for request in sink.held:
-        request.finish()
-    sink.held = []
-    await settle(notifier, 5)
-    assert notifier.sent == 5 and len(sink.received) == 5
+    def wake_held(self, users: int, **options) -> WakeNotifier:
+        """Wake ``users`` users (u0, u1, ...: one webhook each) while the target holds requests."""
+        self.target.hold = True
+        notifier = self.notifier([device(f"d{i}", "webhook", f"{URL}/{i}", user=f"u{i}")
+                                  for i in range(users)], **options)
+        for i in range(users):
+            notifier(f"u{i}")
+        return notifier
 
+    def test_at_most_max_in_flight_at_once_the_rest_queued(self):
+        notifier = self.wake_held(5, max_in_flight=2)
+        self.assertEqual(self.paths(), ["/0", "/1"])
+        self.target.hold = False
+        self.target.release()
+        self.agent.flush()
+        self.assertEqual(notifier.sent, 5)
+        self.assertEqual(self.paths(), ["/0", "/1", "/2", "/3", "/4"])
 
-@pytest_twisted.ensureDeferred
-async def test_no_kinds_sends_nothing(sink):
-    asked = []
-    notifier = WakeNotifier(reactor, lambda user: asked.append(user) or defer.succeed([]),
-                            kinds=frozenset())
-    notifier("alice")
-    assert asked == [] and sink.received == []
+    def test_past_max_queued_wake_ups_are_dropped(self):
+        notifier = self.wake_held(4, max_in_flight=1, max_queued=2)
+        self.assertEqual((len(self.target.requests), notifier.dropped), (1, 1))
+
+    def test_stop_drops_the_queue_and_hangs_up_on_what_is_in_flight(self):
+        notifier = self.wake_held(3, max_in_flight=1)
+        notifier.stop()
+        self.agent.flush()
+        self.assertEqual((self.target.dropped, notifier.sent), (1, 0))
+        self.assertEqual(self.paths(), ["/0"])  # the queued two were never sent
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_devices_that_cannot_be_listed_are_logged_not_raised(self):
+        notifier = WakeNotifier(self.clock, lambda user: defer.fail(RuntimeError("db gone")),
+                                kinds=BOTH, agent=self.agent)
+        with capturedLogs() as events:
+            self.assertIsNone(notifier("alice"))
+        self.assertIn("could not list the devices of alice", repr(events))
+        self.flushLoggedErrors(RuntimeError)
 
 
 @pytest.mark.parametrize("url", ["https://ntfy.example.org/tópico", "https://a b/x"])

@@ -38,21 +38,24 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
 
-import treq
 from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.client import HTTPClient
-from twisted.internet import defer, error
+from twisted.internet import defer, error, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import (
     Certificate, TLSVersion, optionsForClientTLS, platformTrust, trustRootFromCertificates,
 )
-from twisted.web.client import Agent, ResponseFailed
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from mfaserver.addresses import is_loopback
-from mfaserver.gateways.base import GatewayError, is_e164
+from mfaserver.gateways.base import GatewayError, check_e164
 
 METHODS = ("POST", "PUT", "GET")
 FORMATS = ("json", "form")
@@ -84,17 +87,6 @@ def unknown_placeholders(template: str, known: tuple[str, ...]) -> list[str]:
     return [m.group(0) for m in _PLACEHOLDER.finditer(template) if m.group(1) not in known]
 
 
-def check_e164(to: str, gateway: str) -> str:
-    """``to`` if it is an E.164 number, else GatewayError.
-
-    Numbers end up in URLs, JSON and mail addresses: anything else is refused
-    rather than escaped.
-    """
-    if not isinstance(to, str) or not is_e164(to):
-        raise GatewayError(f"{gateway} gateway: the number is not in E.164 form")
-    return to
-
-
 def trust_root(ca_file: Path | str | None):
     """The CAs to check servers against: the certificates in ``ca_file``, or the system's."""
     if ca_file is None:
@@ -112,15 +104,123 @@ def client_tls(hostname: str, trust):
         extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
 
 
-@implementer(IPolicyForHTTPS)
-class _TlsPolicy:
-    """Agent's TLS policy: `client_tls` with the configured CAs."""
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """Agent's connections: TCP on ``reactor`` within ``timeout``, TLS per `client_tls`.
 
-    def __init__(self, trust):
+    Instead of Agent's own factory, so that TLS, too, runs on ``reactor``
+    (Agent's puts it on the global reactor's clock).
+    """
+
+    def __init__(self, reactor, trust, timeout: float):
+        self._reactor = reactor
         self._trust = trust
+        self._timeout = timeout
 
-    def creatorForNetloc(self, hostname: bytes, port: int):
-        return client_tls(hostname.decode("ascii"), self._trust)
+    def endpointForURI(self, uri):
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
+        endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(client_tls(uri.host.decode("ascii"), self._trust),
+                                     endpoint, clock=self._reactor)
+        return endpoint
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A request body already in memory, written at once.
+
+    treq's default producer writes through Twisted's global cooperator, which
+    runs on the global reactor whatever reactor the Agent was given.
+    """
+
+    def __init__(self, data: bytes | str):
+        self._data = data.encode("utf-8") if isinstance(data, str) else data
+        self.length = len(self._data)
+
+    def startProducing(self, consumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def make_agent(reactor, *, trust, connect_timeout: float,
+               pool: HTTPConnectionPool | None = None) -> Agent:
+    """An Agent whose connections and TLS run on ``reactor``.
+
+    Servers are checked against ``trust`` (`trust_root`) as `client_tls`
+    says; ``pool`` as for Agent (None: a new connection per request).
+    """
+    return Agent.usingEndpointFactory(
+        reactor, _Endpoints(reactor, trust, connect_timeout), pool=pool)
+
+
+def treq_client(agent) -> HTTPClient:
+    """A treq client over ``agent`` that writes request bodies at once (`BytesBody`)."""
+    return HTTPClient(agent, data_to_body_producer=BytesBody)
+
+
+class BodyTooLarge(Exception):
+    """A response body went over the reader's limit."""
+
+
+class _BodyReader(protocol.Protocol):
+    """Reads a response body into ``done``: at most ``limit`` bytes, or drops it (None).
+
+    Past the limit ``done`` fails with `BodyTooLarge`; cancelling ``done`` (a
+    deadline passed) drops the connection, so a server that sends headers and
+    then stalls does not keep it open.
+    """
+
+    def __init__(self, limit: int | None):
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done: Deferred[bytes] = Deferred(lambda d: self._drop())
+
+    def _drop(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called or self._limit is None:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._drop()
+            self.done.errback(BodyTooLarge())
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self.done.called:
+            return
+        # PotentialDataLoss: no Content-Length, the body ended with the connection.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+
+def read_body(response: IResponse, limit: int | None = None) -> Deferred[bytes]:
+    """Read ``response``'s body to its end; fires with it (b"" when ``limit`` is None).
+
+    With a ``limit``, fails with `BodyTooLarge` past that many bytes; with
+    None the body is read and dropped, whatever its size. Cancelling drops
+    the connection. Reading to the end lets a persistent connection be reused.
+    """
+    reader = _BodyReader(limit)
+    response.deliverBody(reader)
+    return reader.done
 
 
 @dataclass(frozen=True)
@@ -201,15 +301,12 @@ def _describe(failure: BaseException) -> str:
     return f"request failed ({type(failure).__name__})"
 
 
-def _discard(data: bytes) -> None:
-    """The response body is not needed: the status says it all."""
-
-
 class HttpGateway:
     """An `SmsGateway` and `AlertSink` that calls a configured webhook.
 
-    ``reactor`` provides time and TCP. ``http_client`` is a
-    ``HTTPClient`` (for tests); by default one over an Agent on
+    ``reactor`` provides time and TCP (and TLS); a `MemoryReactorClock` in
+    tests. ``http_client`` is a ``HTTPClient`` (for tests: ``StubTreq``, with
+    ``reactor`` a `Clock` for the deadline); by default one over an Agent on
     ``reactor``, without persistent connections.
     """
 
@@ -219,15 +316,14 @@ class HttpGateway:
         self._reactor = reactor
         if http_client is None:
             # Read the CA file now, so a bad one stops the daemon at start.
-            policy = _TlsPolicy(trust_root(settings.ca_file))
-            http_client = HTTPClient(
-                Agent(reactor, contextFactory=policy, connectTimeout=settings.timeout))
+            http_client = treq_client(make_agent(
+                reactor, trust=trust_root(settings.ca_file), connect_timeout=settings.timeout))
         self._client = http_client
 
     def send_sms(self, to: str, text: str) -> Deferred[None]:
         """Send ``text`` to ``to`` (E.164); fires with None once the gateway accepted it."""
         try:
-            check_e164(to, "http")
+            check_e164(to, "http gateway")
         except GatewayError:
             return defer.fail()
         return self._send({"to": to, "number": to[1:], "text": text, "subject": ""})
@@ -263,8 +359,8 @@ class HttpGateway:
             response = await self._client.request(
                 method, settings.url, headers=dict(settings.headers),
                 allow_redirects=False, unbuffered=True, **body)
-            # Read the body to the end so the connection is released.
-            await treq.collect(response, _discard)
+            # Read to the end, so the server sees its answer taken.
+            await read_body(response)
         except Exception as e:
             if _cancelled(e):
                 # The deadline or the caller: addTimeout and the caller

@@ -51,9 +51,9 @@ from twisted.mail.smtp import (
     SMTPClientError, SMTPConnectError, TLSError, TLSRequiredError,
 )
 
-from mfaserver.gateways.base import GatewayError
+from mfaserver.gateways.base import GatewayError, check_e164
 from mfaserver.gateways.http import (
-    AlertSink, check_e164, client_tls, is_loopback, substitute, tls_problem, trust_root,
+    AlertSink, client_tls, is_loopback, substitute, tls_problem, trust_root,
     unknown_placeholders,
 )
 
@@ -143,8 +143,9 @@ def _describe(failure: BaseException) -> str:
 class SmtpGateway:
     """An `SmsGateway` through an e-mail to SMS service, and an admin alert sender.
 
-    ``reactor`` provides time and TCP. Fires with None once the relay took the
-    message for at least one recipient.
+    ``reactor`` provides time and TCP: a `MemoryReactorClock` in tests, whose
+    pending connection `tests/fake_smtp.py` completes in memory. Fires with
+    None once the relay took the message for at least one recipient.
     """
 
     def __init__(self, settings: SmtpSettings, reactor):
@@ -158,7 +159,7 @@ class SmtpGateway:
     def send_sms(self, to: str, text: str) -> Deferred[None]:
         """Mail ``text`` to ``sms_address`` for ``to`` (E.164)."""
         try:
-            check_e164(to, "smtp")
+            check_e164(to, "smtp gateway")
             if not self._settings.sms_address:
                 raise GatewayError("smtp gateway: no sms_address configured")
         except GatewayError:

@@ -38,14 +38,14 @@ from xml.etree import ElementTree
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectError
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import HTTPConnectionPool
 
 from mfaserver.addresses import is_loopback
-from mfaserver.gateways.base import GatewayError, is_e164, mask_number
+from mfaserver.gateways.base import GatewayError, check_call, check_e164, is_e164, mask_number
+from mfaserver.gateways.http import BodyTooLarge, make_agent, read_body, treq_client
 
 log = Logger(namespace="mfaserver.gateways.twilio")
 
@@ -107,14 +107,12 @@ def _check_api_base(api_base: str) -> None:
         raise ValueError("api_base: must be https:// (http:// only for 127.0.0.1 or localhost)")
 
 
-class _TooLarge(Exception):
-    """The response body went over MAX_RESPONSE."""
-
-
 class TwilioGateway:
     """Sends SMS and starts calls through Twilio; an `SmsGateway` and a `VoiceGateway`.
 
-    ``http_client`` is a `treq.client.HTTPClient`; by default the gateway makes
+    ``reactor`` provides time and TCP; a `MemoryReactorClock` in tests.
+    ``http_client`` is a `treq.client.HTTPClient` (for tests: ``StubTreq``,
+    with ``reactor`` a `Clock` for the deadline); by default the gateway makes
     one over its own pool of persistent connections, which `close` closes.
     """
 
@@ -130,7 +128,9 @@ class TwilioGateway:
             # meanwhile closed, so it would fail; drop idle connections early,
             # before a load balancer's idle timeout does.
             self._pool.cachedConnectionTimeout = 30
-            http_client = HTTPClient(Agent(reactor, pool=self._pool))
+            http_client = treq_client(make_agent(
+                reactor, trust=platformTrust(), connect_timeout=settings.timeout,
+                pool=self._pool))
         self._http = http_client
 
     def close(self) -> Deferred[None]:
@@ -146,8 +146,10 @@ class TwilioGateway:
         `GatewayError` without sending when ``to`` is not E.164 or ``text`` is
         empty or longer than Twilio takes.
         """
-        if not is_e164(to):
-            return fail(GatewayError("SMS not sent: the number is not in E.164 form"))
+        try:
+            check_e164(to, "SMS not sent")
+        except GatewayError:
+            return fail()
         if not text or len(text) > MAX_SMS_LENGTH:
             return fail(GatewayError(
                 f"SMS not sent: the text must be 1 to {MAX_SMS_LENGTH} characters"))
@@ -164,16 +166,16 @@ class TwilioGateway:
         when it ends (completed, busy, no-answer, failed, canceled) Twilio
         POSTs the final CallStatus to ``status_url``, if given.
         """
-        _require_absolute_url(answer_url, "answer_url")
-        if not is_e164(to):
-            return fail(GatewayError("call not started: the number is not in E.164 form"))
+        try:
+            check_call(to, answer_url, status_url)
+        except GatewayError:
+            return fail()
         form = [
             ("To", to), ("From", self._settings.from_number),
             ("Url", answer_url), ("Method", "POST"),
             ("Timeout", str(self._settings.ring_timeout)),
         ]
         if status_url is not None:
-            _require_absolute_url(status_url, "status_url")
             form += [("StatusCallback", status_url), ("StatusCallbackMethod", "POST"),
                      ("StatusCallbackEvent", "completed")]
         d = self._post("Calls.json", form, what="call", to=to)
@@ -221,12 +223,10 @@ class TwilioGateway:
                 allow_redirects=False,  # a redirect would carry the credentials elsewhere
                 unbuffered=True)
             status = response.code
-            reader = _BodyReader()
-            response.deliverBody(reader)
-            body = await reader.done
+            body = await read_body(response, MAX_RESPONSE)
         except (CancelledError, GatewayError):
             raise
-        except _TooLarge:
+        except BodyTooLarge:
             raise GatewayError(f"twilio {status}: answer longer than {MAX_RESPONSE} bytes",
                                status=status) from None
         except ConnectError as e:
@@ -255,43 +255,6 @@ class TwilioGateway:
         raise GatewayError(text, status=status, provider_code=code)
 
 
-class _BodyReader(Protocol):
-    """Reads a response body of at most MAX_RESPONSE bytes into ``done``.
-
-    Past the limit ``done`` fails with `_TooLarge`; cancelling ``done`` (the
-    deadline passed) drops the connection, so a server that sends headers and
-    then stalls does not keep it open.
-    """
-
-    def __init__(self):
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.done: Deferred[bytes] = Deferred(lambda d: self._drop())
-
-    def _drop(self) -> None:
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.done.called:
-            return
-        self._size += len(data)
-        if self._size > MAX_RESPONSE:
-            self._drop()
-            self.done.errback(_TooLarge())
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.done.called:
-            return
-        # PotentialDataLoss: no Content-Length, the body ended with the connection.
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-
 def _parse_json(body: bytes) -> dict | None:
     """The JSON object in ``body``, or None for anything else."""
     try:
@@ -306,12 +269,6 @@ def _clean(text: str) -> str:
     text = _NUMBER_IN_TEXT.sub(lambda m: mask_number(m.group()), text)
     text = "".join(c if c.isprintable() else " " for c in text)
     return text[:200]
-
-
-def _require_absolute_url(url: str, name: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.netloc:
-        raise ValueError(f"{name}: must be an absolute http(s) URL")
 
 
 # --- Callback signatures ---------------------------------------------------------------------

@@ -15,16 +15,15 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.defer import Deferred
+from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from mfaserver.auth.model import Device
+from mfaserver.gateways.http import BytesBody, make_agent, read_body
 
 log = Logger(namespace="mfaserver.wake")
 
@@ -36,7 +35,13 @@ class WakeNotifier:
     """Called with a user name when a transaction opens; wakes that user's devices.
 
     ``list_devices(user)`` fires with the user's `Device`s (the store, on its
-    thread); only targets whose type is in ``kinds`` are used.
+    thread); only targets whose type is in ``kinds`` are used. ``reactor``
+    provides time and TCP; ``agent`` (an `IAgent`, for tests: treq's
+    ``RequestTraversalAgent``, with ``reactor`` a `Clock`) replaces the
+    default Agent on a pool of persistent connections. Calling it returns
+    None at once and never raises; `stop` cancels what is in flight.
+    Verified against `mfaserver.testing.MemoryWakeNotifier` by
+    tests/test_gateway_contracts.py.
     """
 
     def __init__(self, reactor, list_devices: Callable[[str], Deferred], *,
@@ -53,7 +58,7 @@ class WakeNotifier:
             # IDNA) cost half the reactor's time per login in the 10,000-push bench.
             pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_in_flight
-            agent = Agent(reactor, pool=pool, connectTimeout=timeout)
+            agent = make_agent(reactor, trust=platformTrust(), connect_timeout=timeout, pool=pool)
         self._agent = agent
         self._queue: deque[tuple[str, str]] = deque()
         self._in_flight: set[Deferred] = set()
@@ -62,6 +67,7 @@ class WakeNotifier:
         self.dropped = 0
 
     def __call__(self, user: str) -> None:
+        """Queue one wake-up per device of ``user``; returns at once, never raises."""
         if not self.kinds:
             return
         d = self._list_devices(user)
@@ -94,10 +100,8 @@ class WakeNotifier:
         # Enrollment admits ASCII URLs only (check_notify_url); no redirects followed.
         response = await self._agent.request(
             b"POST", url.encode("ascii"), Headers({b"Content-Type": [content_type]}),
-            _Body(body))
-        drain = _Drain()  # read to the end, so the connection goes back to the pool
-        response.deliverBody(drain)
-        await drain.done
+            BytesBody(body))
+        await read_body(response)  # read to the end, so the connection goes back to the pool
         if not 200 <= response.code < 300:
             raise RuntimeError(f"status {response.code}")
 
@@ -117,38 +121,3 @@ class WakeNotifier:
         self._queue.clear()
         for d in list(self._in_flight):
             d.cancel()
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """A request body already in memory."""
-
-    def __init__(self, data: bytes):
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer):
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
-class _Drain(Protocol):
-    """Reads a response body and drops it; ``done`` fires at its end."""
-
-    def __init__(self):
-        self.done = Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason=connectionDone) -> None:
-        self.done.callback(None)
