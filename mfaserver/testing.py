@@ -9,7 +9,12 @@ test in ``tests/``, one suite run over both, so the fake cannot drift:
   `WebhookStandIn`) and `SmtpGateway` (the fake SMTP server), all in memory;
 * `MemoryVoiceGateway`: ``VoiceGatewayContract`` there, also run over `TwilioGateway`;
 * `MemoryWakeNotifier`: ``WakeContract`` there, also run over `WakeNotifier`
-  with ntfy and webhook `WebhookStandIn`s.
+  with ntfy and webhook `WebhookStandIn`s;
+* `MemoryCodeFactor`, `MemoryApprovalFactor`, `MemoryConfirmedApprovalFactor`:
+  ``tests/test_factor_contracts.py``, also run over `TokenFactor` (the real
+  store), `SmsCodes`, `PushFactor`, `VoiceFactor` and `NumberMatchingPushFactor`;
+* `MemoryAccountStore`: ``tests/test_store_contract.py``, also run over the
+  `ThreadedStore` on a real SQLite store.
 
 `WebhookStandIn` is no fake of ours but the far side of an HTTP gateway (a
 webhook, an ntfy server), shared by those suites and the gateways' own tests.
@@ -17,6 +22,7 @@ webhook, an ntfy server), shared by those suites and the gateways' own tests.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -29,8 +35,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from mfaserver.auth.interfaces import InvalidCredentials, UnknownUser
-from mfaserver.auth.model import Principal
+from mfaserver.auth.interfaces import (ApprovalWithdrawn, FactorRefused, InvalidCredentials,
+                                       UnknownApproval, UnknownUser, WrongConfirmation)
+from mfaserver.auth.model import (Account, AuditEntry, CodeCheck, CodeResult, Login, Method,
+                                  Principal, Reason, TokenKind, Verdict)
 from mfaserver.gateways.base import GatewayError, check_call, check_e164
 from mfaserver.radius import codec
 
@@ -316,3 +324,277 @@ class WebhookStandIn(Resource):
         if 300 <= self.status < 400:
             request.setHeader(b"location", b"https://elsewhere.example/")
         return self.body
+
+
+# --- Second factors ---------------------------------------------------------------------------
+
+class MemoryCodeFactor:
+    """`CodeFactor` whose codes the test sets: ``codes[user]`` is that user's code.
+
+    A code is accepted once; the same code again is REPLAYED. Only users in
+    ``users`` can use it. With ``sends`` it "texts" the code (``sent`` records
+    whom; the prompt names the user), else the user holds it (an app). Set
+    ``refusal`` (a `FactorRefused`) or ``failure`` (a `DeliveryFailed`) to
+    make `send` refuse or fail.
+    """
+
+    def __init__(self, method: Method, *, users: Iterable[str] = (), sends: bool = False):
+        self.method = method
+        self.users = set(users)
+        self.sends = sends
+        self.codes: dict[str, str] = {}
+        self.sent: list[str] = []
+        self.refusal: FactorRefused | None = None
+        self.failure: Exception | None = None
+        self._used: dict[str, set[str]] = {}
+
+    def usable(self, account: Account) -> bool:
+        return account.name in self.users
+
+    def send(self, login: Login) -> defer.Deferred[str | None]:
+        if self.refusal is not None:
+            raise self.refusal
+        if self.failure is not None:
+            return defer.fail(self.failure)
+        if not self.sends:
+            return defer.succeed(None)
+        self.sent.append(login.user)
+        return defer.succeed(f"Enter the code sent to {login.user}.")
+
+    def check(self, account: Account, code: str) -> defer.Deferred[CodeCheck | None]:
+        if account.name not in self.users:
+            return defer.succeed(None)
+        used = self._used.setdefault(account.name, set())
+        if code in used:
+            result = CodeResult.REPLAYED
+        elif code == self.codes.get(account.name):
+            used.add(code)
+            result = CodeResult.ACCEPTED
+        else:
+            result = CodeResult.WRONG
+        return defer.succeed(CodeCheck(result, self.method.name))
+
+
+class MemoryApprovalFactor:
+    """`ApprovalFactor` that records each request; the test answers it.
+
+    ``requests`` holds (login, Deferred) in order; `answer` fires one. Only
+    users in ``users`` can use it; ``refusal`` (a `FactorRefused`) makes
+    requests refuse. The timeout runs on ``clock``; cancelling withdraws
+    (``withdrawn`` records whose).
+    """
+
+    def __init__(self, method: Method, clock: IReactorTime, *, users: Iterable[str] = ()):
+        self.method = method
+        self.users = set(users)
+        self.refusal: FactorRefused | None = None
+        self.requests: list[tuple[Login, defer.Deferred]] = []
+        self.withdrawn: list[str] = []
+        self._clock = clock
+
+    def usable(self, account: Account) -> bool:
+        return account.name in self.users
+
+    def request_approval(self, login: Login, timeout: float) -> defer.Deferred[Verdict]:
+        if self.refusal is not None:
+            raise self.refusal
+        d: defer.Deferred = defer.Deferred(lambda d: self.withdrawn.append(login.user))
+        d.addTimeout(timeout, self._clock)
+        self.requests.append((login, d))
+        return d
+
+    def answer(self, verdict: Verdict, index: int = -1) -> None:
+        """The user answers request ``index`` (the last one by default)."""
+        self.requests[index][1].callback(verdict)
+
+    def withdraw_user(self, user: str) -> None:
+        for login, d in self.requests:
+            if login.user == user and not d.called:
+                self.withdrawn.append(user)
+                d.errback(ApprovalWithdrawn(user))
+
+
+class MemoryConfirmedApprovalFactor:
+    """`ConfirmedApprovalFactor`: the "device" shows ``shown(ticket)``; the test answers.
+
+    Tickets are kept (answered ones too) until ``remember`` seconds after
+    they end, like the push registry; each expires ``timeout`` seconds after
+    `open` on ``clock``.
+    """
+
+    prompt = "Enter the number your device shows."
+
+    def __init__(self, method: Method, clock: IReactorTime, *, users: Iterable[str] = (),
+                 remember: float = 600.0):
+        self.method = method
+        self.users = set(users)
+        self.refusal: FactorRefused | None = None
+        self._clock = clock
+        self._remember = remember
+        self._ids = itertools.count(1)
+        self._approvals: dict[str, _Confirmable] = {}
+
+    def usable(self, account: Account) -> bool:
+        return account.name in self.users
+
+    def find(self, login_key) -> str | None:
+        for ticket, approval in self._approvals.items():
+            if approval.login.key == login_key and approval.outcome is None:
+                return ticket
+        return None
+
+    def open(self, login: Login, timeout: float) -> str:
+        if self.refusal is not None:
+            raise self.refusal
+        ticket = f"ticket-{next(self._ids)}"
+        approval = _Confirmable(login, f"{10 + len(self._approvals) % 90}")
+        approval.expiry = self._clock.callLater(timeout, self._end, ticket,
+                                                defer.TimeoutError(ticket))
+        self._approvals[ticket] = approval
+        return ticket
+
+    def shown(self, ticket: str) -> str:
+        """What the device shows for ``ticket``."""
+        return self._approvals[ticket].number
+
+    def answer(self, ticket: str, verdict: Verdict) -> None:
+        """The device answers ``ticket``."""
+        if self._approvals[ticket].outcome is None:
+            self._end(ticket, verdict)
+
+    def known(self, ticket: str) -> bool:
+        return ticket in self._approvals
+
+    def confirm(self, ticket: str, typed: str) -> defer.Deferred[Verdict]:
+        approval = self._approvals.get(ticket)
+        if approval is None:
+            raise UnknownApproval(ticket)
+        if typed != approval.number:
+            self.withdraw(ticket)
+            raise WrongConfirmation(Reason.WRONG_NUMBER, "Wrong number.")
+        if approval.outcome is not None:
+            return defer.succeed(approval.outcome) if isinstance(approval.outcome, Verdict) \
+                else defer.fail(approval.outcome)
+        d: defer.Deferred = defer.Deferred()
+        approval.waiters.append(d)
+        return d
+
+    def withdraw(self, ticket: str) -> None:
+        if ticket in self._approvals and self._approvals[ticket].outcome is None:
+            self._end(ticket, ApprovalWithdrawn(ticket))
+
+    def withdraw_user(self, user: str) -> None:
+        for ticket, approval in list(self._approvals.items()):
+            if approval.login.user == user:
+                self.withdraw(ticket)
+
+    def pending_count(self, user: str | None = None) -> int:
+        return sum(1 for a in self._approvals.values()
+                   if a.outcome is None and user in (None, a.login.user))
+
+    def _end(self, ticket: str, outcome) -> None:
+        approval = self._approvals[ticket]
+        if approval.outcome is not None:
+            return
+        approval.outcome = outcome
+        if approval.expiry.active():
+            approval.expiry.cancel()
+        self._clock.callLater(self._remember, self._approvals.pop, ticket, None)
+        waiters, approval.waiters = approval.waiters, []
+        for d in waiters:
+            if isinstance(outcome, Verdict):
+                d.callback(outcome)
+            else:
+                d.errback(outcome)
+
+
+class _Confirmable:
+    """One approval of a `MemoryConfirmedApprovalFactor`."""
+
+    def __init__(self, login: Login, number: str):
+        self.login = login
+        self.number = number
+        self.outcome = None             # a Verdict or an exception, once ended
+        self.expiry = None
+        self.waiters: list[defer.Deferred] = []
+
+
+# --- The store --------------------------------------------------------------------------------
+
+class MemoryAccountStore:
+    """`AccountStore` over a dict of `Account`s, with `mfaserver.store.db.Store`'s semantics.
+
+    Set a test up with `add`; ``audit`` lists the rows written.
+    """
+
+    def __init__(self):
+        self.accounts: dict[str, Account] = {}
+        self.audit: list[AuditEntry] = []
+
+    def add(self, account: Account) -> None:
+        self.accounts[account.name] = account
+
+    def load_account(self, name: str) -> defer.Deferred[Account | None]:
+        return defer.succeed(self.accounts.get(name))
+
+    def use_totp_step(self, token_id: int, step: int, drift: int) -> defer.Deferred[bool]:
+        return defer.succeed(self._use(
+            token_id, TokenKind.TOTP,
+            lambda t: t.last_step is None or t.last_step < step,
+            lambda t: dataclasses.replace(t, last_step=step, drift=drift)))
+
+    def use_hotp_counter(self, token_id: int, matched_counter: int) -> defer.Deferred[bool]:
+        return defer.succeed(self._use(
+            token_id, TokenKind.HOTP, lambda t: t.counter <= matched_counter,
+            lambda t: dataclasses.replace(t, counter=matched_counter + 1)))
+
+    def register_failure(self, name: str, *, now: float, threshold: int,
+                         lock_seconds: float) -> defer.Deferred[tuple[int, float | None]]:
+        if threshold < 1:
+            return defer.fail(ValueError("failure threshold must be at least 1"))
+        account = self.accounts.get(name)
+        if account is None:
+            return defer.succeed((0, None))
+        if account.failures + 1 >= threshold:
+            account = self._change(name, failures=0, locked_until=now + lock_seconds)
+        else:
+            account = self._change(name, failures=account.failures + 1)
+        return defer.succeed((account.failures, account.locked_until))
+
+    def clear_failures(self, name: str) -> defer.Deferred[None]:
+        if name in self.accounts:
+            self._change(name, failures=0)
+        return defer.succeed(None)
+
+    def consume_bypass(self, name: str, *, now: float) -> defer.Deferred[bool]:
+        account = self.accounts.get(name)
+        if account is None or account.bypass_until is None:
+            return defer.succeed(False)
+        self._change(name, bypass_until=None)
+        return defer.succeed(account.bypass_until > now)
+
+    def block_user(self, name: str) -> defer.Deferred[None]:
+        if name in self.accounts:
+            self._change(name, blocked=True)
+        return defer.succeed(None)
+
+    def record_audit(self, entry: AuditEntry) -> defer.Deferred[None]:
+        self.audit.append(entry)
+        return defer.succeed(None)
+
+    def _change(self, name: str, **changes) -> Account:
+        account = dataclasses.replace(self.accounts[name], **changes)
+        self.accounts[name] = account
+        return account
+
+    def _use(self, token_id: int, kind: TokenKind, allowed, used) -> bool:
+        for name, account in self.accounts.items():
+            for i, token in enumerate(account.tokens):
+                if token.id == token_id and token.kind is kind:
+                    if not allowed(token):
+                        return False
+                    tokens = list(account.tokens)
+                    tokens[i] = used(token)
+                    self._change(name, tokens=tuple(tokens))
+                    return True
+        return False

@@ -129,7 +129,10 @@ class SmsCodes:
         if entry.expires <= self._clock.seconds():
             del self._codes[user]
             return False
-        if len(code) != len(entry.code) or not hmac.compare_digest(code, entry.code):
+        # compare_digest refuses non-ASCII text: compare the bytes (a typed
+        # full-width "１２３４５６" is simply wrong).
+        if len(code) != len(entry.code) or not hmac.compare_digest(code.encode(),
+                                                                    entry.code.encode()):
             return False
         del self._codes[user]
         return True
