@@ -1,8 +1,7 @@
 """The push device API (docs/device-api.rst) over a real store and a Clock.
 
-Most tests call the routed handlers directly with a `WebRequest`, on a
-`task.Clock`, so long polls and expiry are deterministic; a few at the end go
-through a real listener on 127.0.0.1.
+Every request goes over HTTP in memory (treq's `StubTreq` over the app's
+resource), on a `task.Clock`, so long polls and expiry are deterministic.
 """
 
 from __future__ import annotations
@@ -12,13 +11,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest_twisted
-from treq.client import HTTPClient
-from twisted.internet import defer, reactor
+from treq.testing import StubTreq
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
 from mfaserver.auth.model import AuditEntry, Verdict
 from mfaserver.factors import push_protocol as proto
@@ -27,10 +24,10 @@ from mfaserver.store import Store
 from mfaserver.store.threaded import ThreadedStore
 from mfaserver.testing import run_now
 from mfaserver.web.devices import DeviceApi
-from mfaserver.web.server import WebApp, WebRequest, WebSettings, listen
-from mfaserver.web.validation import HttpError
+from mfaserver.web.server import WebApp
 
 NOW = 1_700_000_000
+BASE = "https://mfa.example.com"
 
 
 def open_store() -> tuple[Store, Path]:
@@ -76,7 +73,11 @@ def answer_body(txid: str, device_id: str, key, decision: str, timestamp: int, *
 
 
 class DeviceApiCase(SynchronousTestCase):
-    """A DeviceApi routed into a WebApp, over a real Store, on a Clock at NOW."""
+    """A DeviceApi routed into a WebApp, over a real Store, on a Clock at NOW.
+
+    Requests go through StubTreq; their answers arrive when it is flushed:
+    `result` and `assertPending` flush before they look.
+    """
 
     number_matching = False
 
@@ -93,6 +94,7 @@ class DeviceApiCase(SynchronousTestCase):
                              report_fraud=self.report_fraud, audit=self.audit)
         self.app = WebApp(self.clock)
         self.api.add_routes(self.app)
+        self.http = StubTreq(self.app.resource())
         for name in ("alice", "bob"):
             self.db.add_user(name, password_hash=None, phone=None, now=NOW)
 
@@ -112,30 +114,35 @@ class DeviceApiCase(SynchronousTestCase):
 
     def request(self, method: str, path: str, *, body=None, headers=None,
                 query=None) -> Deferred:
-        """Route and run one request; fires with (status, JSON body) as the server
-        would answer (an `HttpError` becomes its status and error code)."""
-        handler, params = self.app._find(method, path)
+        """Send one request; fires with (status, JSON body) of the answer, which
+        must be JSON with our headers."""
         headers = dict(headers or {})
-        raw = b""
+        data = None
         if body is not None:
-            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers.setdefault("content-type", "application/json")
+        d = self.http.request(method, BASE + path, data=data, headers=headers, params=query)
+        d.addCallback(self._answer)
+        self.http.flush()
+        return d
 
-        async def run():
-            request = WebRequest(method, path, params, query or {}, headers, raw,
-                                 "https://mfa.example.com" + path)
-            try:
-                result = handler(request)
-                if hasattr(result, "__await__"):
-                    result = await result
-            except HttpError as e:
-                return e.status, {"error": e.code, "message": e.message}
-            return result if isinstance(result, tuple) else (200, result)
+    def _answer(self, response) -> Deferred:
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        return response.json().addCallback(lambda body: (response.code, body))
 
-        return Deferred.fromCoroutine(run())
+    def result(self, d: Deferred):
+        """What ``d`` fired with, once what the server wrote has reached the client."""
+        self.http.flush()
+        return self.successResultOf(d)
+
+    def assertPending(self, d: Deferred) -> None:
+        """The request of ``d`` has no answer yet, even with everything flushed."""
+        self.http.flush()
+        self.assertNoResult(d)
 
     def call(self, method: str, path: str, **kwargs) -> tuple[int, dict]:
-        return self.successResultOf(self.request(method, path, **kwargs))
+        return self.result(self.request(method, path, **kwargs))
 
     def assertError(self, result, status: int, code: str) -> None:
         self.assertEqual((result[0], result[1].get("error")), (status, code), result)
@@ -160,7 +167,7 @@ class DeviceApiCase(SynchronousTestCase):
                             headers=headers, query=query)
 
     def poll_now(self, *args, **kwargs) -> tuple[int, dict]:
-        return self.successResultOf(self.poll(*args, **kwargs))
+        return self.result(self.poll(*args, **kwargs))
 
     def answer(self, txid: str, device_id: str, key, decision: str = "approve", *,
                timestamp: int | None = None, body=None, **kwargs) -> tuple[int, dict]:
@@ -382,43 +389,57 @@ class PollTests(DeviceApiCase):
     def test_long_poll_fires_when_a_transaction_opens_for_the_user(self):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait=None)
-        self.assertNoResult(d)
+        self.assertPending(d)
         self.open("bob")
         self.clock.advance(10)
-        self.assertNoResult(d)
+        self.assertPending(d)
         txn = self.open("alice")
-        self.assertEqual(self.successResultOf(d), (200, {"transactions": [txn.to_json()]}))
+        self.assertEqual(self.result(d), (200, {"transactions": [txn.to_json()]}))
 
     def test_long_poll_answers_an_empty_list_after_the_default_30_seconds(self):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait=None)
         self.clock.advance(29)
-        self.assertNoResult(d)
+        self.assertPending(d)
         self.clock.advance(1)
-        self.assertEqual(self.successResultOf(d), (200, {"transactions": []}))
+        self.assertEqual(self.result(d), (200, {"transactions": []}))
 
     def test_long_poll_honours_a_shorter_wait(self):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait="5")
         self.clock.advance(4)
-        self.assertNoResult(d)
+        self.assertPending(d)
         self.clock.advance(1)
-        self.assertEqual(self.successResultOf(d), (200, {"transactions": []}))
+        self.assertEqual(self.result(d), (200, {"transactions": []}))
 
     def test_long_poll_ends_with_an_empty_list_at_shutdown(self):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait=None)
+        self.assertPending(d)
         self.push.close_all()
-        self.assertEqual(self.successResultOf(d), (200, {"transactions": []}))
+        self.assertEqual(self.result(d), (200, {"transactions": []}))
 
-    def test_cancelled_long_poll_leaves_nothing_behind(self):
-        # What the web server does when the client hangs up.
+    def test_client_hanging_up_withdraws_its_long_poll_and_leaves_nothing_behind(self):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait=None)
-        d.cancel()
-        self.failureResultOf(d, defer.CancelledError)
+        self.assertPending(d)
+        self.assertIn("alice", self.push._pollers)
+        d.cancel()          # the client closes the connection
+        self.http.flush()
+        self.failureResultOf(d)
         self.assertEqual(self.push._pollers, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_held_poll_answers_when_a_sign_in_opens_and_its_answer_resolves_it(self):
+        device_id, key = self.enroll()
+        poll = self.poll(device_id, key, wait="10")
+        self.assertPending(poll)
+        txn = self.open("alice", calling_station_id=None)
+        waiter = self.push.wait(txn.txid)
+        self.assertEqual(self.result(poll), (200, {"transactions": [txn.to_json()]}))
+        self.assertEqual(self.answer(txn.txid, device_id, key, "approve"),
+                         (200, {"txid": txn.txid, "decision": "approve"}))
+        self.assertIs(self.successResultOf(waiter), Verdict.APPROVE)
 
 
 class AnswerTests(DeviceApiCase):
@@ -630,113 +651,3 @@ class NumberMatchingAnswerTests(DeviceApiCase):
     def test_approval_without_a_number_approves_the_radius_side_checks_it(self):
         self.assertEqual(self.answer(self.txn.txid, self.device_id, self.key)[0], 200)
         self.assertIs(self.successResultOf(self.waiter), Verdict.APPROVE)
-
-
-# --- Through a real listener on 127.0.0.1 -------------------------------------------------------
-
-def client() -> HTTPClient:
-    """A treq client without kept-alive connections, so tests leave none behind."""
-    return HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-
-
-class Served:
-    def __init__(self, url, port, db, push, frauds):
-        self.url, self.port, self.db, self.push, self.frauds = url, port, db, push, frauds
-
-
-@pytest_twisted.async_yield_fixture
-async def served():
-    db, tmp = open_store()
-    db.add_user("alice", password_hash=None, phone=None, now=reactor.seconds())
-    push = PushTransactions(reactor)
-    frauds = []
-
-    def report_fraud(user, client_name):
-        frauds.append((user, client_name))
-        return defer.succeed(None)
-
-    app = WebApp(reactor)
-    DeviceApi(ThreadedStore(db, run_now), push, reactor, report_fraud=report_fraud,
-              audit=lambda entry: defer.succeed(None)).add_routes(app)
-    port = await listen(reactor, WebSettings(listen="127.0.0.1", port=0), app)
-    number = port.getHost().port
-    yield Served(f"http://127.0.0.1:{number}", number, db, push, frauds)
-    push.close_all()
-    await port.stopListening()
-    db.close()
-    shutil.rmtree(tmp, True)
-
-
-async def enroll_over_http(served, key) -> str:
-    token = add_token(served.db, "alice", reactor.seconds())
-    response = await client().post(
-        f"{served.url}/v1/enroll/{token}",
-        data=json.dumps(enroll_body(token, key, int(reactor.seconds()))).encode(),
-        headers={"Content-Type": "application/json"})
-    assert response.code == 201, await response.text()
-    data = await response.json()
-    assert data["user"] == "alice"
-    return data["device_id"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_over_http_enroll_long_poll_and_approve(served):
-    key = proto.generate_device_key()
-    device_id = await enroll_over_http(served, key)
-
-    headers = poll_headers(device_id, key, int(reactor.seconds()))
-    poll = client().get(f"{served.url}/v1/devices/{device_id}/transactions?wait=10",
-                        headers={k: [v] for k, v in headers.items()})
-    # The poll is held until a transaction opens.
-    for _ in range(100):
-        if served.push._pollers:
-            break
-        await deferLater(reactor, 0.01)
-    assert "alice" in served.push._pollers
-    txn = served.push.open("alice", client="vpn", nas_ip="192.0.2.10",
-                           calling_station_id=None, timeout=60)
-    waiter = served.push.wait(txn.txid)
-    response = await poll
-    assert response.code == 200
-    assert await response.json() == {"transactions": [txn.to_json()]}
-
-    body = answer_body(txn.txid, device_id, key, "approve", int(reactor.seconds()))
-    response = await client().post(f"{served.url}/v1/transactions/{txn.txid}",
-                                   data=json.dumps(body).encode(),
-                                   headers={"Content-Type": "application/json"})
-    assert response.code == 200
-    assert await response.json() == {"txid": txn.txid, "decision": "approve"}
-    assert await waiter is Verdict.APPROVE
-
-
-@pytest_twisted.ensureDeferred
-async def test_over_http_errors_are_json_with_the_documented_code(served):
-    key = proto.generate_device_key()
-    device_id = await enroll_over_http(served, key)
-    headers = poll_headers(device_id, proto.generate_device_key(), int(reactor.seconds()))
-    response = await client().get(f"{served.url}/v1/devices/{device_id}/transactions?wait=0",
-                                  headers={k: [v] for k, v in headers.items()})
-    assert response.code == 401
-    assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    assert (await response.json())["error"] == "unauthorized"
-
-
-@pytest_twisted.ensureDeferred
-async def test_over_http_a_client_hanging_up_withdraws_its_long_poll(served):
-    key = proto.generate_device_key()
-    device_id = await enroll_over_http(served, key)
-    headers = poll_headers(device_id, key, int(reactor.seconds()))
-    poll = client().get(f"{served.url}/v1/devices/{device_id}/transactions?wait=30",
-                        headers={k: [v] for k, v in headers.items()})
-    for _ in range(100):
-        if served.push._pollers:
-            break
-        await deferLater(reactor, 0.01)
-    assert "alice" in served.push._pollers
-    poll.cancel()       # the client closes the connection
-    poll.addErrback(lambda failure: None)  # its own failure: expected, not an error
-    for _ in range(100):
-        if not served.push._pollers:
-            break
-        await deferLater(reactor, 0.01)
-    assert served.push._pollers == {}

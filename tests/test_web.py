@@ -1,31 +1,34 @@
-"""Tests for mfaserver.web: a real listener on 127.0.0.1, treq as the client."""
+"""Tests for mfaserver.web: routing, JSON bodies and errors, limits, listening, settings.
+
+Everything runs in memory on a `task.Clock`: requests go through treq's
+`StubTreq` over the app's resource, or as raw HTTP bytes over a
+`StringTransport` into the real Site from `make_site`, where the body-size and
+slow-request limits live. tests/integration/test_web_listener.py listens on
+real sockets.
+"""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
-import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from treq.client import HTTPClient
-from twisted.internet import defer, endpoints, reactor, ssl
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
-from twisted.logger import globalLogPublisher
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
+import ldap_server
 from mfaserver.web import (BadRequest, HttpError, Response, WebApp, WebSettings, listen,
-                           validation as v)
+                           make_site, validation as v)
 
 MAX_BODY = 1024
+TIMEOUT = 30
+BASE = "http://mfa.example.org"
 
 TRANSACTION = v.object(
     required={"kind": v.enum("push", "code"), "amount": v.integer(1, 10)},
@@ -33,22 +36,10 @@ TRANSACTION = v.object(
 )
 
 
-def client(**agent_kwargs) -> HTTPClient:
-    """A treq client without kept-alive connections, so tests leave none behind."""
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    return HTTPClient(Agent(reactor, pool=pool, **agent_kwargs))
-
-
-@dataclass
-class Server:
-    url: str
-    port: int
-    pending: list = field(default_factory=list)
-
-
-def make_app() -> tuple[WebApp, list]:
-    app = WebApp(reactor)
-    pending: list[defer.Deferred] = []
+def make_app(clock) -> tuple[WebApp, list]:
+    """An app with a route for each kind of handler; ``pending`` records /wait."""
+    app = WebApp(clock)
+    pending: list = []
 
     def show(request):
         return {"params": request.params, "query": request.query, "url": request.url}
@@ -76,9 +67,9 @@ def make_app() -> tuple[WebApp, list]:
         pending.append(d)
         return d
 
-    app.route("GET", "/v1/devices/{device_id}/transactions/{tx_id}", show)
-    app.route("POST", "/v1/devices/{device_id}/transactions", create)
-    app.route("DELETE", "/v1/devices/{device_id}/transactions/{tx_id}", show)
+    app.route("GET", "/v1/devices/<device_id>/transactions/<tx_id>", show)
+    app.route("POST", "/v1/devices/<device_id>/transactions", create)
+    app.route("DELETE", "/v1/devices/<device_id>/transactions/<tx_id>", show)
     app.route("POST", "/callback", callback)
     app.route("GET", "/boom", boom)
     app.route("GET", "/list", lambda request: ["not", "a", "dict"])
@@ -88,360 +79,347 @@ def make_app() -> tuple[WebApp, list]:
     return app, pending
 
 
-@pytest_twisted.async_yield_fixture
-async def server():
-    app, pending = make_app()
-    settings = WebSettings(listen="127.0.0.1", port=0, max_body=MAX_BODY,
-                           request_timeout=0.5)
-    port = await listen(reactor, settings, app)
-    number = port.getHost().port
-    yield Server(f"http://127.0.0.1:{number}", number, pending)
-    await port.stopListening()
+class AppCase(SynchronousTestCase):
+    """The test app on a Clock, reached through StubTreq."""
 
+    def setUp(self):
+        self.clock = Clock()
+        self.app, self.pending = make_app(self.clock)
+        self.http = StubTreq(self.app.resource())
 
-async def get_json(response, status: int) -> dict:
-    assert response.code == status, await response.text()
-    assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    assert response.headers.getRawHeaders("cache-control") == ["no-store"]
-    assert response.headers.getRawHeaders("x-content-type-options") == ["nosniff"]
-    return await response.json()
+    def fetch(self, method: str, path: str, base: str = BASE, **kwargs):
+        """The response to one request for ``base + path``, and its body."""
+        d = self.http.request(method, base + path, **kwargs)
+        self.http.flush()
+        response = self.successResultOf(d)
+        return response, self.successResultOf(response.content())
 
+    def fetch_json(self, method: str, path: str, status: int, **kwargs) -> dict:
+        """The JSON body of a response that must have ``status`` and our headers."""
+        response, body = self.fetch(method, path, **kwargs)
+        self.assertEqual(response.code, status, body)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        self.assertEqual(response.headers.getRawHeaders("x-content-type-options"), ["nosniff"])
+        return json.loads(body)
 
-class _Collect(Protocol):
-    """Sends ``data`` on connecting; ``done`` fires with all it got back at close."""
-
-    def __init__(self, data: bytes, close: bool = False):
-        self.data, self.close, self.received = data, close, b""
-        self.done = defer.Deferred()
-
-    def connectionMade(self):
-        self.transport.write(self.data)
-        if self.close:
-            self.transport.loseConnection()
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.done.callback(self.received)
-
-
-async def raw_exchange(port: int, data: bytes, close: bool = False) -> bytes:
-    """Everything the server sends back for ``data`` until it closes the connection."""
-    protocol = _Collect(data, close)
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-    await endpoints.connectProtocol(endpoint, protocol)
-    return await protocol.done
-
-
-@implementer(IBodyProducer)
-class _ChunkedBody:
-    """A body of unknown length, so the client sends it chunked."""
-
-    length = UNKNOWN_LENGTH
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def startProducing(self, consumer):
-        for i in range(0, len(self.data), 256):
-            consumer.write(self.data[i:i + 256])
-        return defer.succeed(None)
-
-    def stopProducing(self):
-        pass
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
+    def post_json(self, body: bytes, status: int, content_type="application/json") -> dict:
+        return self.fetch_json("POST", "/v1/devices/d1/transactions", status, data=body,
+                               headers={"Content-Type": content_type})
 
 
 # --- Routing and responses -----------------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_health_answers_ok(server):
-    response = await client().get(server.url + "/health")
-    assert await get_json(response, 200) == {"status": "ok"}
-    assert response.headers.getRawHeaders("server") == ["mfaserver"]
+class RoutingTests(AppCase):
+    def test_health_answers_ok(self):
+        self.assertEqual(self.fetch_json("GET", "/health", 200), {"status": "ok"})
+        response, _ = self.fetch("GET", "/health")
+        self.assertEqual(response.headers.getRawHeaders("server"), ["mfaserver"])
 
+    def test_path_params_and_query_reach_the_handler(self):
+        body = self.fetch_json("GET", "/v1/devices/dev_1-A/transactions/tx9?a=1&a=2&b=", 200)
+        self.assertEqual(body["params"], {"device_id": "dev_1-A", "tx_id": "tx9"})
+        self.assertEqual(body["query"], {"a": ["1", "2"], "b": [""]})
 
-@pytest_twisted.ensureDeferred
-async def test_path_params_and_query_reach_the_handler(server):
-    response = await client().get(server.url + "/v1/devices/dev_1-A/transactions/tx9?a=1&a=2&b=")
-    body = await get_json(response, 200)
-    assert body["params"] == {"device_id": "dev_1-A", "tx_id": "tx9"}
-    assert body["query"] == {"a": ["1", "2"], "b": [""]}
+    def test_url_is_rebuilt_as_the_client_used_it(self):
+        body = self.fetch_json("GET", "/v1/devices/d/transactions/t?x=%20y&z=1", 200,
+                               headers={"Host": "mfa.example.org:8443"})
+        self.assertEqual(body["url"],
+                         "http://mfa.example.org:8443/v1/devices/d/transactions/t?x=%20y&z=1")
 
+    def test_url_says_https_over_tls(self):
+        body = self.fetch_json("GET", "/v1/devices/d/transactions/t", 200,
+                               base="https://mfa.example.org")
+        self.assertEqual(body["url"], "https://mfa.example.org/v1/devices/d/transactions/t")
 
-@pytest_twisted.ensureDeferred
-async def test_url_is_rebuilt_as_the_client_used_it(server):
-    response = await client().get(
-        server.url + "/v1/devices/d/transactions/t?x=%20y&z=1",
-        headers={"Host": "mfa.example.org:8443"})
-    body = await get_json(response, 200)
-    assert body["url"] == "http://mfa.example.org:8443/v1/devices/d/transactions/t?x=%20y&z=1"
+    def test_unknown_path_is_404(self):
+        for path in ["/nowhere", "/v1/devices/a.b/transactions/t",
+                     "/v1/devices/d/transactions/" + "x" * 129,
+                     "/v1/devices/%2e%2e/transactions/t", "/health/", "//health"]:
+            self.assertEqual(self.fetch_json("GET", path, 404)["error"], "not_found", path)
 
+    def test_path_param_of_128_characters_is_routed(self):
+        body = self.fetch_json("GET", "/v1/devices/d/transactions/" + "x" * 128, 200)
+        self.assertEqual(body["params"]["tx_id"], "x" * 128)
 
-@pytest.mark.parametrize("path", [
-    "/nowhere", "/v1/devices/a.b/transactions/t", "/v1/devices/d/transactions/" + "x" * 129,
-    "/v1/devices/%2e%2e/transactions/t", "/health/",
-])
-@pytest_twisted.ensureDeferred
-async def test_unknown_path_is_404(server, path):
-    response = await client().get(server.url + path)
-    assert (await get_json(response, 404))["error"] == "not_found"
+    def test_wrong_method_is_405_with_allow(self):
+        body = self.fetch_json("PUT", "/v1/devices/d/transactions/t", 405, data=b"")
+        self.assertEqual(body, {"error": "method_not_allowed", "message": "allowed: DELETE, GET"})
+        response, _ = self.fetch("PUT", "/v1/devices/d/transactions/t", data=b"")
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["DELETE, GET"])
 
+    def test_get_route_does_not_answer_head(self):
+        response, _ = self.fetch("HEAD", "/health")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET"])
 
-@pytest_twisted.ensureDeferred
-async def test_wrong_method_is_405_with_allow(server):
-    response = await client().put(server.url + "/v1/devices/d/transactions/t", data=b"")
-    assert (await get_json(response, 405))["error"] == "method_not_allowed"
-    assert response.headers.getRawHeaders("allow") == ["DELETE, GET"]
+    def test_http_error_gives_its_status_and_code(self):
+        self.assertEqual(self.fetch_json("GET", "/forbidden", 403),
+                         {"error": "forbidden", "message": "not yours"})
 
+    def test_handler_exception_is_500_without_traceback_and_logged(self):
+        response, text = self.fetch("GET", "/boom")
+        self.assertEqual(response.code, 500)
+        self.assertEqual(json.loads(text)["error"], "internal")
+        for secret in (b"secret detail", b"Traceback", b"boom"):
+            self.assertNotIn(secret, text)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
-@pytest_twisted.ensureDeferred
-async def test_http_error_gives_its_status_and_code(server):
-    response = await client().get(server.url + "/forbidden")
-    assert await get_json(response, 403) == {"error": "forbidden", "message": "not yours"}
+    def test_handler_returning_something_else_is_500(self):
+        self.assertEqual(self.fetch_json("GET", "/list", 500)["error"], "internal")
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
+    def test_async_handler_can_answer_raw_bytes(self):
+        response, body = self.fetch("GET", "/twiml")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"),
+                         ["text/xml; charset=utf-8"])
+        self.assertEqual(response.headers.getRawHeaders("cache-control"), ["no-store"])
+        self.assertEqual(body, b"<Response><Say>hi</Say></Response>")
 
-@pytest_twisted.ensureDeferred
-async def test_handler_exception_is_500_without_traceback(server):
-    failures = []
+    def test_a_route_can_be_added_with_a_decorator(self):
+        @self.app.route("GET", "/app/<path:name>")
+        def asset(request):
+            return Response(request.params["name"].encode(), "text/plain")
 
-    def observer(event):
-        if "log_failure" in event:
-            failures.append(event["log_failure"])
+        response, body = self.fetch("GET", "/app/css/site.css")
+        self.assertEqual((response.code, body), (200, b"css/site.css"))
 
-    globalLogPublisher.addObserver(observer)
-    try:
-        response = await client().get(server.url + "/boom")
-        text = await response.text()
-    finally:
-        globalLogPublisher.removeObserver(observer)
-    assert response.code == 500
-    assert json.loads(text)["error"] == "internal"
-    assert "secret detail" not in text and "Traceback" not in text and "boom" not in text
-    assert [f.type for f in failures] == [RuntimeError]
+    def test_a_route_cannot_be_given_twice_or_without_a_leading_slash(self):
+        with self.assertRaises(ValueError):
+            self.app.route("GET", "/health", lambda request: {})
+        with self.assertRaises(ValueError):
+            self.app.route("GET", "health", lambda request: {})
 
-
-@pytest_twisted.ensureDeferred
-async def test_handler_returning_something_else_is_500(server):
-    response = await client().get(server.url + "/list")
-    assert (await get_json(response, 500))["error"] == "internal"
-
-
-@pytest_twisted.ensureDeferred
-async def test_async_handler_can_answer_raw_bytes(server):
-    response = await client().get(server.url + "/twiml")
-    assert response.code == 200
-    assert response.headers.getRawHeaders("content-type") == ["text/xml; charset=utf-8"]
-    assert response.headers.getRawHeaders("cache-control") == ["no-store"]
-    assert await response.content() == b"<Response><Say>hi</Say></Response>"
-
-
-@pytest_twisted.ensureDeferred
-async def test_deferred_handler_is_cancelled_when_the_client_hangs_up(server):
-    await raw_exchange(server.port, b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n", close=True)
-    for _ in range(50):
-        if server.pending:
-            break
-        await deferLater(reactor, 0.01)
-    for _ in range(50):
-        if len(server.pending) == 2:
-            break
-        await deferLater(reactor, 0.01)
-    assert server.pending[1:] == ["cancelled"]
+    def test_host_header_that_is_no_host_name_is_400(self):
+        for host in ["a" * 64 + ".example.org", b"\xff.example.org"]:
+            body = self.fetch_json("GET", "/health", 400, headers={"Host": host})
+            self.assertEqual(body["error"], "invalid_host")
 
 
 # --- JSON bodies ---------------------------------------------------------------------------------
 
-async def post_json(server, body: bytes, content_type: str = "application/json"):
-    return await client().post(server.url + "/v1/devices/d1/transactions", data=body,
-                               headers={"Content-Type": content_type})
+class JsonBodyTests(AppCase):
+    def test_valid_json_body_is_accepted(self):
+        body = self.post_json(b'{"kind": "push", "amount": 3, "tags": ["ab"]}', 201)
+        self.assertEqual(body, {"created": {"kind": "push", "amount": 3, "tags": ["ab"]},
+                                "device": "d1"})
 
+    def test_json_with_charset_is_accepted(self):
+        self.post_json(b'{"kind": "code", "amount": 1}', 201, "application/json; charset=utf-8")
 
-@pytest_twisted.ensureDeferred
-async def test_valid_json_body_is_accepted(server):
-    response = await post_json(server, b'{"kind": "push", "amount": 3, "tags": ["ab"]}')
-    assert await get_json(response, 201) == {
-        "created": {"kind": "push", "amount": 3, "tags": ["ab"]}, "device": "d1"}
+    def test_json_with_another_content_type_is_415(self):
+        for content_type in ["text/plain", "application/x-www-form-urlencoded", ""]:
+            body = self.post_json(b'{"kind": "push", "amount": 3}', 415, content_type)
+            self.assertEqual(body["error"], "unsupported_media_type", content_type)
 
+    def test_malformed_json_or_not_an_object_is_400(self):
+        for text in [b"{", b"[1, 2]", b'"text"', b"\xff{}", b'{"a": NaN}', b""]:
+            self.assertEqual(self.post_json(text, 400)["error"], "invalid_json", text)
 
-@pytest_twisted.ensureDeferred
-async def test_json_with_charset_is_accepted(server):
-    response = await post_json(server, b'{"kind": "code", "amount": 1}',
-                               "application/json; charset=utf-8")
-    assert response.code == 201
-
-
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
-@pytest_twisted.ensureDeferred
-async def test_json_with_another_content_type_is_415(server, content_type):
-    response = await post_json(server, b'{"kind": "push", "amount": 3}', content_type)
-    assert (await get_json(response, 415))["error"] == "unsupported_media_type"
-
-
-@pytest.mark.parametrize("body", [b"{", b"[1, 2]", b'"text"', b"\xff{}", b'{"a": NaN}', b""])
-@pytest_twisted.ensureDeferred
-async def test_malformed_json_or_not_an_object_is_400(server, body):
-    response = await post_json(server, body)
-    assert (await get_json(response, 400))["error"] == "invalid_json"
-
-
-@pytest.mark.parametrize("body, message", [
-    (b'{"amount": 3}', "kind: required"),
-    (b'{"kind": "sms", "amount": 3}', "kind: must be one of 'push', 'code'"),
-    (b'{"kind": "push", "amount": 11}', "amount: must be at most 10"),
-    (b'{"kind": "push", "amount": true}', "amount: must be an integer"),
-    (b'{"kind": "push", "amount": 1, "extra": 1}', "extra: unexpected field"),
-    (b'{"kind": "push", "amount": 1, "tags": ["ok", "BAD"]}', "tags[1]: has an invalid format"),
-])
-@pytest_twisted.ensureDeferred
-async def test_schema_violation_is_400_naming_the_field(server, body, message):
-    response = await post_json(server, body)
-    assert await get_json(response, 400) == {"error": "invalid", "message": message}
+    def test_schema_violation_is_400_naming_the_field(self):
+        for text, message in [
+            (b'{"amount": 3}', "kind: required"),
+            (b'{"kind": "sms", "amount": 3}', "kind: must be one of 'push', 'code'"),
+            (b'{"kind": "push", "amount": 11}', "amount: must be at most 10"),
+            (b'{"kind": "push", "amount": true}', "amount: must be an integer"),
+            (b'{"kind": "push", "amount": 1, "extra": 1}', "extra: unexpected field"),
+            (b'{"kind": "push", "amount": 1, "tags": ["ok", "BAD"]}',
+             "tags[1]: has an invalid format"),
+        ]:
+            self.assertEqual(self.post_json(text, 400), {"error": "invalid", "message": message})
 
 
 # --- Forms ---------------------------------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_form_keeps_blank_values_and_order(server):
-    body = b"To=%2B15550001111&Digits=&CallSid=CA1&Digits=2&Note=a+b%26c"
-    response = await client().post(
-        server.url + "/callback?attempt=1", data=body,
-        headers={"Content-Type": "application/x-www-form-urlencoded"})
-    result = await get_json(response, 200)
-    assert result["pairs"] == [["To", "+15550001111"], ["Digits", ""], ["CallSid", "CA1"],
-                               ["Digits", "2"], ["Note", "a b&c"]]
-    assert result["fields"] == {"To": "+15550001111", "Digits": "", "CallSid": "CA1",
-                                "Note": "a b&c"}
-    assert result["url"] == f"{server.url}/callback?attempt=1"
+class FormTests(AppCase):
+    def test_form_keeps_blank_values_and_order(self):
+        body = b"To=%2B15550001111&Digits=&CallSid=CA1&Digits=2&Note=a+b%26c"
+        result = self.fetch_json(
+            "POST", "/callback?attempt=1", 200, data=body,
+            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(result["pairs"], [["To", "+15550001111"], ["Digits", ""],
+                                           ["CallSid", "CA1"], ["Digits", "2"],
+                                           ["Note", "a b&c"]])
+        self.assertEqual(result["fields"], {"To": "+15550001111", "Digits": "", "CallSid": "CA1",
+                                            "Note": "a b&c"})
+        self.assertEqual(result["url"], f"{BASE}/callback?attempt=1")
+
+    def test_form_with_another_content_type_is_415(self):
+        body = self.fetch_json("POST", "/callback", 415, data=b"a=1",
+                               headers={"Content-Type": "application/json"})
+        self.assertEqual(body["error"], "unsupported_media_type")
 
 
-@pytest_twisted.ensureDeferred
-async def test_form_with_another_content_type_is_415(server):
-    response = await client().post(server.url + "/callback", data=b"a=1",
-                                   headers={"Content-Type": "application/json"})
-    assert (await get_json(response, 415))["error"] == "unsupported_media_type"
+# --- The Site: limits and connections ------------------------------------------------------------
+
+class Connection:
+    """One client connection to ``site``, in memory: raw HTTP in, raw HTTP out."""
+
+    def __init__(self, site):
+        self.transport = StringTransport(IPv4Address("TCP", "127.0.0.1", 8443),
+                                         IPv4Address("TCP", "192.0.2.7", 40000))
+        self.protocol = site.buildProtocol(self.transport.getPeer())
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> Connection:
+        self.protocol.dataReceived(data)
+        return self
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        """The status, headers (names in lower case) and body of the response so far."""
+        head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
+        return int(status_line.split()[1]), headers, body
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+    def hang_up(self) -> None:
+        self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
-# --- Limits --------------------------------------------------------------------------------------
-
-@pytest_twisted.ensureDeferred
-async def test_body_at_the_limit_is_read(server):
-    body = json.dumps({"kind": "push", "amount": 1, "note": "x"}).encode()
-    body += b" " * (MAX_BODY - len(body))
-    response = await post_json(server, body)
-    assert response.code == 201
+def post(body: bytes, *headers: bytes) -> bytes:
+    return (b"POST /v1/devices/d1/transactions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\n" + b"".join(h + b"\r\n" for h in headers)
+            + b"\r\n" + body)
 
 
-@pytest_twisted.ensureDeferred
-async def test_body_over_the_limit_is_413(server):
-    response = await post_json(server, b" " * (MAX_BODY + 1))
-    assert (await get_json(response, 413))["error"] == "too_large"
+def chunked(data: bytes, size: int = 256) -> bytes:
+    chunks = (data[i:i + size] for i in range(0, len(data), size))
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
 
 
-@pytest_twisted.ensureDeferred
-async def test_chunked_body_over_the_limit_is_413(server):
-    response = await client().post(server.url + "/v1/devices/d1/transactions",
-                                   data=_ChunkedBody(b" " * (MAX_BODY + 1)),
-                                   headers={"Content-Type": "application/json"})
-    assert (await get_json(response, 413))["error"] == "too_large"
+class SiteTests(SynchronousTestCase):
+    """The real Site from make_site, on a Clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.app, self.pending = make_app(self.clock)
+        self.site = make_site(self.app, WebSettings(max_body=MAX_BODY, request_timeout=TIMEOUT))
+
+    def connect(self) -> Connection:
+        return Connection(self.site)
+
+    def assertRefused(self, connection: Connection, status: int, code: str) -> None:
+        answer_status, headers, body = connection.response()
+        self.assertEqual((answer_status, json.loads(body)["error"]), (status, code))
+        self.assertEqual((headers["content-type"], headers["cache-control"]),
+                         ("application/json", "no-store"))
+        self.assertTrue(connection.closed)
+
+    def test_serves_the_app_with_our_headers(self):
+        connection = self.connect().send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body = connection.response()
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+        self.assertEqual(headers["content-length"], str(len(body)))
+        self.assertEqual(headers["server"], "mfaserver")
+
+    def test_paths_are_matched_as_sent_not_percent_decoded(self):
+        for path in [b"/heal%74h", b"/health\xa9", b"health"]:
+            connection = self.connect().send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+            status, _, body = connection.response()
+            self.assertEqual((status, json.loads(body)["error"]), (404, "not_found"), path)
+
+    def test_body_at_the_limit_is_read(self):
+        body = json.dumps({"kind": "push", "amount": 1, "note": "x"}).encode()
+        body += b" " * (MAX_BODY - len(body))
+        connection = self.connect().send(post(body, b"Content-Length: %d" % len(body)))
+        self.assertEqual(connection.response()[0], 201)
+
+    def test_body_over_the_limit_is_413(self):
+        body = b" " * (MAX_BODY + 1)
+        connection = self.connect().send(post(body, b"Content-Length: %d" % len(body)))
+        self.assertRefused(connection, 413, "too_large")
+
+    def test_chunked_body_over_the_limit_is_413(self):
+        connection = self.connect().send(post(chunked(b" " * (MAX_BODY + 1)),
+                                              b"Transfer-Encoding: chunked"))
+        self.assertRefused(connection, 413, "too_large")
+
+    def test_chunked_body_under_the_limit_is_read(self):
+        connection = self.connect().send(post(chunked(b'{"kind": "push", "amount": 2}', 8),
+                                              b"Transfer-Encoding: chunked"))
+        self.assertEqual(connection.response()[0], 201)
+
+    def test_large_content_length_is_refused_before_the_body_is_sent(self):
+        connection = self.connect().send(post(b"", b"Expect: 100-continue",
+                                              b"Content-Length: 100000000"))
+        self.assertNotIn(b"100 Continue", connection.transport.value())
+        self.assertRefused(connection, 413, "too_large")
+
+    def test_slow_request_times_out_with_408(self):
+        connection = self.connect().send(b"POST /callback HTTP/1.1\r\nHost: x\r\n")
+        self.clock.advance(TIMEOUT - 0.1)
+        self.assertEqual(connection.transport.value(), b"")
+        self.clock.advance(0.1)
+        self.assertRefused(connection, 408, "timeout")
+
+    def test_idle_connection_closes_a_second_after_the_request_timeout(self):
+        connection = self.connect().send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(connection.response()[0], 200)
+        self.clock.advance(TIMEOUT + 0.9)
+        self.assertFalse(connection.closed)
+        self.clock.advance(0.1)
+        self.assertTrue(connection.closed)
+
+    def test_client_hanging_up_cancels_its_handler(self):
+        connection = self.connect().send(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(len(self.pending), 1)
+        connection.hang_up()
+        self.assertEqual(self.pending[1:], ["cancelled"])
+        self.assertEqual(connection.transport.value(), b"")
 
 
-@pytest_twisted.ensureDeferred
-async def test_chunked_body_under_the_limit_is_read(server):
-    response = await client().post(server.url + "/v1/devices/d1/transactions",
-                                   data=_ChunkedBody(b'{"kind": "push", "amount": 2}'),
-                                   headers={"Content-Type": "application/json"})
-    assert response.code == 201
+# --- Listening -----------------------------------------------------------------------------------
 
+class ListenTests(SynchronousTestCase):
+    """listen() on a MemoryReactor: which endpoint, with which TLS options."""
 
-@pytest_twisted.ensureDeferred
-async def test_large_content_length_is_refused_before_the_body_is_sent(server):
-    answer = await raw_exchange(server.port, (
-        b"POST /v1/devices/d1/transactions HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
-        b"Content-Length: 100000000\r\n\r\n"))
-    assert answer.startswith(b"HTTP/1.1 413 ")
-    assert b"100 Continue" not in answer
-    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "too_large"
+    def setUp(self):
+        self.reactor = MemoryReactor()
+        self.app, _ = make_app(Clock())
+        self.certs = ldap_server.make_certificates(Path(self.mktemp()))
 
+    def test_plain_http_listens_on_the_configured_address(self):
+        self.successResultOf(listen(self.reactor, WebSettings(listen="127.0.0.1", port=8443),
+                                    self.app))
+        [(port, site, _, interface)] = self.reactor.tcpServers
+        self.assertEqual((port, interface), (8443, "127.0.0.1"))
+        self.assertEqual(self.reactor.sslServers, [])
 
-@pytest_twisted.ensureDeferred
-async def test_slow_request_times_out_with_408(server):
-    answer = await raw_exchange(server.port, b"POST /callback HTTP/1.1\r\nHost: x\r\n")
-    assert answer.startswith(b"HTTP/1.1 408 ")
-    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "timeout"
+    def test_tls_listens_with_the_certificate(self):
+        settings = WebSettings(listen="0.0.0.0", port=443, tls_certificate=self.certs.cert_file,
+                               tls_key=self.certs.key_file)
+        self.successResultOf(listen(self.reactor, settings, self.app))
+        [(port, site, options, _, interface)] = self.reactor.sslServers
+        self.assertEqual((port, interface), (443, "0.0.0.0"))
+        self.assertIsNotNone(options.getContext())
 
+    def test_bad_settings_are_refused_before_listening(self):
+        with self.assertRaises(ValueError):
+            listen(self.reactor, WebSettings(listen="0.0.0.0"), self.app)
+        self.assertEqual(self.reactor.tcpServers, [])
 
-# --- TLS -----------------------------------------------------------------------------------------
+    def test_tls_files_that_do_not_load_are_named(self):
+        junk = self.certs.ca_file.parent / "junk.pem"
+        junk.write_text("not a certificate")
+        with self.assertRaisesRegex(ValueError, "^tls_certificate: "):
+            listen(self.reactor, WebSettings(tls_certificate=junk,
+                                             tls_key=self.certs.key_file), self.app)
+        with self.assertRaisesRegex(ValueError, "^tls_key: "):
+            listen(self.reactor, WebSettings(tls_certificate=self.certs.cert_file,
+                                             tls_key=junk.parent / "missing.pem"), self.app)
 
-def self_signed(directory):
-    """A self-signed certificate for 127.0.0.1 and its key, written as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    cert_file.write_bytes(cert_pem)
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file, cert_pem
-
-
-@pytest_twisted.ensureDeferred
-async def test_tls_listener_serves_https_urls(tmp_path):
-    cert_file, key_file, cert_pem = self_signed(tmp_path)
-    app, _ = make_app()
-    settings = WebSettings(listen="127.0.0.1", port=0, tls_certificate=cert_file,
-                           tls_key=key_file)
-    port = await listen(reactor, settings, app)
-    try:
-        trusting = client(contextFactory=BrowserLikePolicyForHTTPS(
-            trustRoot=ssl.Certificate.loadPEM(cert_pem)))
-        url = f"https://127.0.0.1:{port.getHost().port}"
-        response = await trusting.get(url + "/v1/devices/d/transactions/t?q=1")
-        body = await get_json(response, 200)
-        assert body["url"] == url + "/v1/devices/d/transactions/t?q=1"
-        # A client that does not trust the certificate gets no answer.
-        with pytest.raises(Exception):
-            await client().get(url + "/health")
-    finally:
-        await port.stopListening()
-
-
-def test_tls_files_that_do_not_load_are_named(tmp_path):
-    cert_file, key_file, _ = self_signed(tmp_path)
-    (tmp_path / "junk.pem").write_text("not a certificate")
-    app, _ = make_app()
-    with pytest.raises(ValueError, match="^tls_certificate: "):
-        listen(reactor, WebSettings(tls_certificate=tmp_path / "junk.pem",
-                                    tls_key=key_file), app)
-    with pytest.raises(ValueError, match="^tls_key: "):
-        listen(reactor, WebSettings(tls_certificate=cert_file,
-                                    tls_key=tmp_path / "missing.pem"), app)
-
-
-def test_tls_key_must_match_the_certificate(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    cert_a, _, _ = self_signed(tmp_path / "a")
-    _, key_b, _ = self_signed(tmp_path / "b")
-    app, _ = make_app()
-    with pytest.raises(ValueError, match="^tls_key: does not fit"):
-        listen(reactor, WebSettings(tls_certificate=cert_a, tls_key=key_b), app)
+    def test_tls_key_must_match_the_certificate(self):
+        with self.assertRaisesRegex(ValueError, "^tls_key: does not fit"):
+            listen(self.reactor, WebSettings(tls_certificate=self.certs.cert_file,
+                                             tls_key=self.certs.wrong_key_file), self.app)
 
 
 # --- Settings ------------------------------------------------------------------------------------
@@ -486,16 +464,6 @@ def test_bad_settings_name_the_key(settings, key):
 def test_defaults_are_valid():
     WebSettings().validate()
     WebSettings(public_url="https://mfa.example.org:8443").validate()
-
-
-# --- Routes --------------------------------------------------------------------------------------
-
-def test_a_route_cannot_be_given_twice():
-    app = WebApp(reactor)
-    with pytest.raises(ValueError):
-        app.route("GET", "/health", lambda request: {})
-    with pytest.raises(ValueError):
-        app.route("GET", "health", lambda request: {})
 
 
 # --- validation.py -------------------------------------------------------------------------------

@@ -115,9 +115,9 @@ class DeviceApi:
         self._polls = proto.FreshnessWindow(skew=SKEW_SECONDS)
 
     def add_routes(self, app: WebApp) -> None:
-        app.route("POST", "/v1/enroll/{token}", self.enroll)
-        app.route("GET", "/v1/devices/{device_id}/transactions", self.transactions)
-        app.route("POST", "/v1/transactions/{txid}", self.answer)
+        app.route("POST", "/v1/enroll/<token>", self.enroll)
+        app.route("GET", "/v1/devices/<device_id>/transactions", self.transactions)
+        app.route("POST", "/v1/transactions/<txid>", self.answer)
 
     # --- POST /v1/enroll/{token} ---
 

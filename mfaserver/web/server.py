@@ -1,10 +1,18 @@
 """The HTTP listener: settings, routing, request limits and JSON error handling.
 
-`WebApp` maps ``METHOD /path/{param}`` to handlers, which see a `WebRequest`
-and return a dict (200 JSON), ``(status, dict)``, a `Response` (raw bytes,
-e.g. TwiML), or a Deferred or coroutine of one of those. Whatever goes wrong
-becomes a JSON error, never a traceback: `HttpError` gives its own status,
-any other exception a 500 ``{"error": "internal"}`` and a ``log.failure``.
+`WebApp` routes requests with klein (werkzeug's rules) to handlers, which see
+a `WebRequest` and return a dict (200 JSON), ``(status, dict)``, a `Response`
+(raw bytes, e.g. TwiML or a page), or a Deferred or coroutine of one of those.
+Whatever goes wrong becomes a JSON error, never a traceback: `HttpError` gives
+its own status, an unknown path 404, a known path with another method 405 and
+an Allow header, any other exception a 500 ``{"error": "internal"}`` and a
+``log.failure``. A client that hangs up cancels its handler's Deferred (a long
+poll is withdrawn).
+
+Paths are matched as the client sent them, percent escapes not decoded, and
+methods exactly (GET does not imply HEAD). A ``<name>`` in a route matches one
+segment of 1 to 128 letters, digits, ``_`` or ``-``: the identifiers we issue;
+werkzeug's converters are there for other needs, e.g. ``<path:name>``.
 
 Limits, enforced before a handler runs:
 
@@ -12,8 +20,8 @@ Limits, enforced before a handler runs:
   with 413 before the body is read; a chunked body is counted as it arrives
   and refused as soon as it goes over. Refusals close the connection.
 * the time to send a request (headers and body): ``request_timeout`` seconds
-  from its first line, then 408; the same value is the idle timeout of a
-  kept-alive connection.
+  from its first line, then 408; a kept-alive connection idle for a second
+  longer is closed.
 * headers: Twisted's own limits (``HTTPChannel``): the request line and all
   headers together at most 16 KiB, each line at most 16 KiB, at most 500
   headers; beyond that Twisted answers a bare 400 and disconnects.
@@ -23,26 +31,28 @@ Only HTTP/1.1 is served: the TLS context offers no ALPN, so no HTTP/2.
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
+from klein import Klein
+from klein.resource import KleinResource
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import resource, server
+from werkzeug.exceptions import BadHost, HTTPException, MethodNotAllowed
+from werkzeug.routing import BaseConverter
 
 from mfaserver.addresses import is_loopback
 from mfaserver.web.validation import HttpError, check
 
 log = Logger()
 
-# Path parameters are identifiers we issue: no escaping, no slashes, no dots.
-_PARAM = re.compile(r"[A-Za-z0-9_-]{1,128}")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MAX_FIELDS = 200           # query or form fields, against hash-flooding and waste
 
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large"}
@@ -177,6 +187,12 @@ def _no_constant(name: str) -> None:
 Handler = Callable[[WebRequest], Any]
 
 
+class _Identifier(BaseConverter):
+    """A path parameter: an identifier we issue, so no escaping, slashes or dots."""
+
+    regex = "[A-Za-z0-9_-]{1,128}"
+
+
 class WebApp:
     """Routes requests to handlers and turns every outcome into an HTTP response.
 
@@ -186,161 +202,132 @@ class WebApp:
 
     def __init__(self, clock: IReactorTime):
         self.clock = clock
-        self._routes: list[tuple[re.Pattern, str, dict[str, Handler]]] = []
-        self.route("GET", "/health", self._health)
+        self._klein = Klein()
+        self._klein.url_map.converters["default"] = _Identifier
+        self._klein.handle_errors(Exception)(_failed)
+        self.route("GET", "/health", lambda request: {"status": "ok"})
 
-    def route(self, method: str, pattern: str, handler: Handler) -> None:
-        """Call ``handler`` for ``method`` on paths matching ``pattern``.
+    def route(self, method: str, path: str, handler: Handler | None = None):
+        """Call ``handler`` for ``method`` (upper case) on paths matching ``path``.
 
-        ``pattern`` is a path with ``{name}`` placeholders, each matching one
-        segment of 1 to 128 letters, digits, ``_`` or ``-``, e.g.
-        ``/v1/devices/{device_id}/transactions``.
+        ``path`` is a werkzeug rule such as ``/v1/devices/<device_id>/transactions``.
+        Without ``handler``, a decorator::
+
+            @app.route("GET", "/app/<path:name>")
+            def asset(request): ...
+
+        Raises ValueError for a route already given or a path without a leading /.
         """
-        if not pattern.startswith("/"):
-            raise ValueError(f"pattern must start with /: {pattern!r}")
-        for _, text, handlers in self._routes:
-            if text == pattern:
-                if method in handlers:
-                    raise ValueError(f"{method} {pattern} is already routed")
-                handlers[method] = handler
-                return
-        regex, end = "", 0
-        for m in _PLACEHOLDER.finditer(pattern):
-            regex += re.escape(pattern[end:m.start()]) + f"(?P<{m.group(1)}>{_PARAM.pattern})"
-            end = m.end()
-        regex += re.escape(pattern[end:])
-        self._routes.append((re.compile(regex), pattern, {method: handler}))
+        if handler is None:
+            return functools.partial(self.route, method, path)
+        endpoint = f"{method} {path}"
+        if endpoint in self._klein.endpoints:
+            raise ValueError(f"{endpoint} is already routed")
+
+        async def serve(request: server.Request, **params: str) -> bytes:
+            result = handler(_web_request(request, params))
+            if hasattr(result, "__await__"):
+                result = await result
+            return _send(request, _reply(result))
+
+        self._klein.route(path, methods=[method], endpoint=endpoint)(serve)
+        for rule in self._klein.url_map.iter_rules(endpoint):
+            rule.methods = {method}     # werkzeug adds HEAD to every GET
+        return handler
 
     def resource(self) -> resource.IResource:
         """The twisted.web resource serving every path."""
-        return _AppResource(self)
-
-    def _health(self, request: WebRequest) -> dict:
-        return {"status": "ok"}
-
-    def _find(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
-        """The handler and path parameters for a request, or HttpError 404/405."""
-        allowed: set[str] = set()
-        for compiled, _, handlers in self._routes:
-            m = compiled.fullmatch(path)
-            if m is None:
-                continue
-            if method in handlers:
-                return handlers[method], m.groupdict()
-            allowed.update(handlers)
-        if allowed:
-            raise _MethodNotAllowed(sorted(allowed))
-        raise HttpError(404, "not_found", "no such resource")
+        return _AppResource(self._klein)
 
 
-class _MethodNotAllowed(HttpError):
-    def __init__(self, allowed: list[str]):
-        super().__init__(405, "method_not_allowed", "allowed: " + ", ".join(allowed))
-        self.allowed = allowed
+class _AppResource(KleinResource):
+    """Klein's resource, routing the path as sent, JSON errors for what it cannot route."""
+
+    def render(self, request: server.Request):
+        path = request.path
+        # Twisted percent-decodes postpath, which klein routes on, and werkzeug
+        # folds a leading "//": neither is how the client named the resource.
+        if not (path.isascii() and path[:1] == b"/" and path[1:2] != b"/"):
+            return _send(request, _error_reply(_NOT_FOUND))
+        request.postpath = path[1:].split(b"/")
+        try:
+            request.getRequestHostname().decode("utf-8")
+            return super().render(request)
+        except (UnicodeDecodeError, BadHost):      # klein and werkzeug check the Host
+            return _send(request, _error_reply(_BAD_HOST))
 
 
-@dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str
+_NOT_FOUND = HttpError(404, "not_found", "no such resource")
+_BAD_HOST = HttpError(400, "invalid_host", "the Host header is not a host name")
+_INTERNAL = HttpError(500, "internal", "internal server error")
 
 
-def _json_reply(status: int, value: dict) -> _Reply:
-    return _Reply(status, json.dumps(value, separators=(",", ":")).encode(),
-                  "application/json")
+def _failed(request: server.Request, failure: Failure) -> bytes:
+    """Klein's error handler: the JSON error for a routing miss or a failed handler."""
+    error = failure.value
+    if isinstance(error, MethodNotAllowed):
+        allowed = ", ".join(sorted(error.valid_methods or ()))
+        request.setHeader(b"Allow", allowed.encode())
+        error = HttpError(405, "method_not_allowed", f"allowed: {allowed}")
+    elif isinstance(error, HTTPException):      # NotFound (or a redirect werkzeug offers)
+        error = _NOT_FOUND
+    elif not isinstance(error, HttpError):
+        log.failure("Web request {method} {path} failed", failure,
+                    method=request.method, path=request.path)
+        error = _INTERNAL
+    return _send(request, _error_reply(error))
 
 
-def _error_reply(error: HttpError) -> _Reply:
+def _web_request(request: server.Request, params: dict[str, str]) -> WebRequest:
+    """What a handler sees of ``request``; HttpError 400 or 413 if it cannot."""
+    max_body = getattr(request, "max_body", WebSettings.max_body)
+    body = request.content.read(max_body + 1)
+    # _LimitedRequest refuses these before they get here; this covers any
+    # other request factory.
+    if len(body) > max_body:
+        raise HttpError(413, "too_large", f"the body exceeds {max_body} bytes")
+    headers = {name.decode("latin-1").lower(): b", ".join(values).decode("latin-1")
+               for name, values in request.requestHeaders.getAllRawHeaders()}
+    query_string = request.uri.partition(b"?")[2]
+    try:
+        query = parse_qs(query_string.decode("utf-8"), keep_blank_values=True,
+                         max_num_fields=_MAX_FIELDS, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise HttpError(400, "invalid_query", "the query string is malformed") from None
+    return WebRequest(request.method.decode("ascii"), request.path.decode("ascii"), params,
+                      query, headers, body, _request_url(request))
+
+
+def _json_reply(status: int, value: dict) -> Response:
+    return Response(json.dumps(value, separators=(",", ":")).encode(), "application/json",
+                    status)
+
+
+def _error_reply(error: HttpError) -> Response:
     return _json_reply(error.status, {"error": error.code, "message": error.message})
 
 
-class _AppResource(resource.Resource):
-    """Adapts twisted.web requests to `WebApp` handlers."""
-
-    isLeaf = True
-
-    def __init__(self, app: WebApp):
-        super().__init__()
-        self._app = app
-
-    def render(self, request: server.Request) -> int:
-        finished = []
-        request.notifyFinish().addBoth(finished.append)
-        d = defer.Deferred.fromCoroutine(self._handle(request))
-        # A client that hangs up withdraws its request (e.g. a long poll).
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallback(self._write, request, finished)
-        d.addErrback(lambda f: None if f.check(defer.CancelledError) else
-                     log.failure("Writing the response failed", f))
-        return server.NOT_DONE_YET
-
-    async def _handle(self, request: server.Request) -> _Reply:
-        try:
-            web_request, handler = self._parse(request)
-            result = handler(web_request)
-            if isinstance(result, defer.Deferred) or hasattr(result, "__await__"):
-                result = await result
-            return _to_reply(result)
-        except defer.CancelledError:
-            raise
-        except _MethodNotAllowed as e:
-            request.setHeader(b"Allow", ", ".join(e.allowed).encode())
-            return _error_reply(e)
-        except HttpError as e:
-            return _error_reply(e)
-        except Exception:
-            log.failure("Web request {method} {path} failed",
-                        method=request.method, path=request.path)
-            return _json_reply(500, {"error": "internal",
-                                     "message": "internal server error"})
-
-    def _parse(self, request: server.Request) -> tuple[WebRequest, Handler]:
-        try:
-            method = request.method.decode("ascii")
-            path = request.path.decode("ascii")
-        except UnicodeDecodeError:
-            raise HttpError(404, "not_found", "no such resource") from None
-        handler, params = self._app._find(method, path)
-        max_body = getattr(request, "max_body", WebSettings.max_body)
-        body = request.content.read(max_body + 1)
-        # _LimitedRequest refuses these before they get here; this covers any
-        # other request factory.
-        if len(body) > max_body:
-            raise HttpError(413, "too_large", f"the body exceeds {max_body} bytes")
-        headers = {name.decode("latin-1").lower(): b", ".join(values).decode("latin-1")
-                   for name, values in request.requestHeaders.getAllRawHeaders()}
-        query_string = request.uri.partition(b"?")[2]
-        try:
-            query = parse_qs(query_string.decode("utf-8"), keep_blank_values=True,
-                             max_num_fields=_MAX_FIELDS, errors="strict")
-        except (UnicodeDecodeError, ValueError):
-            raise HttpError(400, "invalid_query", "the query string is malformed") from None
-        return WebRequest(method, path, params, query, headers, body,
-                          _request_url(request)), handler
-
-    def _write(self, reply: _Reply, request: server.Request, finished: list) -> None:
-        if finished:        # the client has gone; nobody to answer
-            return
-        request.setResponseCode(reply.status)
-        request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
-        request.setHeader(b"Content-Length", b"%d" % len(reply.body))
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        request.setHeader(b"Server", b"mfaserver")   # not Twisted's version
-        request.write(reply.body)
-        request.finish()
-
-
-def _to_reply(result: Any) -> _Reply:
+def _reply(result: Any) -> Response:
+    """A handler's result as a Response; TypeError for anything else."""
     if isinstance(result, Response):
-        return _Reply(result.status, result.body, result.content_type)
+        return result
     if isinstance(result, dict):
         return _json_reply(200, result)
     if (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], int)
             and isinstance(result[1], dict)):
         return _json_reply(*result)
     raise TypeError(f"a handler returned {type(result).__name__}, not a dict or Response")
+
+
+def _send(request: server.Request, reply: Response) -> bytes:
+    """Set the status and headers of ``reply``; its body, for klein or Twisted to write."""
+    request.setResponseCode(reply.status)
+    request.setHeader(b"Content-Type", reply.content_type.encode("ascii"))
+    request.setHeader(b"Content-Length", b"%d" % len(reply.body))
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    request.setHeader(b"Server", b"mfaserver")   # not Twisted's version
+    return reply.body
 
 
 def _request_url(request: server.Request) -> str:
@@ -370,7 +357,7 @@ class _LimitedRequest(server.Request):
         self.max_body = site.max_body
         self._received = 0
         self._refused = False
-        self._deadline = site.clock.callLater(
+        self._deadline = site.reactor.callLater(
             site.request_timeout, self._refuse, 408, "timeout",
             "the request was not received in time")
 
@@ -430,17 +417,19 @@ class _Site(server.Site):
 
 
 def make_site(app: WebApp, settings: WebSettings) -> server.Site:
-    """The twisted.web Site serving ``app`` with the limits from ``settings``."""
+    """The twisted.web Site serving ``app`` with the limits from ``settings``.
+
+    Its timers (the request deadline, the idle timeout) run on ``app.clock``.
+    """
     # WebRequest.form() parses form bodies itself, for the handlers that want
     # one; Twisted's own parse (through the email package) would cost every POST.
     # The connection's idle timeout runs a second longer than a request's
     # deadline, so a request sent too slowly gets our 408 rather than a bare
     # hang-up (both timers would otherwise race).
     site = _Site(app.resource(), timeout=settings.request_timeout + 1,
-                 parsePOSTFormSubmission=False)
+                 parsePOSTFormSubmission=False, reactor=app.clock)
     site.max_body = settings.max_body
     site.request_timeout = settings.request_timeout
-    site.clock = app.clock
     site.noisy = False
     return site
 

@@ -72,6 +72,6 @@ def add_voice_routes(app: WebApp, calls: VoiceCalls, *, auth_token: str,
         calls.call_ended(request.params["call_id"], form.fields.get("CallStatus", ""))
         return Response(b"", "text/plain", 204)
 
-    app.route("POST", "/v1/voice/{call_id}/answer", answer)
-    app.route("POST", "/v1/voice/{call_id}/gather", gather)
-    app.route("POST", "/v1/voice/{call_id}/status", status)
+    app.route("POST", "/v1/voice/<call_id>/answer", answer)
+    app.route("POST", "/v1/voice/<call_id>/gather", gather)
+    app.route("POST", "/v1/voice/<call_id>/status", status)
