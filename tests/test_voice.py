@@ -1,8 +1,7 @@
-"""Phone-call approvals: VoiceCalls on a fake clock, its web routes, and a call end to end.
+"""Phone-call approvals: VoiceCalls on a fake clock, and a call end to end.
 
 The unit tests drive `VoiceCalls` directly with a recording gateway and
-`task.Clock`. The web tests run a real listener on 127.0.0.1 and sign their
-callbacks with fake_twilio's own signature code (not mfaserver's). The
+`task.Clock` (its web routes are tested in test_voice_web.py). The
 end-to-end tests place calls through `TwilioGateway` against `FakeTwilio`,
 which answers, presses the scripted keys and reports the status, all over
 real loopback HTTP.
@@ -14,14 +13,12 @@ from xml.etree import ElementTree
 
 import pytest
 import pytest_twisted
-from treq.client import HTTPClient
 from twisted.internet import defer, task
 from twisted.internet import reactor as real_reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 
-from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio, twilio_signature
+from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio
 from mfaserver.auth.model import Verdict
 from mfaserver.factors.sms import SendRefused
 from mfaserver.factors.voice import VoiceCalls
@@ -413,149 +410,6 @@ class VoiceCallsTests(SynchronousTestCase):
         self.failureResultOf(first, defer.CancelledError)
         calls.request_approval("carol", "+15550000009", client="vpn")
         self.assertEqual(len(calls), 2)
-
-
-# --- The web routes --------------------------------------------------------------------------
-
-def web_client() -> HTTPClient:
-    return HTTPClient(Agent(real_reactor, pool=HTTPConnectionPool(real_reactor, persistent=False)))
-
-
-class VoiceSite:
-    """A listener on 127.0.0.1 with the voice routes; callbacks signed for ``public``."""
-
-    def __init__(self, url: str, public: str, calls: VoiceCalls, gateway: RecordingGateway):
-        self.url = url
-        self.public = public
-        self.calls = calls
-        self.gateway = gateway
-        self.http = web_client()
-
-    def post(self, path: str, params: list[tuple[str, str]], *, signature: str | None = "",
-             signed_url: str | None = None):
-        if signature == "":
-            signature = twilio_signature(AUTH_TOKEN, signed_url or self.public + path, params)
-        headers = {"Content-Type": ["application/x-www-form-urlencoded"]}
-        if signature is not None:
-            headers["X-Twilio-Signature"] = [signature]
-        return self.http.post(self.url + path, data=params, headers=headers)
-
-
-@pytest_twisted.async_yield_fixture
-async def site():
-    app = WebApp(real_reactor)
-    port = await listen(real_reactor, WebSettings(listen="127.0.0.1", port=0), app)
-    gateway = RecordingGateway()
-    # The provider reaches us through a proxy under another name: the
-    # signatures cover that URL, not the one the listener sees.
-    public = "https://mfa.example.com/"
-    calls = VoiceCalls(gateway, task.Clock(), public_url=public)
-    add_voice_routes(app, calls, auth_token=AUTH_TOKEN, public_url=public)
-    yield VoiceSite(f"http://127.0.0.1:{port.getHost().port}", public.rstrip("/"),
-                    calls, gateway)
-    await port.stopListening()
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture()
-    globalLogPublisher.addObserver(capture)
-    yield capture
-    globalLogPublisher.removeObserver(capture)
-
-
-CALL_PARAMS = [("AccountSid", ACCOUNT_SID), ("CallSid", SID), ("CallStatus", "in-progress"),
-               ("From", FROM_NUMBER), ("To", PHONE)]
-
-
-@pytest_twisted.ensureDeferred
-async def test_web_signed_callbacks_drive_a_call(site):
-    d = site.calls.request_approval("alice", PHONE, client="vpn")
-    call_id = site.gateway.call_id()
-    response = await site.post(f"/v1/voice/{call_id}/answer", CALL_PARAMS)
-    assert response.code == 200
-    assert response.headers.getRawHeaders("content-type") == ["text/xml"]
-    gather = ElementTree.fromstring(await response.content()).find("Gather")
-    assert gather.get("action") == f"{site.public}/v1/voice/{call_id}/gather"
-    response = await site.post(f"/v1/voice/{call_id}/gather", CALL_PARAMS + [("Digits", "#")])
-    assert response.code == 200
-    assert said(await response.content()) == "You are signed in. Goodbye."
-    assert await d == Verdict.APPROVE
-    response = await site.post(f"/v1/voice/{call_id}/status",
-                               [("CallStatus", "completed"), ("CallSid", SID)])
-    assert response.code == 204
-    await response.content()
-
-
-@pytest_twisted.ensureDeferred
-async def test_web_status_before_answer_is_no_answer(site):
-    d = site.calls.request_approval("alice", PHONE, client="vpn")
-    response = await site.post(f"/v1/voice/{site.gateway.call_id()}/status",
-                               [("CallStatus", "busy"), ("CallSid", SID)])
-    assert response.code == 204
-    await response.content()
-    assert await d == Verdict.NO_ANSWER
-
-
-@pytest.mark.parametrize("what", ["answer", "gather", "status"])
-@pytest.mark.parametrize("signature", [None, "", "bad", "wrong-token"])
-@pytest_twisted.ensureDeferred
-async def test_web_missing_or_bad_signature_is_403(site, logs, what, signature):
-    d = site.calls.request_approval("alice", PHONE, client="vpn")
-    path = f"/v1/voice/{site.gateway.call_id()}/{what}"
-    params = CALL_PARAMS + [("Digits", "#")]
-    if signature == "":
-        # Signed over the URL the listener sees, not the public one.
-        signature = twilio_signature(AUTH_TOKEN, site.url + path, params)
-    elif signature == "wrong-token":
-        signature = twilio_signature("another-token", site.public + path, params)
-    elif signature == "bad":
-        signature = "AAAAAAAAAAAAAAAAAAAAAAAAAAA="
-    response = await site.post(path, params, signature=signature)
-    assert response.code == 403
-    assert response.headers.getRawHeaders("content-type") == ["application/json"]
-    assert await response.json() == {"error": "forbidden", "message": "bad signature"}
-    assert "signature" in logs.text()
-    assert len(site.calls) == 1   # nothing reached the call
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
-
-
-@pytest_twisted.ensureDeferred
-async def test_web_signature_covers_the_form_fields(site):
-    site.calls.request_approval("alice", PHONE, client="vpn")
-    path = f"/v1/voice/{site.gateway.call_id()}/gather"
-    signature = twilio_signature(AUTH_TOKEN, site.public + path, CALL_PARAMS + [("Digits", "0")])
-    response = await site.post(path, CALL_PARAMS + [("Digits", "#")], signature=signature)
-    assert response.code == 403
-    await response.content()
-
-
-@pytest_twisted.ensureDeferred
-async def test_web_signature_covers_the_query_string(site):
-    d = site.calls.request_approval("alice", PHONE, client="vpn")
-    path = f"/v1/voice/{site.gateway.call_id()}/answer?attempt=1"
-    response = await site.post(path, CALL_PARAMS)
-    assert response.code == 200
-    await response.content()
-    response = await site.post(path, CALL_PARAMS, signed_url=site.public + path.split("?")[0])
-    assert response.code == 403
-    await response.content()
-    d.cancel()
-    with pytest.raises(defer.CancelledError):
-        await d
-
-
-@pytest_twisted.ensureDeferred
-async def test_web_unknown_call_gets_expired_twiml(site):
-    for what in ("answer", "gather"):
-        response = await site.post(f"/v1/voice/nosuchcall/{what}", CALL_PARAMS)
-        assert response.code == 200
-        assert said(await response.content()) == "This sign-in has expired. Goodbye."
-    response = await site.post("/v1/voice/nosuchcall/status", [("CallStatus", "completed")])
-    assert response.code == 204
-    await response.content()
 
 
 # --- End to end through TwilioGateway and FakeTwilio ----------------------------------------
