@@ -10,6 +10,8 @@ real sockets.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -384,7 +386,9 @@ class ListenTests(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactor()
         self.app, _ = make_app(Clock())
-        self.certs = ldap_server.make_certificates(Path(self.mktemp()))
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.certs = ldap_server.make_certificates(Path(directory))
 
     def test_plain_http_listens_on_the_configured_address(self):
         self.successResultOf(listen(self.reactor, WebSettings(listen="127.0.0.1", port=8443),
