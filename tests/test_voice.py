@@ -3,18 +3,16 @@
 The unit tests drive `VoiceCalls` directly with a recording gateway and
 `task.Clock` (its web routes are tested in test_voice_web.py). The
 end-to-end tests place calls through `TwilioGateway` against `FakeTwilio`,
-which answers, presses the scripted keys and reports the status, all over
-real loopback HTTP.
+which answers, presses the scripted keys and reports the status through our
+web routes: in memory too (StubTreq both ways).
 """
 
 from __future__ import annotations
 
 from xml.etree import ElementTree
 
-import pytest
-import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet import defer, task
-from twisted.internet import reactor as real_reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,7 +22,7 @@ from mfaserver.factors.sms import SendRefused
 from mfaserver.factors.voice import VoiceCalls
 from mfaserver.gateways.base import GatewayError
 from mfaserver.gateways.twilio import TwilioGateway, TwilioSettings
-from mfaserver.web import WebApp, WebSettings, listen
+from mfaserver.web import WebApp
 from mfaserver.web.voice import add_voice_routes
 
 T0 = 1_700_000_000.0
@@ -414,84 +412,66 @@ class VoiceCallsTests(SynchronousTestCase):
 
 # --- End to end through TwilioGateway and FakeTwilio ----------------------------------------
 
-@pytest_twisted.async_yield_fixture
-async def fake():
-    twilio = FakeTwilio(real_reactor).start()
-    yield twilio
-    await twilio.stop()
+class EndToEndTests(SynchronousTestCase):
+    """A call placed through `TwilioGateway` with `FakeTwilio`, which fetches our TwiML,
+    presses the scripted keys and reports the status through our web routes
+    (`add_voice_routes`, signatures checked): all in memory, on a Clock."""
 
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(T0)
+        self.app = WebApp(self.clock)
+        self.fake = FakeTwilio(self.clock, http_client=StubTreq(self.app.resource()))
+        self.gateway = TwilioGateway(TwilioSettings(
+            account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, from_number=FROM_NUMBER,
+            timeout=5.0), self.clock, http_client=StubTreq(self.fake.resource))
 
-@pytest_twisted.async_yield_fixture
-async def voice(fake):
-    """Makes a VoiceCalls wired to a real listener and a TwilioGateway on the fake."""
-    app = WebApp(real_reactor)
-    port = await listen(real_reactor, WebSettings(listen="127.0.0.1", port=0), app)
-    public = f"http://127.0.0.1:{port.getHost().port}"
-    gateway = TwilioGateway(TwilioSettings(
-        account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, from_number=FROM_NUMBER,
-        api_base=fake.api_base, timeout=5.0), real_reactor)
-
-    def make(**kwargs) -> VoiceCalls:
-        calls = VoiceCalls(gateway, real_reactor, public_url=public, **kwargs)
-        add_voice_routes(app, calls, auth_token=AUTH_TOKEN, public_url=public)
+    def voice(self, **kwargs) -> VoiceCalls:
+        calls = VoiceCalls(self.gateway, self.clock, public_url=PUBLIC, **kwargs)
+        add_voice_routes(self.app, calls, auth_token=AUTH_TOKEN, public_url=PUBLIC)
         return calls
 
-    yield make
-    await gateway.close()
-    await port.stopListening()
+    def place_call(self, calls: VoiceCalls, keys: str | None):
+        self.fake.script_call(PHONE, keys)
+        d = calls.request_approval("alice", PHONE, client="vpn")
+        self.clock.advance(self.fake.answer_delay)
+        verdict = self.successResultOf(d)
+        call = self.successResultOf(self.fake.call_finished(self.fake.calls[-1].sid))
+        for exchange in call.exchanges:
+            self.assertIsNone(exchange.error, exchange)
+        self.assertEqual(len(calls), 0)
+        return verdict, call
 
+    def test_pound_approves(self):
+        verdict, call = self.place_call(self.voice(), "#")
+        self.assertEqual(verdict, Verdict.APPROVE)
+        self.assertEqual([e.what for e in call.exchanges], ["answer", "gather", "status"])
+        self.assertEqual(call.exchange("gather").params["Digits"], "#")
+        self.assertEqual(said(call.exchange("gather").body), "You are signed in. Goodbye.")
+        self.assertEqual(call.exchange("status").code, 204)
 
-async def place_call(fake, calls, keys):
-    fake.script_call(PHONE, keys)
-    d = calls.request_approval("alice", PHONE, client="vpn")
-    d.addTimeout(10, real_reactor)
-    verdict = await d
-    call = await fake.call_finished(fake.calls[-1].sid)
-    for exchange in call.exchanges:
-        assert exchange.error is None, exchange
-    assert len(calls) == 0
-    return verdict, call
+    def test_zero_reports_fraud(self):
+        verdict, call = self.place_call(self.voice(), "0#")
+        self.assertEqual(verdict, Verdict.FRAUD)
+        self.assertEqual(call.exchange("gather").params["Digits"], "0")
 
+    def test_pin(self):
+        checked = []
 
-@pytest_twisted.ensureDeferred
-async def test_end_to_end_pound_approves(fake, voice):
-    verdict, call = await place_call(fake, voice(), "#")
-    assert verdict == Verdict.APPROVE
-    assert [e.what for e in call.exchanges] == ["answer", "gather", "status"]
-    assert call.exchange("gather").params["Digits"] == "#"
-    assert said(call.exchange("gather").body) == "You are signed in. Goodbye."
-    assert call.exchange("status").code == 204
+        def check_pin(user, pin):
+            checked.append((user, pin))
+            return defer.succeed(pin == PIN)
+        verdict, _ = self.place_call(self.voice(pin_mode=True, check_pin=check_pin), "1234#")
+        self.assertEqual(verdict, Verdict.APPROVE)
+        self.assertEqual(checked, [("alice", PIN)])
 
+    def test_unanswered_call(self):
+        verdict, call = self.place_call(self.voice(), None)
+        self.assertEqual(verdict, Verdict.NO_ANSWER)
+        self.assertEqual([e.what for e in call.exchanges], ["status"])
 
-@pytest_twisted.ensureDeferred
-async def test_end_to_end_zero_reports_fraud(fake, voice):
-    verdict, call = await place_call(fake, voice(), "0#")
-    assert verdict == Verdict.FRAUD
-    assert call.exchange("gather").params["Digits"] == "0"
-
-
-@pytest_twisted.ensureDeferred
-async def test_end_to_end_pin(fake, voice):
-    checked = []
-
-    def check_pin(user, pin):
-        checked.append((user, pin))
-        return defer.succeed(pin == PIN)
-    verdict, call = await place_call(fake, voice(pin_mode=True, check_pin=check_pin), "1234#")
-    assert verdict == Verdict.APPROVE
-    assert checked == [("alice", PIN)]
-
-
-@pytest_twisted.ensureDeferred
-async def test_end_to_end_unanswered_call(fake, voice):
-    verdict, call = await place_call(fake, voice(), None)
-    assert verdict == Verdict.NO_ANSWER
-    assert [e.what for e in call.exchanges] == ["status"]
-
-
-@pytest_twisted.ensureDeferred
-async def test_end_to_end_refused_number_fails_with_gateway_error(fake, voice):
-    calls = voice()
-    with pytest.raises(GatewayError):
-        await calls.request_approval("alice", "+1555123", client="vpn")
-    assert len(calls) == 0
+    def test_refused_number_fails_with_gateway_error(self):
+        calls = self.voice()
+        self.failureResultOf(calls.request_approval("alice", "+1555123", client="vpn"),
+                             GatewayError)
+        self.assertEqual(len(calls), 0)
