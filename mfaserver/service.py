@@ -233,33 +233,6 @@ def _sync_in_thread(config: Config, now: float):
         return run_sync(config, store, now)
 
 
-class WebListenerService(tservice.Service):
-    """Serves the HTTP listener ([web]) while the daemon runs."""
-
-    def __init__(self, reactor, settings, app):
-        self._reactor = reactor
-        self._settings = settings
-        self.app = app
-        self.port = None
-
-    def startService(self):
-        from mfaserver.web.server import listen
-        failures = []
-        # TCP and TLS endpoints listen at once: a port in use fails here, at start.
-        listen(self._reactor, self._settings, self.app).addCallbacks(
-            lambda port: setattr(self, "port", port), failures.append)
-        if failures:
-            failures[0].raiseException()
-        super().startService()
-        host = self.port.getHost()
-        log.info("HTTP listening on {host}:{port}", host=host.host, port=host.port)
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-
-
 class MfaDaemon(tservice.MultiService):
     """The running daemon; `reload()` applies a changed config file without a restart.
 
@@ -307,7 +280,7 @@ class MfaDaemon(tservice.MultiService):
                                       reactor=reactor)
         listener.setServiceParent(self)
         if config.web is not None:
-            WebListenerService(reactor, config.web, self._web_app(config)).setServiceParent(self)
+            self._web_listener(config).setServiceParent(self)
         self.sync = None
         self._sync_timer = None
         self._schedule_sync(config)
@@ -423,6 +396,16 @@ class MfaDaemon(tservice.MultiService):
     def _report_phone_fraud(self, user: str, client: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self.authenticator.report_fraud(user, client, "phone"))
 
+    def _web_listener(self, config: Config):
+        """The HTTP listener ([web]), with TLS when configured."""
+        from mfaserver.web.server import make_site, tls_options
+        web = config.web
+        site = make_site(self._web_app(config), web)
+        if web.tls_certificate is not None:
+            return internet.SSLServer(web.port, site, tls_options(web.tls_certificate, web.tls_key),
+                                      interface=web.listen, reactor=self._reactor)
+        return internet.TCPServer(web.port, site, interface=web.listen, reactor=self._reactor)
+
     def _web_app(self, config: Config):
         """The HTTP side: /health, the device API, and the voice callbacks."""
         from mfaserver.web.devices import DeviceApi
@@ -434,7 +417,9 @@ class MfaDaemon(tservice.MultiService):
                   audit=self.threaded.record_audit).add_routes(app)
         if self.voice is not None:
             from mfaserver.web.voice import add_voice_routes
-            add_voice_routes(app, self.voice, auth_token=config.gateways.twilio.auth_token,
+            # The token as configured now: a reload may rotate it.
+            add_voice_routes(app, self.voice,
+                             auth_token=lambda: self.config.gateways.twilio.auth_token,
                              public_url=config.web.public_url)
         return app
 
@@ -629,14 +614,16 @@ def run_daemon(config: Config, log_format: str | None = None) -> int:
         daemon = make_service(config, reactor)
         daemon.startService()
     except terror.CannotListenError as e:
-        log.critical("cannot listen on {listen}:{port}: {error}", listen=config.radius.listen,
-                     port=config.radius.port, error=str(e.socketError))
+        log.critical("cannot listen on {listen}:{port}: {error}", listen=e.interface,
+                     port=e.port, error=str(e.socketError))
         return 1
     except Exception as e:
         log.critical("cannot start: {error}", error=f"{type(e).__name__}: {e}")
         return 1
     log.info("RADIUS listening on {host}:{port}", host=config.radius.listen,
              port=config.radius.port)
+    if config.web is not None:
+        log.info("HTTP listening on {host}:{port}", host=config.web.listen, port=config.web.port)
     tune_garbage_collection()
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
     reactor.addSystemEventTrigger("after", "shutdown", log_writer.flush)

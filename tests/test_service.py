@@ -9,12 +9,15 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+import ldap_server
+from fake_twilio import twilio_signature
 from mfaserver import passwords
 from mfaserver.auth.model import AuthRequest, Outcome, Reason, TokenKind
 from mfaserver.config import load_config
@@ -190,6 +193,19 @@ class DaemonTests(SynchronousTestCase):
         self.assertEqual((port, interface), (8443, "127.0.0.1"))
         self.successResultOf(daemon.stopService())
 
+    def test_web_with_a_certificate_listens_with_tls(self):
+        certs = ldap_server.make_certificates(self.dir / "certs")
+        self.start(f"""
+            [web]
+            listen = "127.0.0.1"
+            port = 8443
+            tls_certificate = "{certs.cert_file}"
+            tls_key = "{certs.key_file}"
+            """)
+        self.assertEqual(self.reactor.tcpServers, [])
+        [(port, _, context, _, interface)] = self.reactor.sslServers
+        self.assertEqual((port, interface), (8443, "127.0.0.1"))
+
     def test_sms_section_adds_the_sms_factor_on_its_gateway(self):
         daemon = self.start('[sms]\ngateway = "console"\n')
         sms = daemon.authenticator.factors["sms"]
@@ -322,6 +338,24 @@ class DaemonTests(SynchronousTestCase):
         self.assertEqual(self.logged()[-1], "configuration reloaded: 1 RADIUS clients")
         self.reload(daemon, TWILIO, WEB)
         self.assertIn("voice changed: takes effect after a restart", self.logged())
+
+    def test_a_rotated_twilio_token_checks_the_call_callbacks_after_a_reload(self):
+        daemon = self.start(TWILIO, WEB, "[voice]\n")
+        [(_, site, _, _)] = self.reactor.tcpServers
+        client = StubTreq(site.resource)
+        url = "http://127.0.0.1:8443/v1/voice/call1/status"
+        params = [("CallStatus", "completed")]
+
+        def status(token: str) -> int:
+            d = client.post(url, data=params, headers={
+                "X-Twilio-Signature": twilio_signature(token, url, params)})
+            return self.successResultOf(d).code
+
+        self.assertEqual((status("a-twilio-auth-token"), status("a-rotated-token")), (204, 403))
+        self.reload(daemon, TWILIO.replace("a-twilio-auth-token", "a-rotated-token"), WEB,
+                    "[voice]\n")
+        self.assertEqual((status("a-twilio-auth-token"), status("a-rotated-token")), (403, 204))
+        self.assertNotIn("restart", " ".join(self.logged()))
 
     def test_reload_of_the_web_listener_needs_a_restart(self):
         daemon = self.start(WEB)

@@ -13,6 +13,8 @@ Verify, parse, call the core: the decisions are in mfaserver.factors.voice.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -26,15 +28,17 @@ log = Logger(namespace="mfaserver.web.voice")
 TWIML = "text/xml"
 
 
-def add_voice_routes(app: WebApp, calls: VoiceCalls, *, auth_token: str,
-                     public_url: str) -> None:
+def add_voice_routes(app: WebApp, calls: VoiceCalls, *,
+                     auth_token: str | Callable[[], str], public_url: str) -> None:
     """Route the provider's answer, gather and status callbacks for ``calls``.
 
-    ``auth_token`` is the provider's auth token, the key of the signatures;
+    ``auth_token`` is the provider's auth token, the key of the signatures,
+    or a function that returns the current one (a reload may change it);
     ``public_url`` is the base URL the provider was given (the one `calls`
     builds its callback URLs on).
     """
     base = public_url.rstrip("/")
+    current_token = auth_token if callable(auth_token) else (lambda: auth_token)
 
     def signed_form(request: WebRequest, what: str) -> Form:
         """The form of a correctly signed callback; HttpError 403 otherwise."""
@@ -51,7 +55,7 @@ def add_voice_routes(app: WebApp, calls: VoiceCalls, *, auth_token: str,
         params: dict[str, list[str]] = {}
         for name, value in form.pairs:
             params.setdefault(name, []).append(value)
-        if not check_signature(auth_token, url, params, signature):
+        if not check_signature(current_token(), url, params, signature):
             log.warn("Refused a voice {what} callback with a bad signature", what=what)
             raise HttpError(403, "forbidden", "bad signature")
         return form
