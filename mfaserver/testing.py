@@ -51,21 +51,36 @@ def run_now(f, *args, **kwargs) -> defer.Deferred:
 
 
 class MemoryDirectory:
-    """`Directory` over a dict of username -> password."""
+    """`Directory` over a dict of username -> password.
 
-    def __init__(self, users: dict[str, str] | None = None):
+    ``phones`` and ``groups`` (group DNs, reported lower-cased as the real
+    directories do) by username fill in the `Principal`; set ``failure``
+    (e.g. `DirectoryUnavailable()`) to make every login fail with it, as a
+    directory whose server is down does.
+    """
+
+    def __init__(self, users: dict[str, str] | None = None, *,
+                 phones: dict[str, str] | None = None,
+                 groups: dict[str, Iterable[str]] | None = None):
         self.users = dict(users or {})
+        self.phones = dict(phones or {})
+        self.groups = dict(groups or {})
+        self.failure: Exception | None = None
         self.calls: list[str] = []
 
     def authenticate(self, username: str, password: str) -> defer.Deferred:
         self.calls.append(username)
+        if self.failure is not None:
+            return defer.fail(self.failure)
         if not password:
             return defer.fail(InvalidCredentials())
         if username not in self.users:
             return defer.fail(UnknownUser())
         if self.users[username] != password:
             return defer.fail(InvalidCredentials())
-        return defer.succeed(Principal(username=username))
+        return defer.succeed(Principal(
+            username=username, phone=self.phones.get(username),
+            groups=frozenset(group.lower() for group in self.groups.get(username, ()))))
 
 
 class FakeDatagramTransport:

@@ -24,16 +24,11 @@ T0 = 1_700_000_010.0
 SEED = bytes(range(20))
 
 
-class Refusing:
+def refusing(error: Exception) -> MemoryDirectory:
     """A directory that fails every login with ``error``."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-        self.calls = 0
-
-    def authenticate(self, username, password):
-        self.calls += 1
-        return defer.fail(self.error)
+    directory = MemoryDirectory()
+    directory.failure = error
+    return directory
 
 
 class Canonical:
@@ -60,7 +55,7 @@ class ChainTests(SynchronousTestCase):
 
     def test_an_unreachable_directory_fails_closed(self):
         second = MemoryDirectory({"alice": "a"})
-        chain = DirectoryChain([Refusing(DirectoryUnavailable()), second])
+        chain = DirectoryChain([refusing(DirectoryUnavailable()), second])
         self.failureResultOf(chain.authenticate("alice", "a"), DirectoryUnavailable)
         self.assertEqual(second.calls, [])
 
@@ -109,13 +104,13 @@ class DirectoryAnswersTests(SynchronousTestCase):
         self.assertEqual(decision.attributes, (("Filter-Id", "admins"),))
 
     def test_a_directory_refusal_reason_reaches_the_audit_and_the_user(self):
-        auth = self.authenticator(Refusing(InvalidCredentials(Reason.PASSWORD_EXPIRED, "532")))
+        auth = self.authenticator(refusing(InvalidCredentials(Reason.PASSWORD_EXPIRED, "532")))
         decision = self.decide(auth, "pw," + self.code())
         self.assertEqual(decision.reason, Reason.PASSWORD_EXPIRED)
         self.assertIn("expired", decision.reply_message)
         self.assertEqual(self.db.recent_audit(limit=1)[0].reason, "password_expired")
 
     def test_an_unreachable_directory_rejects_with_try_later(self):
-        decision = self.decide(self.authenticator(Refusing(DirectoryUnavailable())), "pw")
+        decision = self.decide(self.authenticator(refusing(DirectoryUnavailable())), "pw")
         self.assertEqual(decision.reason, Reason.DIRECTORY_UNAVAILABLE)
         self.assertIn("unavailable", decision.reply_message)

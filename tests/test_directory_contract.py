@@ -13,8 +13,9 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from directory_contract import DirectoryContract, PhoneContract
-from mfaserver.auth.interfaces import UnknownUser
+from directory_contract import (DirectoryContract, GroupContract, PhoneContract,
+                                UnavailableContract)
+from mfaserver.auth.interfaces import DirectoryUnavailable, UnknownUser
 from mfaserver import passwords
 from mfaserver.directory.local import LocalDirectory
 from mfaserver.store import Store
@@ -36,12 +37,16 @@ class AnswersAtOnce:
             outcomes[0].raiseException()
 
 
-class TestMemoryDirectory(AnswersAtOnce, DirectoryContract):
-    # Not run over MemoryDirectory yet, as it has no way to express them:
-    # UnavailableContract (a down directory), PhoneContract and GroupContract
-    # (it reports no phone and no groups, which the core's reply rules use).
+class TestMemoryDirectory(AnswersAtOnce, DirectoryContract, UnavailableContract, PhoneContract,
+                          GroupContract):
     def directory(self):
-        return MemoryDirectory({self.user: self.password})
+        return MemoryDirectory({self.user: self.password}, phones={self.user: self.phone},
+                               groups={self.user: [self.group]})
+
+    def unavailable_directory(self):
+        directory = self.directory()
+        directory.failure = DirectoryUnavailable()
+        return directory
 
 
 class TestLocalDirectory(AnswersAtOnce, DirectoryContract, PhoneContract):
