@@ -240,7 +240,7 @@ def test_user_add_phone_with_region(run, store):
 
 
 @pytest.mark.parametrize("number, reason", [
-    ("650-253-0000", "missing or invalid country code"),
+    ("650-253-0000", "no valid country code (write it as +CC...) or pass --region"),
     ("+1 000", "not a valid number"),
     ("hello", "not a phone number"),
 ])

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import click
-import phonenumbers
 
+from mfaserver import phones
 from mfaserver.config import Config, ConfigError, load_config, resolve_config_path
 from mfaserver.store import KeyFileError, SeedIntegrityError, Store, StoreError, UserInfo
 from mfaserver.tokens.importers import TokenImportError
@@ -182,26 +182,13 @@ def read_password(password_stdin: bool) -> str:
     return password
 
 
-_PHONE_PARSE_ERRORS = {
-    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
-        "missing or invalid country code (write it as +CC..., or pass --region)",
-    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a phone number",
-    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short",
-    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
-    phonenumbers.NumberParseException.TOO_LONG: "too long",
-}
-
-
 def parse_phone(number: str, region: str | None = None) -> str:
     """``number`` in E.164 form; international (+CC) unless ``region`` is given."""
     try:
-        parsed = phonenumbers.parse(number, region.upper() if region else None)
-    except phonenumbers.NumberParseException as exc:
-        reason = _PHONE_PARSE_ERRORS.get(exc.error_type, one_line(exc))
-        raise CliError(f"invalid phone number {number!r}: {reason}") from None
-    if not phonenumbers.is_valid_number(parsed):
-        raise CliError(f"invalid phone number {number!r}: not a valid number")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        return phones.parse_phone(number, region)
+    except phones.InvalidPhoneNumber as e:
+        hint = " or pass --region" if e.no_country and not region else ""
+        raise CliError(f"invalid phone number {number!r}: {e.reason}{hint}") from None
 
 
 def region_option(function):

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import ldap3
-import phonenumbers
 from ldap3.core.exceptions import LDAPOperationResult
 
 from mfaserver.directory.settings import LdapConfig, SyncConfig
 from mfaserver.directory.ldap_worker import VerifiedTls, tls_context
+from mfaserver.phones import InvalidPhoneNumber, parse_phone
 from mfaserver.store.db import Store, StoreError, SyncResult, check_user_name
 
 __all__ = [
@@ -56,15 +56,6 @@ class SyncError(Exception):
 
 class _IncompleteSearch(Exception):
     """The search ended without success; its entries are not the whole directory."""
-
-
-class InvalidPhoneNumber(ValueError):
-    """A phone number from the directory that cannot be used; ``reason`` says why."""
-
-    def __init__(self, raw: str, reason: str):
-        super().__init__(f"{raw!r}: {reason}")
-        self.raw = raw
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -136,16 +127,6 @@ def _plural(count: int, word: str, plural: str | None = None) -> str:
 
 # --- phone numbers ---
 
-_PARSE_REASONS = {
-    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
-        "no valid country code (write it as +CC...)",
-    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a phone number",
-    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "too short",
-    phonenumbers.NumberParseException.TOO_SHORT_NSN: "too short",
-    phonenumbers.NumberParseException.TOO_LONG: "too long",
-}
-
-
 def normalise_phone(raw: str | None, region: str | None = None) -> str | None:
     """``raw`` in E.164 form, None if it is empty; raise InvalidPhoneNumber if unusable.
 
@@ -154,14 +135,7 @@ def normalise_phone(raw: str | None, region: str | None = None) -> str | None:
     """
     if raw is None or not raw.strip():
         return None
-    try:
-        parsed = phonenumbers.parse(raw.strip(), region.upper() if region else None)
-    except phonenumbers.NumberParseException as e:
-        raise InvalidPhoneNumber(
-            raw, _PARSE_REASONS.get(e.error_type, "not a phone number")) from None
-    if not phonenumbers.is_valid_number(parsed):
-        raise InvalidPhoneNumber(raw, "not a valid number")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    return parse_phone(raw, region)
 
 
 def prepare_entries(
