@@ -63,6 +63,17 @@ port = 8443
 public_url = "http://127.0.0.1:8443"
 """
 
+SMTP_ALERTS = """
+[gateways.smtp]
+host = "127.0.0.1"
+sender = "mfa@example.org"
+starttls = "none"
+
+[alerts]
+gateway = "smtp"
+to = ["admins@example.org"]
+"""
+
 UPSTREAM = f"""
 [directory]
 backend = ["radius", "local"]
@@ -234,16 +245,7 @@ class DaemonTests(SynchronousTestCase):
         self.assertFalse(upstream.listening)
 
     def test_smtp_alerts_go_to_the_smtp_gateway(self):
-        daemon = self.start("""
-            [gateways.smtp]
-            host = "127.0.0.1"
-            sender = "mfa@example.org"
-            starttls = "none"
-
-            [alerts]
-            gateway = "smtp"
-            to = ["admins@example.org"]
-            """)
+        daemon = self.start(SMTP_ALERTS)
         self.assertEqual(daemon.authenticator.alerts._recipients, ("admins@example.org",))
 
     # --- reload ---
@@ -364,16 +366,7 @@ class DaemonTests(SynchronousTestCase):
 
     def test_reload_swaps_the_alert_sink(self):
         daemon = self.start()
-        self.reload(daemon, """
-            [gateways.smtp]
-            host = "127.0.0.1"
-            sender = "mfa@example.org"
-            starttls = "none"
-
-            [alerts]
-            gateway = "smtp"
-            to = ["admins@example.org"]
-            """)
+        self.reload(daemon, SMTP_ALERTS)
         self.assertEqual(daemon.authenticator.alerts._recipients, ("admins@example.org",))
 
     def test_reload_rebuilds_the_directory_and_stops_the_old_one(self):
