@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mfaserver.auth.interfaces import AccountStore
 from mfaserver.auth.model import (Account, CodeCheck, CodeResult, Login, Method, Reason,
-                                  TokenKind)
+                                  Token, TokenKind)
 from mfaserver.factors import oath
 
 TOTP = Method(
@@ -52,31 +52,42 @@ class TokenFactor:
         kind ("totp" or "hotp"); None when the account has no token."""
         if not account.tokens:
             return succeed(None)
-        return Deferred.fromCoroutine(self._check(account, code))
+        return self._check_from(account, code, 0, None)
 
-    async def _check(self, account: Account, code: str) -> CodeCheck:
+    # Callbacks rather than a coroutine: this is every login's hot path, and a
+    # match costs one store write whose answer decides.
+
+    def _check_from(self, account: Account, code: str, first: int,
+                    reused_by: Token | None) -> Deferred[CodeCheck]:
+        """Try the tokens from index ``first`` on; ``reused_by``: a token whose code
+        this was, but used already."""
         now = self._clock.seconds()
-        reused_by = None
-        for token in account.tokens:
+        tokens = account.tokens
+        for i in range(first, len(tokens)):
+            token = tokens[i]
             if oath.normalize_code(code, token.digits) is None:
                 continue
             if token.kind is TokenKind.TOTP:
                 step = oath.match_totp(token, code, now, window=self.totp_window)
                 if step is not None:
                     drift = step - oath.totp_step(now, token.period)
-                    if await self._store.use_totp_step(token.id, step, drift):
-                        return CodeCheck(CodeResult.ACCEPTED, token.kind.value)
-                    reused_by = token  # lost a race with another request using the same code
-                elif oath.totp_replayed(token, code, now, window=self.totp_window):
+                    used = self._store.use_totp_step(token.id, step, drift)
+                    return used.addCallback(self._recorded, account, code, i, token)
+                if oath.totp_replayed(token, code, now, window=self.totp_window):
                     reused_by = token
             else:
                 counter = oath.match_hotp(token, code, look_ahead=self.hotp_look_ahead)
                 if counter is not None:
-                    if await self._store.use_hotp_counter(token.id, counter):
-                        return CodeCheck(CodeResult.ACCEPTED, token.kind.value)
-                    reused_by = token
-                elif oath.hotp_replayed(token, code, look_back=self.hotp_look_ahead):
+                    used = self._store.use_hotp_counter(token.id, counter)
+                    return used.addCallback(self._recorded, account, code, i, token)
+                if oath.hotp_replayed(token, code, look_back=self.hotp_look_ahead):
                     reused_by = token
         if reused_by is not None:
-            return CodeCheck(CodeResult.REPLAYED, reused_by.kind.value)
-        return CodeCheck(CodeResult.WRONG, account.tokens[0].kind.value)
+            return succeed(CodeCheck(CodeResult.REPLAYED, reused_by.kind.value))
+        return succeed(CodeCheck(CodeResult.WRONG, tokens[0].kind.value))
+
+    def _recorded(self, used: bool, account: Account, code: str, index: int, token: Token):
+        if used:
+            return CodeCheck(CodeResult.ACCEPTED, token.kind.value)
+        # Lost a race with another request using the same code: try the rest.
+        return self._check_from(account, code, index + 1, token)
