@@ -34,7 +34,7 @@ from mfaserver.directory.chain import DirectoryChain
 from mfaserver.directory.local import LocalDirectory
 from mfaserver.factors import METHODS
 from mfaserver.factors.push import (NumberMatchingPushFactor, PushFactor, PushTransactions,
-                                    push_burst, push_limit)
+                                    push_limit)
 from mfaserver.factors.token import TokenFactor
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
@@ -515,8 +515,7 @@ class MfaDaemon(tservice.MultiService):
             if self.wake is not None:
                 self.wake.stop()
             self.wake = self.push.wake = wake
-        self.push_limit.set_rate(push_burst(new.push.max_per_user_per_hour),
-                                 new.push.max_per_user_per_hour)
+        self.push_limit.set_per_hour(new.push.max_per_user_per_hour)
         self._reconfigure_sms(new)
         if self.voice is not None and new.voice is not None:
             self.voice.gateway = self.gateways[new.voice.gateway]

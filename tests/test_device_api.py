@@ -87,7 +87,7 @@ class DeviceApiCase(SynchronousTestCase):
         self.addCleanup(self.db.close)
         self.clock = Clock()
         self.clock.advance(NOW)
-        self.push = PushTransactions(self.clock, number_matching=self.number_matching)
+        self.push = PushTransactions(self.clock)
         self.frauds: list[tuple[str, str]] = []
         self.audits: list[AuditEntry] = []
         self.api = DeviceApi(ThreadedStore(self.db, run_now), self.push, self.clock,
@@ -179,6 +179,8 @@ class DeviceApiCase(SynchronousTestCase):
         kwargs.setdefault("client", "vpn")
         kwargs.setdefault("nas_ip", "192.0.2.10")
         kwargs.setdefault("calling_station_id", "203.0.113.7")
+        if self.number_matching:
+            kwargs.setdefault("number", proto.new_match_number())
         return self.push.open(user, timeout=timeout, **kwargs)
 
 

@@ -215,7 +215,7 @@ class PushFactorTests(ApprovalFactorContract, Harness):
         return self.push.get(self.txid).state == "closed"
 
     def exhaust(self):
-        self.factor._limit.set_rate(0, 1)
+        self.factor._limit.set_per_hour(0)
 
 
 class VoiceFactorTests(ApprovalFactorContract, Harness):
@@ -372,4 +372,4 @@ class NumberMatchingPushFactorTests(ConfirmedApprovalFactorContract, Harness):
         self.push.answer(ticket, txn.user, verdict.value)
 
     def exhaust(self):
-        self.factor._limit.set_rate(0, 1)
+        self.factor._limit.set_per_hour(0)

@@ -143,7 +143,7 @@ class OutOfBandTests(SynchronousTestCase):
         self.enroll("alice")
         self.enroll("bob")
         self.challenges = ChallengeRegistry(self.clock, ttl=300)
-        self.push = PushTransactions(self.clock, number_matching=self.number_matching)
+        self.push = PushTransactions(self.clock)
         self.voice = FakeVoice()
         self.alerts = FakeAlerts()
         self.auth = self.make_auth()

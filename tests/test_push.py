@@ -10,6 +10,7 @@ from mfaserver.auth.model import Verdict
 from mfaserver.factors.push import (ANSWERED, CLOSED, EXPIRED, PENDING, AlreadyAnswered,
                                     AnswerRefused, TransactionExpired, UnknownTransaction,
                                     PushTransactions, TransactionClosed)
+from mfaserver.factors.push_protocol import new_match_number
 
 START = 1_700_000_000.0
 
@@ -26,7 +27,6 @@ class Registry(SynchronousTestCase):
         self.push = self.make()
 
     def make(self, **kwargs) -> PushTransactions:
-        kwargs.setdefault("number_matching", self.number_matching)
         kwargs.setdefault("wake", self.woken.append)
         return PushTransactions(self.clock, **kwargs)
 
@@ -34,6 +34,8 @@ class Registry(SynchronousTestCase):
         kwargs.setdefault("client", "vpn")
         kwargs.setdefault("nas_ip", "192.0.2.10")
         kwargs.setdefault("calling_station_id", "203.0.113.7")
+        if self.number_matching:
+            kwargs.setdefault("number", new_match_number())
         # `push or self.push` would not do: an empty registry is falsy (it has __len__).
         return (self.push if push is None else push).open(user, timeout=timeout, **kwargs)
 
@@ -68,12 +70,8 @@ class OpenTests(Registry):
     def test_number_is_null_without_number_matching(self):
         self.assertIsNone(self.open().number)
 
-    def test_number_is_two_digits_from_10_to_99_with_number_matching(self):
-        push = self.make(number_matching=True)
-        for _ in range(200):
-            number = self.open(push=push).number
-            self.assertRegex(number, r"\A[0-9]{2}\Z")
-            self.assertTrue(10 <= int(number) <= 99)
+    def test_the_number_given_is_the_transactions(self):
+        self.assertEqual(self.open(number="42").number, "42")
 
     def test_new_transaction_is_pending_and_counted(self):
         txn = self.open()
@@ -432,9 +430,8 @@ class NumberMatchingTests(Registry):
         self.assertEqual((self.push.numbered_count("alice"), self.push.numbered_count()), (0, 1))
 
     def test_number_is_ignored_without_number_matching(self):
-        push = self.make(number_matching=False)
-        txn = self.open(push=push)
-        push.answer(txn.txid, "alice", "approve", number="42")
+        txn = self.open(number=None)
+        self.push.answer(txn.txid, "alice", "approve", number="42")
         self.assertIs(txn.verdict, Verdict.APPROVE)
 
 

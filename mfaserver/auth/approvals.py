@@ -103,11 +103,6 @@ class PendingLogins:
         """How many logins of ``user`` are pending here."""
         return self._per_user.get(user, 0)
 
-    def cancel_all(self) -> None:
-        """Cancel every pending login (shutdown): waiters fail with CancelledError."""
-        for pending in list(self._by_key.values()):
-            pending.result.cancel()
-
     def _leave(self, key: Hashable, pending: _Pending, waiter: Deferred) -> None:
         if waiter in pending.waiters:
             pending.waiters.remove(waiter)
@@ -136,23 +131,24 @@ class PendingLogins:
 
 
 class RateLimiter:
-    """A token bucket per key: ``burst`` sends at once, refilled at ``per_hour`` an hour.
+    """A token bucket per key: ``per_hour`` sends an hour, up to ``max_burst`` at once.
 
     Memory is bounded: at most ``max_keys`` buckets; the least recently used
     go first (a forgotten bucket starts full again, which only ever errs
     towards the configured burst).
     """
 
-    def __init__(self, clock: IReactorTime, burst: int, per_hour: float,
+    def __init__(self, clock: IReactorTime, per_hour: float, *, max_burst: int,
                  max_keys: int = 100_000):
         self._clock = clock
+        self.max_burst = max_burst
         self._max_keys = max_keys
         self._buckets: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()
-        self.set_rate(burst, per_hour)
+        self.set_per_hour(per_hour)
 
-    def set_rate(self, burst: int, per_hour: float) -> None:
-        """Change the limit (a reload); tokens already taken stay taken."""
-        self.burst = burst
+    def set_per_hour(self, per_hour: float) -> None:
+        """Change the rate (a reload); tokens already taken stay taken."""
+        self.burst = min(self.max_burst, per_hour)
         self.per_second = per_hour / 3600.0
 
     def allow(self, key: Hashable) -> bool:
@@ -172,9 +168,4 @@ class RateLimiter:
 def hourly_send_limit(clock: IReactorTime, per_hour: int) -> RateLimiter:
     """The limit on texts and calls to one user or one number: a burst of up to 3
     lets a user retry at once; the hourly rate caps toll fraud and annoyance."""
-    return RateLimiter(clock, burst=send_burst(per_hour), per_hour=per_hour)
-
-
-def send_burst(per_hour: int) -> int:
-    """How many texts or calls may go at once under an hourly limit of ``per_hour``."""
-    return min(3, per_hour)
+    return RateLimiter(clock, per_hour, max_burst=3)

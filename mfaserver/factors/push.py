@@ -45,9 +45,6 @@ EXPIRED = "expired"     # nobody answered in time
 CLOSED = "closed"       # closed from the sign-in side: wrong number, NAS gave up, user blocked
 
 
-_BY_FLAG = object()   # PushTransactions.open: a number if number_matching is set
-
-
 class AnswerRefused(Exception):
     """A device's answer cannot be taken (one of the three kinds below)."""
 
@@ -111,11 +108,10 @@ class PushTransactions:
     replaced (a reload) or None.
     """
 
-    def __init__(self, clock: IReactorTime, *, number_matching: bool = False,
+    def __init__(self, clock: IReactorTime, *,
                  wake: Callable[[str], None] | None = None, late_window: float = 600.0,
                  max_remembered: int = 100_000):
         self._clock = clock
-        self.number_matching = number_matching
         self.wake = wake
         self.late_window = late_window
         self._max_remembered = max_remembered
@@ -145,16 +141,13 @@ class PushTransactions:
 
     def open(self, user: str, *, client: str, nas_ip: str | None,
              calling_station_id: str | None, timeout: float,
-             login_key: Hashable = None, number: str | None | object = _BY_FLAG
-             ) -> PushTransaction:
+             login_key: Hashable = None, number: str | None = None) -> PushTransaction:
         """Open a transaction for ``user``, expiring in ``timeout`` seconds, and wake
         the user's devices and long polls.
 
         ``number`` is the number the device shows for number matching (None:
-        none); left out, a new one if ``number_matching`` is set.
+        no number matching).
         """
-        if number is _BY_FLAG:
-            number = new_match_number() if self.number_matching else None
         now = self._clock.seconds()
         txn = PushTransaction(
             new_transaction_id(), user, client, nas_ip, calling_station_id, now,
@@ -351,13 +344,9 @@ MSG_WRONG_NUMBER = "Wrong number. Please sign in again."
 
 
 def push_limit(clock: IReactorTime, per_hour: int) -> RateLimiter:
-    """The push-fatigue guard: new pushes a user may get ([push] max_per_user_per_hour)."""
-    return RateLimiter(clock, burst=push_burst(per_hour), per_hour=per_hour)
-
-
-def push_burst(per_hour: int) -> int:
-    """How many pushes may go at once under an hourly limit of ``per_hour``."""
-    return min(5, per_hour)
+    """The push-fatigue guard: new pushes a user may get ([push] max_per_user_per_hour),
+    up to 5 at once."""
+    return RateLimiter(clock, per_hour, max_burst=5)
 
 
 class _Push:

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from mfaserver.auth.approvals import hourly_send_limit, send_burst
+from mfaserver.auth.approvals import hourly_send_limit
 from mfaserver.auth.interfaces import DeliveryFailed, FactorRefused
 from mfaserver.auth.model import Account, CodeCheck, CodeResult, Login, Method, Reason
 from mfaserver.gateways.base import GatewayError
@@ -71,8 +71,8 @@ class SmsCodes:
 
     def set_limits(self, per_user_per_hour: int, per_number_per_hour: int) -> None:
         """Change the hourly send limits (a reload)."""
-        self._per_user.set_rate(send_burst(per_user_per_hour), per_user_per_hour)
-        self._per_number.set_rate(send_burst(per_number_per_hour), per_number_per_hour)
+        self._per_user.set_per_hour(per_user_per_hour)
+        self._per_number.set_per_hour(per_number_per_hour)
 
     # --- the CodeFactor ---
 

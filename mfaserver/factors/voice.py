@@ -32,7 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mfaserver.auth.approvals import hourly_send_limit, send_burst
+from mfaserver.auth.approvals import hourly_send_limit
 from mfaserver.auth.interfaces import ApprovalWithdrawn, DeliveryFailed, FactorRefused
 from mfaserver.auth.model import Account, Login, Method, Reason, Verdict
 from mfaserver.factors.sms import SendRefused
@@ -205,8 +205,8 @@ class VoiceCalls:
 
     def set_limits(self, per_user_per_hour: int, per_number_per_hour: int) -> None:
         """Change the hourly call limits (a reload)."""
-        self._per_user.set_rate(send_burst(per_user_per_hour), per_user_per_hour)
-        self._per_number.set_rate(send_burst(per_number_per_hour), per_number_per_hour)
+        self._per_user.set_per_hour(per_user_per_hour)
+        self._per_number.set_per_hour(per_number_per_hour)
 
     # --- The provider's callbacks ----------------------------------------------------------
 

@@ -36,7 +36,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -54,7 +53,6 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from mfaserver.addresses import is_loopback
 from mfaserver.gateways.base import GatewayError, check_e164
 
 METHODS = ("POST", "PUT", "GET")
@@ -63,13 +61,6 @@ PLACEHOLDERS = ("to", "number", "text", "subject")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.]*)\}")
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
-
-
-class AlertSink(Protocol):
-    """Where admin alerts go (fraud reports, ...): a webhook, mail, the log."""
-
-    def send_alert(self, subject: str, text: str) -> Deferred[None]:
-        """Fires with None once the alert is handed over, or fails with GatewayError."""
 
 
 def substitute(template: str, values: Mapping[str, str]) -> str:

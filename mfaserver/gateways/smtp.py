@@ -52,9 +52,10 @@ from twisted.mail.smtp import (
 )
 
 from mfaserver.gateways.base import GatewayError, check_e164
+from mfaserver.addresses import is_loopback
+from mfaserver.auth.interfaces import AlertSink
 from mfaserver.gateways.http import (
-    AlertSink, client_tls, is_loopback, substitute, tls_problem, trust_root,
-    unknown_placeholders,
+    client_tls, substitute, tls_problem, trust_root, unknown_placeholders,
 )
 
 STARTTLS = ("required", "optional", "none")
