@@ -21,7 +21,7 @@ import signal
 
 from twisted.application import internet
 from twisted.application import service as tservice
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet import error as terror
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -51,6 +51,10 @@ NEEDS_RESTART = ("server.state_dir", "server.log_format", "radius.listen", "radi
                  "voice")
 # Sections none of whose keys a reload can apply: the HTTP listener.
 NEEDS_RESTART_SECTIONS = ("web",)
+
+# Seconds after which replaced gateways and wake-up senders are closed: longer
+# than any request of theirs may take (SMTP's timeout is at most 120 s).
+RETIRE_AFTER = 130.0
 
 # Where a field's name differs from its key in the file.
 _KEY_NAMES = {"directory.backends": "directory.backend"}
@@ -122,7 +126,23 @@ class CallOnStop(tservice.Service):
         return self._stop()
 
 
-class _Counted:
+def _close_all(parts) -> Deferred[None]:
+    """Close the pooled connections of ``parts`` (those that keep any); a failure is logged."""
+    d = defer.gatherResults([defer.maybeDeferred(part.close) for part in parts
+                             if hasattr(part, "close")], consumeErrors=True)
+    d.addErrback(lambda f: log.failure("could not close {parts}", f, parts=parts))
+    return d.addCallback(lambda _: None)
+
+
+def _stop_all(parts) -> Deferred[None]:
+    """Stop ``parts`` (each a ``stop()`` that may return a Deferred); a failure is logged."""
+    d = defer.gatherResults([defer.maybeDeferred(part.stop) for part in parts],
+                            consumeErrors=True)
+    d.addErrback(lambda f: log.failure("could not stop {parts}", f, parts=parts))
+    return d.addCallback(lambda _: None)
+
+
+class _InFlightDirectory:
     """A `Directory` that counts its logins in progress, so that a directory
     replaced on reload is stopped only once it has finished them."""
 
@@ -132,8 +152,8 @@ class _Counted:
         self._idle: list[Deferred] = []
 
     def authenticate(self, username: str, password: str) -> Deferred:
+        d = defer.maybeDeferred(self.directory.authenticate, username, password)
         self.in_flight += 1
-        d = self.directory.authenticate(username, password)
         d.addBoth(self._ended)
         return d
 
@@ -157,9 +177,11 @@ class Directories:
     """The directory the core asks (one, or a chain), and the parts that need
     starting and stopping (LDAP workers, upstream RADIUS sockets).
 
-    ``build(config)`` returns a new directory and its parts. `replace` swaps
-    in a set built from a changed config; the old set finishes its logins in
-    flight, then stops.
+    ``build(config)`` returns a new directory and its parts (not started).
+    On reload, `start_new` starts a set built from the changed config and
+    `replace` swaps it in; the old set finishes its logins in flight, then
+    stops. (Gateways are retired differently, after a fixed time: each of
+    their requests has its own deadline.)
     """
 
     def __init__(self, build, config: Config):
@@ -168,68 +190,107 @@ class Directories:
         self._retiring: list[Deferred] = []
 
     def start(self) -> None:
-        for part in self._parts:
-            part.start()
+        self.start_new(self._parts)
 
     def stop(self) -> Deferred[None]:
-        stopping = [defer.maybeDeferred(part.stop) for part in self._parts]
-        return defer.gatherResults(stopping + self._retiring).addCallback(lambda _: None)
+        retiring = defer.gatherResults(self._retiring, consumeErrors=True)
+        return defer.gatherResults([_stop_all(self._parts), retiring]).addCallback(
+            lambda _: None)
 
-    def replace(self, new: _Counted, parts: list) -> _Counted:
-        """Start and return ``new`` (from `build`); retire the old directory."""
-        for part in parts:
-            part.start()
+    @staticmethod
+    def start_new(parts: list) -> None:
+        """Start ``parts``; if one cannot start, stop those started and raise."""
+        started = []
+        try:
+            for part in parts:
+                part.start()
+                started.append(part)
+        except Exception:
+            _stop_all(started)
+            raise
+
+    def replace(self, new: _InFlightDirectory, parts: list) -> _InFlightDirectory:
+        """Use ``new`` (its ``parts`` started) from now on; retire the old directory."""
         old, old_parts = self.current, self._parts
         self.current, self._parts = new, parts
-        retired = old.when_idle()
-        retired.addCallback(lambda _: defer.gatherResults(
-            [defer.maybeDeferred(part.stop) for part in old_parts]))
-        retired.addErrback(lambda f: log.failure("could not stop a replaced directory", f))
+        retired = old.when_idle().addCallback(lambda _: _stop_all(old_parts))
         self._retiring.append(retired)
         retired.addBoth(lambda _: self._retiring.remove(retired))
         return new
 
 
 class PeriodicSync:
-    """The LDAP directory sync, run every [directory.sync] interval seconds.
+    """The LDAP directory sync, run every ``interval`` seconds ([directory.sync]).
 
-    A run takes seconds for a large directory (phone parsing, one write
-    transaction), so it runs on its own thread with its own store connection;
-    logins go on meanwhile. A run still going when the next is due is not
-    doubled. A failed run changes nothing and is logged.
+    The first run comes one interval after the start: a sync can disable
+    users, so a restart does not run one. A run takes seconds for a large
+    directory (phone parsing, one write transaction), so it runs on its own
+    thread with its own store connection; logins go on meanwhile. A failed
+    run changes nothing and is logged.
     """
 
-    def __init__(self, daemon: "MfaDaemon", reactor, thread):
+    def __init__(self, daemon: "MfaDaemon", reactor, thread, interval: float):
         self._daemon = daemon
         self._reactor = reactor
         self.thread = thread
-        self._running = None
+        self.interval = interval
+        self._loop: task.LoopingCall | None = None
+        self._started = False
 
-    def run_once(self):
-        """Start one sync unless one is running; fires when it has finished."""
-        if self._running is not None:
-            log.warn("directory sync still running; skipping this round")
-            return None
-        config = self._daemon.config
-        self._running = self.thread.run(_sync_in_thread, config, self._reactor.seconds())
-        self._running.addCallbacks(self._done, self._failed)
-        return self._running
+    def start(self) -> None:
+        self._started = True
+        self.thread.start()
+        self._schedule()
 
-    def _done(self, report):
-        self._running = None
+    def stop(self) -> None:
+        self._started = False
+        self._unschedule()
+        self.thread.stop()
+
+    def set_interval(self, interval: float) -> None:
+        """Run every ``interval`` seconds from now on (0: not at all); the same
+        interval keeps its phase."""
+        if interval == self.interval:
+            return
+        self.interval = interval
+        if self._started:
+            self._unschedule()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self.interval > 0:
+            self._loop = task.LoopingCall(self.run_once)
+            self._loop.clock = self._reactor
+            self._loop.start(self.interval, now=False)
+
+    def _unschedule(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def run_once(self) -> Deferred[None]:
+        """One sync; fires when it has finished (the loop waits for it)."""
+        daemon = self._daemon
+        # The database is the one the daemon opened: [server] state_dir
+        # changes only with a restart.
+        d = self.thread.run(_sync_in_thread, daemon.config, daemon.started_with,
+                            self._reactor.seconds())
+        d.addCallbacks(self._done, self._failed)
+        return d
+
+    def _done(self, report) -> None:
         log.info("directory {summary}", summary=report.summary())
         for line in report.details(numbers=False):
             log.warn("directory sync: {problem}", problem=line)
 
-    def _failed(self, failure):
-        self._running = None
+    def _failed(self, failure) -> None:
         log.error("directory sync failed, nothing changed: {error}",
                   error=failure.getErrorMessage())
 
 
-def _sync_in_thread(config: Config, now: float):
+def _sync_in_thread(config: Config, started_with: Config, now: float):
     from mfaserver.directory.sync import run_sync
-    with Store.open(config.database_path, config.key_path, create=False) as store:
+    with Store.open(started_with.database_path, started_with.key_path, create=False) as store:
         return run_sync(config, store, now)
 
 
@@ -255,23 +316,32 @@ class MfaDaemon(tservice.MultiService):
         for workers in (db_thread, self.hash_threads):
             LifecycleService(workers).setServiceParent(self)
         self.threaded = ThreadedStore(self.store, db_thread.run)
-        self._add_timer(1.0, self._check_outside_changes)
+        timer = internet.TimerService(1.0, self._check_outside_changes)
+        timer.clock = reactor
+        timer.setServiceParent(self)
         self.local = LocalDirectory(self.threaded.lookup_password, self.hash_threads.run)
         self.directories = Directories(self._directories, config)
         LifecycleService(self.directories).setServiceParent(self)
         self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
         self.gateways = self._gateways(config)
-        CallOnStop(lambda: self._close_gateways(self.gateways)).setServiceParent(self)
+        # Replaced gateways and wake-up senders, closed once their requests have
+        # ended: (the timer, the parts).
+        self._retired: list[tuple] = []
+        CallOnStop(self._close_gateways).setServiceParent(self)
         self.wake = self._wake_notifier(config)
         self.push = PushTransactions(reactor, wake=self.wake)
         CallOnStop(self._stop_push).setServiceParent(self)
         self.push_limit = push_limit(reactor, config.push.max_per_user_per_hour)
-        self.sms = self._sms(config)
+        self.sms = self._sms(config, self.gateways)
         self.voice = self._voice(config)
+        # The Twilio auth token the call callbacks are checked with.
+        self._voice_token = (config.gateways.twilio.auth_token if self.voice is not None
+                             else None)
         self.authenticator = Authenticator(
             self.directories.current, self.threaded, self.challenges, config.mfa, reactor,
-            methods=METHODS, factors=self._factors(config), reply_rules=config.radius.reply,
-            alerts=self._alerts(config), clients=clients_by_name(config))
+            methods=METHODS, factors=self._factors(config, self.sms),
+            reply_rules=config.radius.reply, alerts=self._alerts(config, self.gateways),
+            clients=clients_by_name(config))
         self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
         self.protocol = RadiusAuthProtocol(listener_settings(config),
                                            self.authenticator.authenticate, self.cache, reactor)
@@ -281,15 +351,8 @@ class MfaDaemon(tservice.MultiService):
         listener.setServiceParent(self)
         if config.web is not None:
             self._web_listener(config).setServiceParent(self)
-        self.sync = None
-        self._sync_timer = None
+        self.sync: PeriodicSync | None = None
         self._schedule_sync(config)
-
-    def _add_timer(self, interval: float, call) -> internet.TimerService:
-        timer = internet.TimerService(interval, call)
-        timer.clock = self._reactor
-        timer.setServiceParent(self)
-        return timer
 
     def _check_outside_changes(self):
         """Drop what the store caches if an admin command changed the file."""
@@ -314,15 +377,32 @@ class MfaDaemon(tservice.MultiService):
             gateways["smtp"] = SmtpGateway(config.gateways.smtp, self._reactor)
         return gateways
 
-    @staticmethod
-    def _close_gateways(gateways: dict):
-        """Close the pooled connections of ``gateways`` (those that keep any)."""
-        closing = [defer.maybeDeferred(g.close) for g in gateways.values() if hasattr(g, "close")]
-        return defer.gatherResults(closing).addCallback(lambda _: None)
+    def _retire(self, parts: list) -> None:
+        """Close ``parts`` (replaced gateways, a replaced wake-up sender) once the
+        requests they have in flight are over: each has its own deadline, and
+        RETIRE_AFTER is longer than any."""
+        entry: tuple = ()
 
-    def _alerts(self, config: Config):
+        def close():
+            self._retired.remove(entry)
+            _close_all(parts)
+        entry = (self._reactor.callLater(RETIRE_AFTER, close), parts)
+        self._retired.append(entry)
+
+    def _close_gateways(self) -> Deferred[None]:
+        """Shutdown: close the gateways in use and those retired meanwhile."""
+        parts = set(self.gateways.values())
+        if self.voice is not None:
+            parts.add(self.voice.gateway)   # kept until the restart if [voice] went
+        for call, retired in self._retired:
+            call.cancel()
+            parts.update(retired)
+        self._retired.clear()
+        return _close_all(parts)
+
+    def _alerts(self, config: Config, gateways: dict):
         """Where fraud reports go ([alerts])."""
-        gateway = self.gateways[config.alerts.gateway]
+        gateway = gateways[config.alerts.gateway]
         if config.alerts.gateway == "smtp":
             return gateway.alerts_to(config.alerts.to)
         return gateway
@@ -336,18 +416,20 @@ class MfaDaemon(tservice.MultiService):
                             kinds=frozenset({config.push.notify}),
                             timeout=config.push.notify_timeout)
 
-    def _stop_push(self) -> None:
+    def _stop_push(self) -> Deferred[None]:
         """Close the pending pushes (their logins get no reply) and drop queued wake-ups."""
         self.push.close_all()
-        if self.wake is not None:
-            self.wake.stop()
+        if self.wake is None:
+            return defer.succeed(None)
+        self.wake.stop()
+        return _close_all([self.wake])
 
-    def _sms(self, config: Config):
+    def _sms(self, config: Config, gateways: dict):
         """The SMS codes for [sms], or None when SMS is not configured."""
         if config.sms is None:
             return None
         from mfaserver.factors.sms import SmsCodes
-        return SmsCodes(self.gateways[config.sms.gateway], self._reactor,
+        return SmsCodes(gateways[config.sms.gateway], self._reactor,
                         code_length=config.sms.code_length, ttl=config.sms.code_ttl,
                         per_user_per_hour=config.sms.max_per_user_per_hour,
                         per_number_per_hour=config.sms.max_per_number_per_hour)
@@ -372,12 +454,11 @@ class MfaDaemon(tservice.MultiService):
             check_pin=lambda user, pin: Deferred.fromCoroutine(check_pin(user, pin)),
             per_user_per_hour=config.voice.max_per_user_per_hour,
             per_number_per_hour=config.voice.max_per_number_per_hour,
-            max_calls=config.mfa.max_pending,
-            on_late=lambda user: audit_late_call(self.threaded, self._reactor, user))
+            max_calls=config.mfa.max_pending, on_late=self._late_keys)
 
-    def _factors(self, config: Config) -> dict:
-        """The second factors, by method name; stateful ones (codes sent, pushes and
-        calls pending) are the daemon's own, kept across reloads."""
+    def _factors(self, config: Config, sms) -> dict:
+        """The second factors, by method name. The stateful ones (codes sent, pushes
+        and calls pending) are the daemon's own and kept across reloads."""
         from mfaserver.factors.voice import VoiceFactor
         factors = {
             "totp": TokenFactor(self.threaded, self._reactor,
@@ -386,8 +467,8 @@ class MfaDaemon(tservice.MultiService):
             "push": (NumberMatchingPushFactor if config.push.number_matching else PushFactor)(
                 self.push, self.push_limit),
         }
-        if self.sms is not None:
-            factors["sms"] = self.sms
+        if sms is not None:
+            factors["sms"] = sms
         if self.voice is not None:
             factors["phone"] = VoiceFactor(self.voice, self._reactor,
                                            report_fraud=self._report_phone_fraud)
@@ -395,6 +476,13 @@ class MfaDaemon(tservice.MultiService):
 
     def _report_phone_fraud(self, user: str, client: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self.authenticator.report_fraud(user, client, "phone"))
+
+    def _late_keys(self, user: str, client: str, keys: str) -> None:
+        """Keys pressed on a call after its login ended: audited, and a "0" still
+        reports fraud (too late to stop the sign-in, not to block the account)."""
+        audit_late_call(self.threaded, self._reactor, user)
+        if keys == "0":
+            self._report_phone_fraud(user, client)
 
     def _web_listener(self, config: Config):
         """The HTTP listener ([web]), with TLS when configured."""
@@ -418,12 +506,11 @@ class MfaDaemon(tservice.MultiService):
         if self.voice is not None:
             from mfaserver.web.voice import add_voice_routes
             # The token as configured now: a reload may rotate it.
-            add_voice_routes(app, self.voice,
-                             auth_token=lambda: self.config.gateways.twilio.auth_token,
+            add_voice_routes(app, self.voice, auth_token=lambda: self._voice_token,
                              public_url=config.web.public_url)
         return app
 
-    def _directories(self, config: Config) -> tuple[_Counted, list]:
+    def _directories(self, config: Config) -> tuple[_InFlightDirectory, list]:
         """The directory (or chain of them) named by [directory] backend, and its
         parts to start and stop."""
         directories, parts = [], []
@@ -443,20 +530,18 @@ class MfaDaemon(tservice.MultiService):
             parts.append(directory)
             directories.append(directory)
         chain = directories[0] if len(directories) == 1 else DirectoryChain(directories)
-        return _Counted(chain), parts
+        return _InFlightDirectory(chain), parts
 
     def _schedule_sync(self, config: Config) -> None:
-        """Run the LDAP sync every [directory.sync] interval (from the start on)."""
-        if self._sync_timer is not None:
-            self._sync_timer.disownServiceParent()
-            self._sync_timer = None
-        if config.directory.ldap is None or config.directory.sync.interval <= 0:
-            return
+        """Run the LDAP sync every [directory.sync] interval, if LDAP is configured."""
+        interval = config.directory.sync.interval if config.directory.ldap is not None else 0
         if self.sync is None:
+            if interval <= 0:
+                return
             self.sync = PeriodicSync(self, self._reactor,
-                                     self._threads(self._reactor, 1, "mfaserver-sync"))
-            LifecycleService(self.sync.thread).setServiceParent(self)
-        self._sync_timer = self._add_timer(config.directory.sync.interval, self.sync.run_once)
+                                     self._threads(self._reactor, 1, "mfaserver-sync"), interval)
+            LifecycleService(self.sync).setServiceParent(self)
+        self.sync.set_interval(interval)
 
     def stopService(self):
         d = super().stopService()
@@ -467,20 +552,22 @@ class MfaDaemon(tservice.MultiService):
 
     def reload(self) -> bool:
         """Re-read the config file and apply it; keep running on the old one if it
-        is broken or its parts cannot be built."""
+        is broken or its parts cannot be built or started."""
+        if not self.running:
+            log.warn("not running: reload ignored")
+            return False
         try:
             new = load_config(self.config.path)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: {error}", error=str(e))
             return False
-        old = self.config
-        changed = changed_keys(old, new)
         try:
-            self._apply(old, new, changed)
+            built = self._build(new)
         except Exception as e:
             log.failure("reload failed, keeping the running configuration: {error}",
                         error=f"{type(e).__name__}: {e}")
             return False
+        self._swap(new, built)
         later = [key for key in changed_keys(self.started_with, new) if needs_restart(key)]
         for key in later:
             log.warn("{key} changed: takes effect after a restart", key=key)
@@ -491,34 +578,61 @@ class MfaDaemon(tservice.MultiService):
             n=len(new.radius.clients), later=len(later))
         return True
 
-    def _apply(self, old: Config, new: Config, changed: list[str]) -> None:
-        """Build what ``new`` changes, then swap it all in (nothing is swapped if a
-        build fails)."""
+    def _build(self, new: Config) -> dict:
+        """Everything ``new`` needs that the running daemon lacks, built (and the new
+        directory started); nothing running is touched yet. Raises if a part
+        cannot be built or started, having stopped what it started."""
+        changed = changed_keys(self.config, new)
+
         def touched(*sections: str) -> bool:
             return any(key == s or key.startswith(s + ".") for key in changed for s in sections)
 
-        gateways = self._gateways(new) if touched("gateways") else self.gateways
-        directory = None
+        built: dict = {"gateways": self.gateways, "wake": self.wake, "directory": None}
+        if touched("gateways"):
+            built["gateways"] = self._gateways(new)
+        if touched("push.notify", "push.notify_timeout"):
+            built["wake"] = self._wake_notifier(new)
+        built["sms"] = self.sms
+        if new.sms is None:
+            built["sms"] = None
+        elif self.sms is None:
+            built["sms"] = self._sms(new, built["gateways"])
+        built["alerts"] = self._alerts(new, built["gateways"])
+        built["factors"] = self._factors(new, built["sms"])
+        # Last, as it is the one step that starts something.
         if touched("directory.backend", "directory.ldap", "directory.radius", "radius.reply"):
-            directory = self.directories.build(new)
-        new_wake = touched("push.notify", "push.notify_timeout")
-        wake = self._wake_notifier(new) if new_wake else self.wake
-        # Everything is built: from here on nothing fails.
+            directory, parts = self.directories.build(new)
+            self.directories.start_new(parts)
+            built["directory"] = (directory, parts)
+        return built
+
+    def _swap(self, new: Config, built: dict) -> None:
+        """Put what `_build` made in place and apply the new settings: nothing here
+        can fail, so a reload applies all of it or (from `_build`) none."""
         self.config = new
-        if gateways is not self.gateways:
-            retired, self.gateways = self.gateways, gateways
-            # Sends in flight finish on the old gateways; each has its own deadline.
-            self._reactor.callLater(60, self._close_gateways, retired)
-        if directory is not None:
-            self.authenticator.directory = self.directories.replace(*directory)
-        if new_wake:
-            if self.wake is not None:
-                self.wake.stop()
-            self.wake = self.push.wake = wake
-        self.push_limit.set_per_hour(new.push.max_per_user_per_hour)
-        self._reconfigure_sms(new)
         if self.voice is not None and new.voice is not None:
-            self.voice.gateway = self.gateways[new.voice.gateway]
+            self.voice.gateway = built["gateways"][new.voice.gateway]
+        if built["gateways"] is not self.gateways:
+            # [voice] removed: the calls go on, on their gateway, until the restart.
+            in_use = {self.voice.gateway} if self.voice is not None else set()
+            self._retire([g for g in self.gateways.values() if g not in in_use])
+            self.gateways = built["gateways"]
+        if built["directory"] is not None:
+            self.authenticator.directory = self.directories.replace(*built["directory"])
+        if built["wake"] is not self.wake:
+            # The old sender finishes what it has queued; it is closed later.
+            if self.wake is not None:
+                self._retire([self.wake])
+            self.wake = self.push.wake = built["wake"]
+        self.push_limit.set_per_hour(new.push.max_per_user_per_hour)
+        self.sms = built["sms"]
+        if self.sms is not None:
+            self.sms.gateway = self.gateways[new.sms.gateway]
+            self.sms.code_length = new.sms.code_length
+            self.sms.ttl = new.sms.code_ttl
+            self.sms.set_limits(new.sms.max_per_user_per_hour, new.sms.max_per_number_per_hour)
+        if self.voice is not None and new.voice is not None:
+            self._voice_token = new.gateways.twilio.auth_token
             self.voice.pin_mode = new.voice.pin
             self.voice.max_calls = new.mfa.max_pending
             self.voice.set_limits(new.voice.max_per_user_per_hour,
@@ -530,29 +644,15 @@ class MfaDaemon(tservice.MultiService):
         auth.policy = new.mfa
         auth.reply_rules = new.radius.reply
         auth.clients = clients_by_name(new)
-        auth.alerts = self._alerts(new)
+        auth.alerts = built["alerts"]
         auth.pending.max_per_user = new.mfa.max_pending_per_user
         auth.pending.max_total = new.mfa.max_pending
-        auth.set_factors(self._factors(new))
-        if touched("directory.sync", "directory.ldap"):
-            self._schedule_sync(new)
-
-    def _reconfigure_sms(self, new: Config) -> None:
-        """[sms] added, removed or changed: codes already sent stay valid while it stays."""
-        if new.sms is None:
-            self.sms = None
-            return
-        if self.sms is None:
-            self.sms = self._sms(new)
-            return
-        self.sms.gateway = self.gateways[new.sms.gateway]
-        self.sms.code_length = new.sms.code_length
-        self.sms.ttl = new.sms.code_ttl
-        self.sms.set_limits(new.sms.max_per_user_per_hour, new.sms.max_per_number_per_hour)
+        auth.set_factors(built["factors"])
+        self._schedule_sync(new)
 
 
 def audit_late_call(threaded: ThreadedStore, clock, user: str) -> None:
-    """Keys pressed on a call after its login timed out: refused, and audited."""
+    """Keys pressed on a call after its login ended: refused, and audited."""
     from mfaserver.auth.model import AuditEntry
     d = threaded.record_audit(AuditEntry(
         time=clock.seconds(), user=user, client="", nas_ip=None, calling_station_id=None,

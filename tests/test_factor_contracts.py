@@ -373,3 +373,9 @@ class NumberMatchingPushFactorTests(ConfirmedApprovalFactorContract, Harness):
 
     def exhaust(self):
         self.factor._limit.set_per_hour(0)
+
+    def test_a_held_push_of_the_same_login_is_not_joined(self):
+        # Number matching switched on (a reload) while a push without a number waits.
+        held = PushFactor(self.push, push_limit(self.clock, 30))
+        self.assertNoResult(held.request_approval(self.login(), TIMEOUT))
+        self.assertIsNone(self.factor.find(self.login().key))

@@ -10,8 +10,9 @@ import textwrap
 from pathlib import Path
 
 from treq.testing import StubTreq
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,7 +26,8 @@ from mfaserver.factors import oath
 from mfaserver.factors.push import NumberMatchingPushFactor, PushFactor
 from mfaserver.factors.sms import SmsCodes
 from mfaserver.factors.voice import VoiceFactor
-from mfaserver.service import (Directories, MfaDaemon, _Counted, changed_keys, needs_restart)
+from mfaserver.service import (RETIRE_AFTER, Directories, MfaDaemon, PeriodicSync,
+                               _InFlightDirectory, changed_keys, needs_restart)
 from mfaserver.store import NewToken
 from mfaserver.testing import MemoryDirectory
 
@@ -110,8 +112,11 @@ class UDPMemoryReactor(MemoryReactorClock):
     def __init__(self):
         super().__init__()
         self.udp: list[_UDPPort] = []
+        self.refuse_udp = False     # listenUDP fails, as on a port in use
 
     def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
+        if self.refuse_udp:
+            raise CannotListenError(interface, port, OSError("address in use"))
         fake = _UDPPort(port, protocol, interface)
         protocol.makeConnection(fake)
         self.udp.append(fake)
@@ -135,7 +140,8 @@ class InlineThreads:
         return defer.execute(f, *args, **kwargs)
 
 
-class DaemonTests(SynchronousTestCase):
+class DaemonHarness(SynchronousTestCase):
+    """A daemon on a UDPMemoryReactor from BASE and the sections a test adds."""
 
     def setUp(self):
         self.dir = Path(tempfile.mkdtemp())
@@ -173,6 +179,9 @@ class DaemonTests(SynchronousTestCase):
     def login(self, daemon: MfaDaemon, username: str, password: str):
         request = AuthRequest(client_name="vpn", username=username, password=password)
         return self.successResultOf(daemon.authenticator.authenticate(request))
+
+
+class DaemonTests(DaemonHarness):
 
     # --- start and stop, each optional section on and off ---
 
@@ -313,7 +322,7 @@ class DaemonTests(SynchronousTestCase):
         self.assertIsNot(daemon.gateways["twilio"], old)
         self.assertIs(daemon.authenticator.factors["sms"].gateway, daemon.gateways["twilio"])
         self.assertEqual(closed, [])
-        self.reactor.advance(60)
+        self.reactor.advance(RETIRE_AFTER)
         self.assertEqual(closed, [True])
 
     def test_reload_toggles_number_matching_and_the_push_limit(self):
@@ -391,6 +400,99 @@ class DaemonTests(SynchronousTestCase):
         self.assertIsNot(daemon.authenticator.directory, old)
 
 
+class ReloadFailureTests(DaemonHarness):
+    """A reload applies all of a new file or none of it; nothing outlives the daemon."""
+
+    def test_a_directory_that_cannot_start_leaves_everything_as_it_was(self):
+        daemon = self.start(UPSTREAM, TWILIO)
+        config, gateways = daemon.config, daemon.gateways
+        directory = daemon.authenticator.directory
+        self.reactor.refuse_udp = True
+        self.assertFalse(self.reload(daemon, UPSTREAM.replace("1645", "1646"),
+                                     TWILIO.replace("+15550001111", "+15550002222")))
+        self.assertIn("reload failed, keeping the running configuration", self.logged()[0])
+        self.flushLoggedErrors(CannotListenError)
+        self.assertIs(daemon.config, config)
+        self.assertIs(daemon.gateways, gateways)
+        self.assertIs(daemon.authenticator.directory, directory)
+        # The same change applies once the port is free.
+        self.reactor.refuse_udp = False
+        self.assertTrue(daemon.reload())
+        self.assertIsNot(daemon.authenticator.directory, directory)
+        self.assertIsNot(daemon.gateways, gateways)
+
+    def test_a_reload_after_the_daemon_stopped_starts_nothing(self):
+        daemon = self.start()
+        self.successResultOf(daemon.stopService())
+        self.assertFalse(self.reload(daemon, UPSTREAM))
+        self.assertEqual([p.port for p in self.reactor.udp], [1812])
+
+    def test_stopping_soon_after_a_reload_closes_the_replaced_gateways(self):
+        daemon = self.start(TWILIO)
+        closed = []
+        daemon.gateways["twilio"].close = lambda: closed.append(True)
+        self.reload(daemon, TWILIO.replace("+15550001111", "+15550002222"))
+        self.successResultOf(daemon.stopService())
+        self.assertEqual(closed, [True])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_removing_voice_keeps_the_calls_working_until_the_restart(self):
+        daemon = self.start(TWILIO, WEB, "[voice]\n")
+        calls, gateway = daemon.voice, daemon.gateways["twilio"]
+        closed = []
+        gateway.close = lambda: closed.append(True)
+        self.reload(daemon, WEB)
+        self.assertIn("voice changed: takes effect after a restart", self.logged())
+        self.assertIs(daemon.authenticator.factors["phone"].calls, calls)
+        self.assertIs(calls.gateway, gateway)
+        self.reactor.advance(RETIRE_AFTER)
+        self.assertEqual(closed, [])
+        [(_, site, _, _)] = self.reactor.tcpServers
+        url = "http://127.0.0.1:8443/v1/voice/call1/status"
+        params = [("CallStatus", "completed")]
+        d = StubTreq(site.resource).post(url, data=params, headers={
+            "X-Twilio-Signature": twilio_signature("a-twilio-auth-token", url, params)})
+        self.assertEqual(self.successResultOf(d).code, 204)
+
+    def test_a_fraud_key_on_a_call_that_already_ended_still_blocks_the_user(self):
+        daemon = self.start(TWILIO, WEB, "[voice]\n")
+        daemon.store.add_user("alice", password_hash=None, phone=None, now=T0)
+        daemon._late_keys("alice", "vpn", "0")
+        self.assertTrue(daemon.store.get_user("alice").blocked)
+        self.assertEqual([(r.outcome, r.reason) for r in daemon.store.recent_audit()],
+                         [("block", "fraud_reported"), ("refused", "late_answer")])
+
+
+class SyncScheduleTests(SynchronousTestCase):
+    """The LDAP sync runs every interval, never at start, and keeps its phase."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.runs: list[float] = []
+        self.sync = PeriodicSync(None, self.clock, InlineThreads(self.clock, 1, "sync"), 600)
+        self.sync.run_once = lambda: self.runs.append(self.clock.seconds())
+        self.sync.start()
+        self.addCleanup(self.sync.stop)
+
+    def test_the_first_run_is_one_interval_after_the_start(self):
+        self.clock.advance(599)
+        self.assertEqual(self.runs, [])
+        self.clock.pump([1, 600])
+        self.assertEqual(self.runs, [600, 1200])
+
+    def test_the_same_interval_keeps_its_phase_and_a_new_one_starts_now(self):
+        self.clock.advance(300)
+        self.sync.set_interval(600)
+        self.clock.advance(300)
+        self.assertEqual(self.runs, [600])
+        self.sync.set_interval(0)
+        self.clock.advance(3600)
+        self.assertEqual(self.runs, [600])
+        self.sync.set_interval(100)
+        self.clock.advance(100)
+        self.assertEqual(self.runs, [600, 4300])
+
+
 class DirectorySwapTests(SynchronousTestCase):
     """A replaced directory finishes its logins in flight before it is stopped."""
 
@@ -416,12 +518,14 @@ class DirectorySwapTests(SynchronousTestCase):
     def test_the_old_directory_stops_once_its_logins_in_flight_have_ended(self):
         old_part, new_part = self.Part(), self.Part()
         slow = self.Slow()
-        built = iter([(_Counted(slow), [old_part]),
-                      (_Counted(MemoryDirectory({"bob": "pw"})), [new_part])])
+        built = iter([(_InFlightDirectory(slow), [old_part]),
+                      (_InFlightDirectory(MemoryDirectory({"bob": "pw"})), [new_part])])
         directories = Directories(lambda config: next(built), None)
         directories.start()
         in_flight = directories.current.authenticate("alice", "pw")
-        new = directories.replace(*directories.build(None))
+        new, parts = directories.build(None)
+        directories.start_new(parts)
+        new = directories.replace(new, parts)
         self.assertEqual((old_part.stopped, new_part.started), (0, 1))
         self.assertEqual(self.successResultOf(new.authenticate("bob", "pw")).username, "bob")
         slow.waiting[0].callback("alice's principal")
@@ -452,3 +556,14 @@ def test_which_keys_need_a_restart():
                 "gateways.twilio.auth_token", "mfa.timeout", "push.notify", "sms", "alerts.to",
                 "webhook"):
         assert not needs_restart(key), key
+
+
+def test_a_directory_that_raises_is_a_failed_login_and_not_counted_in_flight():
+    class Raising:
+        def authenticate(self, username, password):
+            raise RuntimeError("a bug")
+    directory = _InFlightDirectory(Raising())
+    failures = []
+    directory.authenticate("alice", "pw").addErrback(failures.append)
+    assert failures[0].check(RuntimeError)
+    assert directory.in_flight == 0

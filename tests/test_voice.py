@@ -261,7 +261,7 @@ class VoiceCallsTests(SynchronousTestCase):
 
     def test_keys_after_the_timeout_are_reported_as_a_late_answer(self):
         late = []
-        calls = self.calls(on_late=late.append)
+        calls = self.calls(on_late=lambda *args: late.append(args))
         d = calls.request_approval("alice", PHONE, client="vpn")
         d.addTimeout(60, self.clock)
         call_id = self.gateway.call_id()
@@ -269,8 +269,8 @@ class VoiceCallsTests(SynchronousTestCase):
         self.clock.advance(60)
         self.failureResultOf(d, defer.TimeoutError)
         self.assertEqual(late, [])
-        calls.gather(call_id, "#")
-        self.assertEqual(late, ["alice"])
+        calls.gather(call_id, "0")
+        self.assertEqual(late, [("alice", "vpn", "0")])
 
     def test_cancel_while_starting_abandons_the_request_to_the_provider(self):
         calls = self.calls()

@@ -122,8 +122,14 @@ class UnknownApproval(Exception):
     """No approval has this ticket (never opened, or forgotten long ago)."""
 
 
-class WrongConfirmation(FactorRefused):
-    """The user typed something other than what the device shows; the approval is closed."""
+class WrongConfirmation(Exception):
+    """The user typed something other than what the device shows; the approval is
+    closed. ``reason`` goes to the audit log, ``message`` to the user."""
+
+    def __init__(self, reason: Reason, message: str):
+        super().__init__(reason.value)
+        self.reason = reason
+        self.message = message
 
 
 @runtime_checkable
@@ -147,7 +153,8 @@ class CodeFactor(Protocol):
         """Check a typed ``code``; an accepted code is used up atomically (replay guard).
 
         Fires with None when the account has nothing of this factor to check
-        against (no token, no code sent).
+        against (no token), or WRONG; a code is never accepted for an account
+        that cannot use the factor. Never fails for odd input.
         """
 
 
@@ -164,10 +171,11 @@ class ApprovalFactor(Protocol):
         """Ask the user to approve ``login``.
 
         Fires with the user's `Verdict`; fails with `defer.TimeoutError` when
-        nobody answered within ``timeout`` seconds, `ApprovalWithdrawn`, or
+        nobody answered within ``timeout`` seconds (the factor owns the
+        deadline: a push shows it to the device), `ApprovalWithdrawn`, or
         `DeliveryFailed`. Raises `FactorRefused` (nothing sent). A fraud
-        report is acted on by the factor's own edge before it fires.
-        Cancelling the Deferred withdraws the request.
+        answer is reported where it arrives (`Authenticator.report_fraud`);
+        the core only rejects. Cancelling the Deferred withdraws the request.
         """
 
     def withdraw_user(self, user: str) -> None:

@@ -46,7 +46,7 @@ from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
     AccountStore, AlertSink, ApprovalFactor, ApprovalWithdrawn, CodeFactor,
     ConfirmedApprovalFactor, DeliveryFailed, Directory, DirectoryUnavailable, FactorRefused,
-    InvalidCredentials, SeedIntegrityError, UnknownApproval, UnknownUser,
+    InvalidCredentials, SeedIntegrityError, UnknownApproval, UnknownUser, WrongConfirmation,
 )
 from mfaserver.auth.model import (
     Account, AuditEntry, AuthRequest, CodeResult, Decision, Login, Method, Outcome, Principal,
@@ -413,7 +413,7 @@ class Authenticator:
             verdict = await factor.confirm(ticket, typed)
         except UnknownApproval:
             return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor=name)
-        except FactorRefused as e:      # the wrong confirmation
+        except WrongConfirmation as e:
             return Decision.reject(e.reason, e.message, factor=name)
         except defer.TimeoutError:
             return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor=name)
@@ -436,8 +436,8 @@ class Authenticator:
 
     async def _verdict(self, verdict: Verdict, account: Account, factor: str,
                        grants: tuple) -> Decision:
-        """The decision for an out-of-band answer. A fraud report was already acted
-        on where it arrived (the device API, or the call's factor)."""
+        """The decision for an out-of-band answer. A fraud report is acted on where
+        it arrives (the device API, the call's factor), not here."""
         if verdict is Verdict.APPROVE:
             return await self._success(account, factor, grants)
         if verdict is Verdict.FRAUD:
@@ -457,7 +457,11 @@ class Authenticator:
             log.failure("could not block {user} after a fraud report", user=user)
         for name, other in self.factors.items():
             if self._kinds[name] != _CODE:
-                other.withdraw_user(user)
+                try:
+                    other.withdraw_user(user)
+                except Exception:
+                    log.failure("could not close the {method} approvals of {user}",
+                                method=name, user=user)
         try:
             await self.store.record_audit(AuditEntry(
                 time=self._clock.seconds(), user=user, client=client or "", nas_ip=None,

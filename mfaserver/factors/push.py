@@ -395,8 +395,10 @@ class NumberMatchingPushFactor(_Push):
     prompt = MSG_MATCH_NUMBER
 
     def find(self, login_key: Hashable) -> str | None:
+        # A held push of the same login (number matching was switched on
+        # meanwhile) has no number to confirm: it is not this factor's.
         txn = self.transactions.find(login_key)
-        return txn.txid if txn is not None else None
+        return txn.txid if txn is not None and txn.number is not None else None
 
     def open(self, login: Login, timeout: float) -> str:
         return self._open(login, timeout, number=new_match_number()).txid

@@ -109,12 +109,13 @@ class VoiceCalls:
         self._per_number = hourly_send_limit(clock, per_number_per_hour)
         self.max_calls = max_calls
         self.late_window = late_window
-        # Called with the user when keys arrive for a call already decided or
-        # withdrawn (the daemon audits it); the caller hears "expired".
+        # Called with the user, the client and the keys when keys arrive for a
+        # call already decided or withdrawn (the daemon audits it, and a "0"
+        # still reports fraud); the caller hears "expired".
         self._on_late = on_late
         self._pending: dict[str, _Call] = {}
-        # call id -> (user, forget at): finished calls, oldest first.
-        self._finished: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # call id -> (user, client, forget at): finished calls, oldest first.
+        self._finished: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         """The number of calls pending."""
@@ -185,7 +186,7 @@ class VoiceCalls:
         call = self._pending.pop(call_id, None)
         if call is None:
             return
-        self._remember(call_id, call.user)
+        self._remember(call_id, call)
         log.info("Call for {user} withdrawn before an answer", user=call.user)
         if call.start is not None:
             # Abandon the REST request; if the call is placed anyway, its
@@ -198,7 +199,7 @@ class VoiceCalls:
         for call_id, call in list(self._pending.items()):
             if call.user == user:
                 del self._pending[call_id]
-                self._remember(call_id, user)
+                self._remember(call_id, call)
                 if call.start is not None:
                     call.start.cancel()
                 call.result.errback(ApprovalWithdrawn(user))
@@ -234,7 +235,7 @@ class VoiceCalls:
         """
         call = self._pending.get(call_id)
         if call is None or call.keyed:
-            self._late(call_id, "keys")
+            self._late(call_id, "keys", digits)
             return say_twiml(EXPIRED)
         call.keyed = True
         if digits == "0":
@@ -256,17 +257,17 @@ class VoiceCalls:
         except Exception:
             failure = Failure()
             if self._pending.get(call_id) is not call:
-                self._late(call_id, "keys")
+                self._late(call_id, "keys", digits)
                 return say_twiml(EXPIRED)
             # Could not decide: the caller gets the error, as for a gateway failure.
             log.failure("Could not check the PIN of {user}", failure, user=call.user)
             del self._pending[call_id]
-            self._remember(call_id, call.user)
+            self._remember(call_id, call)
             call.result.errback(failure)
             return say_twiml(FAILED)
         if self._pending.get(call_id) is not call:
             # Withdrawn (timed out) while the PIN was being checked.
-            self._late(call_id, "keys")
+            self._late(call_id, "keys", digits)
             return say_twiml(EXPIRED)
         if not right:
             log.info("Wrong PIN on the call for {user}", user=call.user)
@@ -291,7 +292,7 @@ class VoiceCalls:
     def _decide(self, call_id: str, call: _Call, verdict: Verdict, *,
                 status: str | None = None) -> bytes:
         del self._pending[call_id]
-        self._remember(call_id, call.user)
+        self._remember(call_id, call)
         if verdict is Verdict.FRAUD:
             log.warn("Fraud reported on the call to {phone} for {user} (sign-in to {client})",
                      phone=call.masked, user=call.user, client=call.client, verdict=verdict.value)
@@ -301,9 +302,10 @@ class VoiceCalls:
         call.result.callback(verdict)
         return say_twiml(_REPLIES.get(verdict, EXPIRED))
 
-    def _remember(self, call_id: str, user: str) -> None:
+    def _remember(self, call_id: str, call: _Call) -> None:
         self._prune()
-        self._finished[call_id] = (user, self._clock.seconds() + self.late_window)
+        self._finished[call_id] = (call.user, call.client,
+                                   self._clock.seconds() + self.late_window)
         while len(self._finished) > self.max_calls:
             self._finished.popitem(last=False)
 
@@ -311,19 +313,20 @@ class VoiceCalls:
         # Oldest first, and all kept equally long: stop at the first live one.
         now = self._clock.seconds()
         while self._finished:
-            call_id, (_, until) = next(iter(self._finished.items()))
+            call_id, (_, _, until) = next(iter(self._finished.items()))
             if until > now:
                 break
             del self._finished[call_id]
 
-    def _late(self, call_id: str, what: str) -> None:
+    def _late(self, call_id: str, what: str, digits: str = "") -> None:
         self._prune()
         finished = self._finished.get(call_id)
         if finished is not None:
+            user, client, _ = finished
             log.warn("late answer to call for {user} ({what} after the call was decided "
-                     "or withdrawn)", user=finished[0], what=what)
+                     "or withdrawn)", user=user, what=what)
             if what == "keys" and self._on_late is not None:
-                self._on_late(finished[0])
+                self._on_late(user, client, digits)
         else:
             log.warn("Callback ({what}) for an unknown call", what=what)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,10 +53,11 @@ class WakeNotifier:
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self.max_queued = max_queued
+        self._pool = None
         if agent is None:
             # Twisted's Agent directly, not treq: treq's URL handling (hyperlink,
             # IDNA) cost half the reactor's time per login in the 10,000-push bench.
-            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool = self._pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_in_flight
             agent = make_agent(reactor, trust=platformTrust(), connect_timeout=timeout, pool=pool)
         self._agent = agent
@@ -121,3 +122,9 @@ class WakeNotifier:
         self._queue.clear()
         for d in list(self._in_flight):
             d.cancel()
+
+    def close(self) -> Deferred[None]:
+        """Close the idle pooled connections (none to close with a caller's agent)."""
+        if self._pool is None:
+            return succeed(None)
+        return self._pool.closeCachedConnections()

@@ -44,7 +44,8 @@ from twisted.internet import defer, endpoints, ssl
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import server
+from twisted.web.resource import IResource
 from werkzeug.exceptions import BadHost, HTTPException, MethodNotAllowed
 from werkzeug.routing import BaseConverter
 
@@ -235,7 +236,7 @@ class WebApp:
             rule.methods = {method}     # werkzeug adds HEAD to every GET
         return handler
 
-    def resource(self) -> resource.IResource:
+    def resource(self) -> IResource:
         """The twisted.web resource serving every path."""
         return _AppResource(self._klein)
 
