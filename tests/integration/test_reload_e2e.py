@@ -211,3 +211,19 @@ public_url = "http://127.0.0.1:{web_port}"
             "Access-Challenge", MSG_MATCH_NUMBER), matching.output
     finally:
         assert stop_daemon(d) == 0
+
+
+def test_mfa_settings_apply_on_sighup(tmp_path):
+    d = start_daemon(tmp_path)
+    try:
+        d.cli("user", "add", "alice", "--password-stdin", input="pw-alice\n")
+        d.cli("token", "add", "alice", "--type", "totp", "--secret", SEED_B32, "--no-qr")
+        asked = d.login("alice", "pw-alice")
+        assert asked.code == "Access-Challenge", asked.output
+        rewrite(d, "challenge = true", "challenge = false")
+        reload(d)
+        refused = d.login("alice", "pw-alice")
+        assert (refused.code, refused.get("Reply-Message")) == (
+            "Access-Reject", "Enter your password followed by ',' and your code."), refused.output
+    finally:
+        assert stop_daemon(d) == 0
