@@ -9,14 +9,18 @@ import threading
 
 import pytest
 
-from mfaserver.auth.model import Account, AuditEntry, TokenKind
+from mfaserver.auth.model import Account, AuditEntry, Device, TokenKind
 from mfaserver.store import (
     SCHEMA_VERSION,
+    EnrollmentExpired,
+    InviteExpired,
     KeyFileError,
     NewToken,
     SeedIntegrityError,
     Store,
     StoreError,
+    UnknownEnrollment,
+    UnknownInvite,
     UserInfo,
 )
 from mfaserver.store.migrations import MIGRATIONS
@@ -738,3 +742,59 @@ def test_sync_users_refuses_bad_entries_before_writing(store):
     with pytest.raises(StoreError, match="keep_days"):
         store.sync_users([], now=NOW, keep_days=-1)
     assert store.list_users() == []
+
+
+# --- the phone side: inactive tokens, enrollment peeks, Web Push keys, invites ---
+
+def test_an_inactive_token_is_listed_but_not_used_by_logins_until_activated(store):
+    add_alice(store)
+    token = store.add_token("alice", totp(serial="NEW"), now=NOW, active=False)
+    assert token.active is False
+    assert [t.active for t in store.list_tokens("alice")] == [False]
+    assert store.load_account("alice").tokens == ()
+    store.activate_token("alice", "NEW")
+    assert [t.serial for t in store.load_account("alice").tokens] == ["NEW"]
+    with pytest.raises(StoreError, match="no token"):
+        store.activate_token("alice", "OTHER")
+
+
+def test_an_enrollment_can_be_looked_at_without_using_it(store):
+    add_alice(store)
+    store.add_enrollment("alice", "d" * 64, NOW + 600, now=NOW)
+    assert store.enrollment_user("d" * 64, now=NOW) == "alice"
+    assert store.enrollment_user("d" * 64, now=NOW) == "alice"
+    with pytest.raises(UnknownEnrollment):
+        store.enrollment_user("e" * 64, now=NOW)
+    with pytest.raises(EnrollmentExpired):
+        store.enrollment_user("d" * 64, now=NOW + 600)
+    store.enroll_device("d" * 64, Device(id="dev1", user="", public_key="ed25519:x"), now=NOW)
+    with pytest.raises(EnrollmentExpired):
+        store.enrollment_user("d" * 64, now=NOW)
+
+
+def test_a_device_keeps_its_web_push_subscription_keys(store):
+    add_alice(store)
+    store.add_enrollment("alice", "d" * 64, NOW + 600, now=NOW)
+    keys = '{"p256dh": "BPk", "auth": "c2VjcmV0"}'
+    store.enroll_device("d" * 64, Device(
+        id="dev1", user="", public_key="ed25519:x", notify_type="webpush",
+        notify_url="https://push.example.com/send/abc", notify_keys=keys), now=NOW)
+    [device] = store.list_devices("alice")
+    assert (device.notify_type, device.notify_url, device.notify_keys) == (
+        "webpush", "https://push.example.com/send/abc", keys)
+
+
+def test_an_invite_is_used_once_and_never_after_it_expires(store):
+    add_alice(store)
+    store.add_invite("alice", "i" * 64, NOW + 3600, now=NOW)
+    assert store.invite_user("i" * 64, now=NOW) == "alice"
+    with pytest.raises(UnknownInvite):
+        store.use_invite("j" * 64, now=NOW)
+    assert store.use_invite("i" * 64, now=NOW + 1) == "alice"
+    with pytest.raises(InviteExpired):
+        store.use_invite("i" * 64, now=NOW + 2)
+    with pytest.raises(InviteExpired):
+        store.invite_user("i" * 64, now=NOW + 2)
+    store.add_invite("alice", "k" * 64, NOW + 10, now=NOW)
+    with pytest.raises(InviteExpired):
+        store.use_invite("k" * 64, now=NOW + 10)

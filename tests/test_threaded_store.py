@@ -6,7 +6,7 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from mfaserver.auth.model import AuditEntry
+from mfaserver.auth.model import AuditEntry, Device
 from mfaserver.store import Store
 from mfaserver.store.threaded import ThreadedStore
 
@@ -111,3 +111,28 @@ class DeviceCacheTests(SynchronousTestCase):
         self.successResultOf(self.store.check_outside_changes())
         self.successResultOf(self.store.get_device("dev1"))
         self.assertEqual(self.reads.count("get_device"), 1)
+
+
+def test_run_calls_a_store_method_on_the_database_thread_and_forgets_cached_devices():
+    calls = []
+
+    def runner(f, *args, **kwargs):
+        calls.append(f)
+        return defer.execute(f, *args, **kwargs)
+
+    class FakeStore:
+        def get_device(self, device_id):
+            return Device(id=device_id, user="alice", public_key="ed25519:x")
+
+        def delete_device(self, user, device_id):
+            return f"deleted {device_id} of {user}"
+
+    threaded = ThreadedStore(FakeStore(), runner)
+    threaded.get_device("dev1")
+    threaded.get_device("dev1")
+    assert len(calls) == 1                      # the second read came from the cache
+    results = []
+    threaded.run(FakeStore.delete_device, "alice", "dev1").addCallback(results.append)
+    assert results == ["deleted dev1 of alice"]
+    threaded.get_device("dev1")
+    assert len(calls) == 3                      # read again after the change

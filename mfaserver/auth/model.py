@@ -162,6 +162,7 @@ class Token:
     counter: int = 0           # HOTP: the next counter value expected
     last_step: int | None = None  # TOTP: the last time step accepted (replay guard)
     drift: int = 0             # TOTP: learned clock drift, in steps
+    active: bool = True        # False: enrolled in the portal, awaiting its first code
 
 
 @dataclass(frozen=True)
@@ -244,10 +245,11 @@ class Device:
     id: str
     user: str
     public_key: str
-    notify_type: str | None = None     # "ntfy" | "webhook" | None
-    notify_url: str | None = None
+    notify_type: str | None = None     # "ntfy" | "webhook" | "webpush" | None
+    notify_url: str | None = None      # for webpush: the subscription's endpoint
     created: float = 0.0
     last_used: float | None = None
+    notify_keys: str | None = None     # webpush: {"p256dh": ..., "auth": ...} as JSON
 
 
 @dataclass(frozen=True)

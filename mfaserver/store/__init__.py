@@ -6,13 +6,16 @@ from mfaserver.store.crypto import (
     SeedIntegrityError,
     load_or_create_key,
 )
-from mfaserver.store.db import (EnrollmentExpired, EnrollmentRefused, NewToken, Store, StoreError,
-                                UnknownEnrollment, UserInfo)
+from mfaserver.store.db import (EnrollmentExpired, EnrollmentRefused, InviteExpired, InviteRefused,
+                                NewToken, Store, StoreError, UnknownEnrollment, UnknownInvite,
+                                UserInfo)
 from mfaserver.store.migrations import SCHEMA_VERSION
 
 __all__ = [
     "EnrollmentExpired",
     "EnrollmentRefused",
+    "InviteExpired",
+    "InviteRefused",
     "KeyFileError",
     "NewToken",
     "SCHEMA_VERSION",
@@ -21,6 +24,7 @@ __all__ = [
     "Store",
     "StoreError",
     "UnknownEnrollment",
+    "UnknownInvite",
     "UserInfo",
     "load_or_create_key",
 ]

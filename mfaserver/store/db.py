@@ -77,6 +77,18 @@ class EnrollmentExpired(EnrollmentRefused):
     """The enrollment token expired, or a device was enrolled with it already."""
 
 
+class InviteRefused(StoreError):
+    """A portal invite cannot be used (one of the two kinds below)."""
+
+
+class UnknownInvite(InviteRefused):
+    """No invite has this token."""
+
+
+class InviteExpired(InviteRefused):
+    """The invite expired, or was used already."""
+
+
 @dataclass(frozen=True)
 class UserInfo:
     """A user as the CLI shows it (no secrets)."""
@@ -203,7 +215,7 @@ _USER_INFO_SQL = """
 
 _TOKEN_SQL = """
     SELECT t.id, t.serial, u.name, t.kind, t.secret, t.digits, t.period, t.algorithm,
-           t.counter, t.last_step, t.drift
+           t.counter, t.last_step, t.drift, t.active
     FROM tokens t LEFT JOIN users u ON u.id = t.user_id
 """
 
@@ -218,14 +230,15 @@ _ACCOUNT_SQL = """
            u.default_method, (SELECT count(*) FROM devices d WHERE d.user_id = u.id),
            u.pin_hash IS NOT NULL,
            (SELECT b.expires FROM bypass b WHERE b.user_id = u.id)
-    FROM users u LEFT JOIN tokens t ON t.user_id = u.id
+    FROM users u LEFT JOIN tokens t ON t.user_id = u.id AND t.active = 1
     WHERE u.name = ?
     ORDER BY t.id
 """
 
 
 _DEVICE_SQL = """
-    SELECT d.id, u.name, d.public_key, d.notify_type, d.notify_url, d.created, d.last_used
+    SELECT d.id, u.name, d.public_key, d.notify_type, d.notify_url, d.created, d.last_used,
+           d.notify_keys
     FROM devices d JOIN users u ON u.id = d.user_id
 """
 
@@ -355,12 +368,12 @@ class Store:
 
     def _token(self, row) -> Token:
         (token_id, serial, user, kind, blob, digits, period, algorithm,
-         counter, last_step, drift) = row
+         counter, last_step, drift, *active) = row
         return Token(
             id=token_id, serial=serial, user=user, kind=TokenKind(kind),
             secret=self._cipher.decrypt(blob, serial=serial),
             digits=digits, period=period, algorithm=algorithm, counter=counter,
-            last_step=last_step, drift=drift,
+            last_step=last_step, drift=drift, active=bool(active[0]) if active else True,
         )
 
     # --- users (CLI) ---
@@ -499,36 +512,39 @@ class Store:
     # --- tokens (CLI) ---
 
     @_guarded
-    def add_token(self, user: str | None, token: NewToken, *, now: float) -> Token:
+    def add_token(self, user: str | None, token: NewToken, *, now: float,
+                  active: bool = True) -> Token:
         """Enrol ``token`` for ``user`` (None: unassigned) and return it with its id.
 
         The seed is sealed with the serial as associated data. A generated
         serial is ``TOTP-``/``HOTP-`` plus 8 hex digits, retried on collision.
+        An inactive token (``active=False``) is ignored by logins until
+        `activate_token`.
         """
         kind, algorithm = _check_new_token(token)
         secret = bytes(token.secret)
         columns = (
             "serial, user_id, kind, secret, digits, period, algorithm,"
-            " counter, last_step, drift, created"
+            " counter, last_step, drift, created, active"
         )
         for _attempt in range(20):
             serial = token.serial or f"{kind.value.upper()}-{secrets.token_hex(4).upper()}"
             values = (
                 kind.value, self._cipher.encrypt(secret, serial=serial), token.digits,
-                token.period, algorithm, token.counter, now,
+                token.period, algorithm, token.counter, now, int(active),
             )
             try:
                 if user is None:
                     cursor = self._conn.execute(
                         f"INSERT INTO tokens ({columns})"
-                        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, NULL, 0, ?)",
+                        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?)",
                         (serial,) + values,
                     )
                 else:
                     # INSERT ... SELECT: the user lookup and insert are one statement.
                     cursor = self._conn.execute(
                         f"INSERT INTO tokens ({columns})"
-                        " SELECT ?, id, ?, ?, ?, ?, ?, ?, NULL, 0, ? FROM users WHERE name = ?",
+                        " SELECT ?, id, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ? FROM users WHERE name = ?",
                         (serial,) + values + (user,),
                     )
             except sqlite3.IntegrityError as e:
@@ -542,9 +558,19 @@ class Store:
             return Token(
                 id=cursor.lastrowid, serial=serial, user=user, kind=kind, secret=secret,
                 digits=token.digits, period=token.period, algorithm=algorithm,
-                counter=token.counter, last_step=None, drift=0,
+                counter=token.counter, last_step=None, drift=0, active=active,
             )
         raise StoreError("could not generate a unique token serial")
+
+    @_guarded
+    def activate_token(self, user: str, serial: str) -> None:
+        """Let logins use ``user``'s token ``serial`` (enrolled inactive)."""
+        cursor = self._conn.execute(
+            "UPDATE tokens SET active = 1"
+            " WHERE serial = ? AND user_id = (SELECT id FROM users WHERE name = ?)",
+            (serial, user))
+        if cursor.rowcount != 1:
+            raise StoreError(f"user {user!r} has no token {serial!r}")
 
     @_guarded
     def assign_token(self, serial: str, user: str) -> None:
@@ -668,6 +694,22 @@ class Store:
                          (digest, user_id, expires))
 
     @_guarded
+    def enrollment_user(self, digest: str, *, now: float) -> str:
+        """The user a live enrollment token (by its digest) is for; nothing is used up.
+
+        Raises `UnknownEnrollment` or `EnrollmentExpired` (expired or used).
+        """
+        row = self._conn.execute(
+            "SELECT e.expires, e.device_id, u.name FROM enrollments e"
+            " JOIN users u ON u.id = e.user_id WHERE e.digest = ?", (digest,)).fetchone()
+        if row is None:
+            raise UnknownEnrollment("no such enrollment")
+        expires, used_by, name = row
+        if used_by is not None or expires <= now:
+            raise EnrollmentExpired("the enrollment link expired or was used")
+        return name
+
+    @_guarded
     def enroll_device(self, digest: str, device: Device, *, now: float) -> str:
         """Use the enrollment token with ``digest`` to add ``device``; return its user.
 
@@ -686,10 +728,58 @@ class Store:
             conn.execute("UPDATE enrollments SET device_id = ? WHERE digest = ?",
                          (device.id, digest))
             conn.execute(
-                "INSERT INTO devices (id, user_id, public_key, notify_type, notify_url, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO devices (id, user_id, public_key, notify_type, notify_url,"
+                " notify_keys, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (device.id, user_id, device.public_key, device.notify_type, device.notify_url,
-                 now))
+                 device.notify_keys, now))
+        return name
+
+    # --- portal invites ---
+
+    @_guarded
+    def add_invite(self, user: str, digest: str, expires: float, *, now: float) -> None:
+        """Record a one-time portal invite (by its token's digest) for ``user``.
+
+        Invites expired for a day are purged on the way.
+        """
+        user_id = self._require_user_id(user)
+        with self._immediate() as conn:
+            conn.execute("DELETE FROM invites WHERE expires < ?", (now - 86400,))
+            conn.execute("INSERT INTO invites (digest, user_id, expires) VALUES (?, ?, ?)",
+                         (digest, user_id, expires))
+
+    @_guarded
+    def invite_user(self, digest: str, *, now: float) -> str:
+        """The user a live invite is for; nothing is used up.
+
+        Raises `UnknownInvite` or `InviteExpired` (expired or used).
+        """
+        return self._live_invite(digest, now)
+
+    @_guarded
+    def use_invite(self, digest: str, *, now: float) -> str:
+        """Use up the invite; return its user. Atomic: of two uses, one succeeds.
+
+        Raises `UnknownInvite` or `InviteExpired`.
+        """
+        rows = self._conn.execute(
+            "UPDATE invites SET used = ? WHERE digest = ? AND used IS NULL AND expires > ?"
+            " RETURNING user_id", (now, digest, now)).fetchall()
+        if not rows:
+            self._live_invite(digest, now)   # raises the refusal that applies
+            raise InviteExpired("the invite expired or was used")
+        return self._conn.execute("SELECT name FROM users WHERE id = ?",
+                                  (rows[0][0],)).fetchone()[0]
+
+    def _live_invite(self, digest: str, now: float) -> str:
+        row = self._conn.execute(
+            "SELECT i.expires, i.used, u.name FROM invites i JOIN users u ON u.id = i.user_id"
+            " WHERE i.digest = ?", (digest,)).fetchone()
+        if row is None:
+            raise UnknownInvite("no such invite")
+        expires, used, name = row
+        if used is not None or expires <= now:
+            raise InviteExpired("the invite expired or was used")
         return name
 
     @_guarded

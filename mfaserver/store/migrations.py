@@ -146,10 +146,31 @@ def _v3_out_of_band(db: sqlite_utils.Database) -> None:
         " device_id TEXT)")
 
 
+def _v4_phone_side(db: sqlite_utils.Database) -> None:
+    """The web authenticator and the self-service portal.
+
+    ``tokens.active``: 0 for an authenticator app enrolled in the portal until
+    the user types a first correct code (logins ignore it until then).
+    ``devices.notify_keys``: the keys of a Web Push subscription (JSON:
+    ``p256dh`` and ``auth``, base64url), with ``notify_url`` its endpoint.
+    ``invites``: one-time links (by digest) for a user's first enrollment in
+    the portal; ``used`` is when the link was used, NULL until then.
+    """
+    db.execute("ALTER TABLE tokens ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE devices ADD COLUMN notify_keys TEXT")
+    db.execute(
+        "CREATE TABLE invites ("
+        " digest TEXT PRIMARY KEY,"
+        " user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,"
+        " expires REAL NOT NULL,"
+        " used REAL)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_directory_sync,
     _v3_out_of_band,
+    _v4_phone_side,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -91,6 +91,20 @@ class ThreadedStore:
         d.addCallback(compare)
         return d
 
+    def run(self, f: Callable[..., object], *args, **kwargs) -> Deferred:
+        """Run ``f(store, *args, **kwargs)`` on the database thread; fire with its result.
+
+        For the rarer operations (the portal's). As one of them may delete or
+        change a device, the device cache is emptied when it returns.
+        """
+        d = self._run(f, self._store, *args, **kwargs)
+        d.addBoth(self._forget_devices)
+        return d
+
+    def _forget_devices(self, result):
+        self._devices.clear()
+        return result
+
     def list_devices(self, user: str) -> Deferred[list[Device]]:
         return self._run(self._store.list_devices, user)
 
