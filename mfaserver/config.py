@@ -134,11 +134,12 @@ class VoiceConfig:
 class PushConfig:
     """[push]: approval on an enrolled device. Absent: push with the defaults below."""
 
-    notify: str = "none"              # wake-ups sent: ntfy | webhook | none (devices long-poll)
+    notify: str = "none"              # wake-ups: ntfy | webhook | webpush | none (devices poll)
     number_matching: bool = False
     enrollment_minutes: float = 10.0
     max_per_user_per_hour: int = 30
     notify_timeout: float = 5.0
+    vapid_subject: str = ""           # Web Push contact (mailto: or https:); "": [web] public_url
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,7 @@ class Config:
     voice: VoiceConfig | None = None
     push: PushConfig = PushConfig()
     alerts: AlertsConfig = AlertsConfig()
+    portal: Any = None                # mfaserver.web.portal.PortalSettings; None: no portal
 
     @property
     def database_path(self) -> Path:
@@ -596,12 +598,19 @@ SCHEMA = Table({
         "max_per_number_per_hour": integer(10, 1, 1000),
     }, optional=True),
     "push": Table({
-        "notify": one_of("none", "none", "ntfy", "webhook"),
+        "notify": one_of("none", "none", "ntfy", "webhook", "webpush"),
         "number_matching": boolean(False),
         "enrollment_minutes": number(10, 1, 1440),
         "max_per_user_per_hour": integer(30, 1, 1000),
         "notify_timeout": number(5, 1, 60),
+        "vapid_subject": text(""),
     }),
+    "portal": Table({
+        "session_idle_minutes": number(10, 1, 120),
+        "session_max_hours": number(8, 1, 72),
+        "invite_hours": number(24, 1, 720),
+        "methods": string_list(list(METHOD_NAMES), _choice(*METHOD_NAMES)),
+    }, optional=True),
     "alerts": Table({
         "gateway": one_of("console", "console", "smtp", "http"),
         "to": string_list([], _mail_address, min_items=0),
@@ -854,6 +863,18 @@ def _build(values: dict[str, Any], path: Path) -> Config:
             # Twilio fetches the call's instructions from our web listener.
             raise _Problem("voice", "phone calls need [web] with public_url set")
     push = PushConfig(**values["push"])
+    if push.notify == "webpush":
+        if web is None or not web.public_url:
+            # The page that subscribes, and the push service's contact, are there.
+            raise _Problem("push.notify", "webpush needs [web] with public_url set")
+        if push.vapid_subject and not push.vapid_subject.startswith(("mailto:", "https://")):
+            raise _Problem("push.vapid_subject", "must be a mailto: or https:// URL")
+    portal = None
+    if values["portal"] is not None:
+        if web is None or not web.public_url:
+            raise _Problem("portal", "the portal needs [web] with public_url set")
+        from mfaserver.web.portal import PortalSettings
+        portal = PortalSettings(**values["portal"])
     alerts = AlertsConfig(**values["alerts"])
     if alerts.gateway != "console" and getattr(gateways, alerts.gateway) is None:
         raise _Problem("alerts.gateway", f"[gateways.{alerts.gateway}] is not configured")
@@ -873,6 +894,7 @@ def _build(values: dict[str, Any], path: Path) -> Config:
         voice=voice,
         push=push,
         alerts=alerts,
+        portal=portal,
     )
 
 

@@ -328,6 +328,7 @@ class MfaDaemon(tservice.MultiService):
         # ended: (the timer, the parts).
         self._retired: list[tuple] = []
         CallOnStop(self._close_gateways).setServiceParent(self)
+        self.vapid = None
         self.wake = self._wake_notifier(config)
         self.push = PushTransactions(reactor, wake=self.wake)
         CallOnStop(self._stop_push).setServiceParent(self)
@@ -412,9 +413,29 @@ class MfaDaemon(tservice.MultiService):
         if config.push.notify == "none":
             return None
         from mfaserver.gateways.wake import WakeNotifier
+        webpush = None
+        if config.push.notify == "webpush":
+            from mfaserver.gateways.webpush import WebPushSender
+            webpush = WebPushSender(self._reactor, self._vapid_key(),
+                                    subject=config.push.vapid_subject or config.web.public_url,
+                                    timeout=config.push.notify_timeout)
         return WakeNotifier(self._reactor, self.threaded.list_devices,
                             kinds=frozenset({config.push.notify}),
-                            timeout=config.push.notify_timeout)
+                            timeout=config.push.notify_timeout, webpush=webpush)
+
+    def _vapid_key(self):
+        """The Web Push (VAPID) key pair, made once in state_dir and kept there."""
+        if self.vapid is None:
+            from mfaserver.gateways.webpush import VapidKey
+            self.vapid = VapidKey.load_or_create(self.started_with.server.state_dir
+                                                 / "vapid.pem")
+        return self.vapid
+
+    def _vapid_public_key(self) -> str | None:
+        """What the web authenticator subscribes with, while wake-ups go by Web Push."""
+        if self.config.push.notify != "webpush":
+            return None
+        return self._vapid_key().public_key
 
     def _stop_push(self) -> Deferred[None]:
         """Close the pending pushes (their logins get no reply) and drop queued wake-ups."""
@@ -495,10 +516,27 @@ class MfaDaemon(tservice.MultiService):
         return internet.TCPServer(web.port, site, interface=web.listen, reactor=self._reactor)
 
     def _web_app(self, config: Config):
-        """The HTTP side: /health, the device API, and the voice callbacks."""
+        """The HTTP side: /health, the device API, the web authenticator, the portal
+        (with [portal]) and the voice callbacks."""
+        from mfaserver import passwords
+        from mfaserver.web.app import add_app_routes
+        from mfaserver.web.context import WebContext
         from mfaserver.web.devices import DeviceApi
+        from mfaserver.web.pages import add_asset_routes
         from mfaserver.web.server import WebApp
         app = WebApp(self._reactor)
+        add_asset_routes(app)
+        context = WebContext(
+            clock=self._reactor, store=self.threaded, authenticator=self.authenticator,
+            push=self.push,
+            hash_password=lambda text: self.hash_threads.run(passwords.hash_password, text),
+            public_url=config.web.public_url, vapid_public_key=self._vapid_public_key,
+            portal_settings=lambda: self.config.portal,
+            enrollment_minutes=lambda: self.config.push.enrollment_minutes)
+        add_app_routes(app, context)
+        if config.portal is not None:
+            from mfaserver.web.portal import add_portal_routes
+            add_portal_routes(app, context)
         DeviceApi(self.threaded, self.push, self._reactor,
                   report_fraud=lambda user, client: Deferred.fromCoroutine(
                       self.authenticator.report_fraud(user, client, "push")),

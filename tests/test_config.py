@@ -574,3 +574,23 @@ def test_smtp_alerts_need_the_gateway_and_recipients(tmp_path):
     cfg = load(tmp_path, CLIENT + '[alerts]\ngateway = "smtp"\nto = ["a@example.org"]\n' + smtp)
     assert cfg.alerts.to == ("a@example.org",)
     assert cfg.gateways.smtp.host == "127.0.0.1"
+
+
+def test_web_push_and_the_portal_need_the_web_listener(tmp_path):
+    assert error(tmp_path, CLIENT + '[push]\nnotify = "webpush"\n').key == "push.notify"
+    assert error(tmp_path, CLIENT + "[portal]\n").key == "portal"
+    cfg = load(tmp_path, CLIENT + WEB + '[push]\nnotify = "webpush"\n[portal]\n')
+    assert (cfg.push.notify, cfg.push.vapid_subject) == ("webpush", "")
+    assert (cfg.portal.session_idle_minutes, cfg.portal.session_max_hours,
+            cfg.portal.invite_hours) == (10, 8, 24)
+    assert cfg.portal.methods == ("push", "totp", "sms", "phone")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[push]\nnotify = "webpush"\nvapid_subject = "admin@example.org"', "push.vapid_subject"),
+    ('[portal]\nmethods = ["totp", "carrier-pigeon"]', "portal.methods"),
+    ("[portal]\nsession_idle_minutes = 0", "portal.session_idle_minutes"),
+    ("[portal]\ninvite_hours = 10000", "portal.invite_hours"),
+])
+def test_bad_phone_side_values_are_named(tmp_path, text, key):
+    assert error(tmp_path, CLIENT + WEB + text).key == key

@@ -46,9 +46,10 @@ class WakeNotifier:
 
     def __init__(self, reactor, list_devices: Callable[[str], Deferred], *,
                  kinds: frozenset[str], timeout: float = 5.0, max_in_flight: int = 32,
-                 max_queued: int = 100_000, agent=None):
+                 max_queued: int = 100_000, agent=None, webpush=None):
         self._reactor = reactor
         self._list_devices = list_devices
+        self._webpush = webpush         # the Web Push sender, for kind "webpush"
         self.kinds = kinds
         self.timeout = timeout
         self.max_in_flight = max_in_flight

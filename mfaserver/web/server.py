@@ -110,11 +110,64 @@ def _check_public_url(url: str) -> None:
 
 @dataclass(frozen=True)
 class Response:
-    """A non-JSON answer from a handler, e.g. TwiML: raw bytes and their type."""
+    """A non-JSON answer from a handler (TwiML, a page, an asset): raw bytes, their
+    type, and any headers of its own (e.g. ``("Location", "/app/")``, or a
+    ``Cache-Control`` that replaces the default ``no-store``)."""
 
     body: bytes
     content_type: str
     status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+# What a page may load and do: only this server's own scripts, styles and
+# images, no inline script or style, no framing, no form posts elsewhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; manifest-src 'self'; worker-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_HEADERS = (
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+)
+# Browsers keep to https for a year once they have seen this over TLS.
+HSTS = ("Strict-Transport-Security", "max-age=31536000")
+
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8", ".json": "application/json",
+    ".webmanifest": "application/manifest+json", ".png": "image/png",
+    ".svg": "image/svg+xml", ".ico": "image/x-icon", ".txt": "text/plain; charset=utf-8",
+}
+
+
+def static_files(directory: Path) -> Callable[[WebRequest], Response]:
+    """A handler for ``<path:name>`` routes serving the files below ``directory``.
+
+    The files are read once, now (assets are small, and the reactor never
+    waits on the disk); a name that is not one of them, or has a type not
+    listed above, is a 404. Assets may be cached by the browser for an hour.
+    """
+    files: dict[str, Response] = {}
+    for path in sorted(Path(directory).rglob("*")):
+        content_type = _CONTENT_TYPES.get(path.suffix)
+        if path.is_file() and content_type is not None:
+            name = path.relative_to(directory).as_posix()
+            headers = (("Cache-Control", "max-age=3600"),)
+            if content_type.startswith("text/html"):
+                headers = PAGE_HEADERS
+            files[name] = Response(path.read_bytes(), content_type, headers=headers)
+
+    def serve(request: WebRequest) -> Response:
+        reply = files.get(request.params.get("name", ""))
+        if reply is None:
+            raise HttpError(404, "not_found", "no such resource")
+        return reply
+
+    serve.files = files
+    return serve
 
 
 @dataclass(frozen=True)
@@ -249,13 +302,13 @@ class _AppResource(KleinResource):
         # Twisted percent-decodes postpath, which klein routes on, and werkzeug
         # folds a leading "//": neither is how the client named the resource.
         if not (path.isascii() and path[:1] == b"/" and path[1:2] != b"/"):
-            return _send(request, _error_reply(_NOT_FOUND))
+            return _send(request, _error_reply(_NOT_FOUND, request))
         request.postpath = path[1:].split(b"/")
         try:
             request.getRequestHostname().decode("utf-8")
             return super().render(request)
         except (UnicodeDecodeError, BadHost):      # klein and werkzeug check the Host
-            return _send(request, _error_reply(_BAD_HOST))
+            return _send(request, _error_reply(_BAD_HOST, request))
 
 
 _NOT_FOUND = HttpError(404, "not_found", "no such resource")
@@ -276,7 +329,7 @@ def _failed(request: server.Request, failure: Failure) -> bytes:
         log.failure("Web request {method} {path} failed", failure,
                     method=request.method, path=request.path)
         error = _INTERNAL
-    return _send(request, _error_reply(error))
+    return _send(request, _error_reply(error, request))
 
 
 def _web_request(request: server.Request, params: dict[str, str]) -> WebRequest:
@@ -304,8 +357,20 @@ def _json_reply(status: int, value: dict) -> Response:
                     status)
 
 
-def _error_reply(error: HttpError) -> Response:
+def _error_reply(error: HttpError, request: server.Request | None = None) -> Response:
+    """The error as JSON, or as a page for what a browser shows (the web
+    authenticator, the portal, a page asked for with Accept: text/html)."""
+    if request is not None and _wants_page(request):
+        from mfaserver.web.pages import error_page
+        return error_page(error.status, error.message)
     return _json_reply(error.status, {"error": error.code, "message": error.message})
+
+
+def _wants_page(request: server.Request) -> bool:
+    path = request.path
+    if path.startswith((b"/app/", b"/portal/")) or path in (b"/app", b"/portal", b"/"):
+        return True
+    return request.method == b"GET" and b"text/html" in (request.getHeader(b"accept") or b"")
 
 
 def _reply(result: Any) -> Response:
@@ -328,6 +393,13 @@ def _send(request: server.Request, reply: Response) -> bytes:
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"Server", b"mfaserver")   # not Twisted's version
+    if reply.content_type.startswith("text/html"):
+        for name, value in PAGE_HEADERS:
+            request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    if request.isSecure():
+        request.setHeader(HSTS[0].encode("ascii"), HSTS[1].encode("ascii"))
+    for name, value in reply.headers:
+        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
     return reply.body
 
 
