@@ -296,6 +296,71 @@ class EnrollTests(DeviceApiCase):
         self.assertEqual(self.db.list_devices("alice"), [])
 
 
+# A subscription as PushSubscription.toJSON() gives it (the keys of RFC 8291's example).
+P256DH = "BCVxsr7N_eNgVRqvHtD0zTZsEc6-VV-JvLexhqUzORcxaOzi6-AYWXvTBHm4bjyPjs7Vd8pZGH6SRpkNtoIAiw4"
+AUTH = "BTBZMqHH6r4Tts7J_aSIgg"
+ENDPOINT = "https://fcm.googleapis.com/fcm/send/dQ9wXk3pQ9vXc4pLr8sWz1d:APA91bH"
+
+
+def webpush_notify(url: str = ENDPOINT, **keys) -> dict:
+    return {"type": "webpush", "url": url, "keys": {"p256dh": P256DH, "auth": AUTH, **keys}}
+
+
+class WebPushEnrollmentTests(DeviceApiCase):
+    def test_a_webpush_subscription_is_stored_with_its_keys(self):
+        device_id, _ = self.enroll(notify=webpush_notify())
+        device = self.db.get_device(device_id)
+        self.assertEqual((device.notify_type, device.notify_url), ("webpush", ENDPOINT))
+        self.assertEqual(json.loads(device.notify_keys), {"p256dh": P256DH, "auth": AUTH})
+
+    def test_padded_keys_are_stored_without_the_padding(self):
+        device_id, _ = self.enroll(notify=webpush_notify(p256dh=P256DH + "=", auth=AUTH + "=="))
+        self.assertEqual(json.loads(self.db.get_device(device_id).notify_keys),
+                         {"p256dh": P256DH, "auth": AUTH})
+
+    def test_an_endpoint_on_loopback_may_be_http(self):
+        device_id, _ = self.enroll(notify=webpush_notify("http://127.0.0.1:8080/wpush/1"))
+        self.assertEqual(self.db.get_device(device_id).notify_url,
+                         "http://127.0.0.1:8080/wpush/1")
+
+    def test_other_kinds_keep_no_keys(self):
+        device_id, _ = self.enroll(notify={"type": "ntfy", "url": "https://ntfy.example.com/t"})
+        self.assertIsNone(self.db.get_device(device_id).notify_keys)
+
+    def test_a_bad_subscription_is_400_and_enrolls_nothing(self):
+        token = add_token(self.db, "alice", NOW)
+        key = proto.generate_device_key()
+        point = proto.b64url_decode(P256DH)
+        compressed = proto.b64url_encode(bytes([2 + point[-1] % 2]) + point[1:33])
+        off_curve = proto.b64url_encode(point[:-1] + bytes([point[-1] ^ 1]))
+        without_keys = webpush_notify()
+        del without_keys["keys"]
+        cases = [
+            (webpush_notify("http://push.example.net/x"), "notify.url"),
+            (webpush_notify("https://pūsh.example.net/x"), "notify.url"),
+            (without_keys, "notify.keys: required"),
+            (webpush_notify(p256dh=compressed), "notify.keys.p256dh"),
+            (webpush_notify(p256dh=off_curve), "notify.keys.p256dh"),
+            (webpush_notify(p256dh="not base64!"), "notify.keys.p256dh"),
+            (webpush_notify(auth=proto.b64url_encode(bytes(15))), "notify.keys.auth"),
+            (webpush_notify(auth=proto.b64url_encode(bytes(32))), "notify.keys.auth"),
+            (webpush_notify(extra="x"), "notify.keys.extra"),
+            ({"type": "webpush", "url": ENDPOINT, "keys": {"p256dh": P256DH}},
+             "notify.keys.auth"),
+            ({"type": "ntfy", "url": "https://ntfy.example.com/t",
+              "keys": {"p256dh": P256DH, "auth": AUTH}}, "notify.keys: only for webpush"),
+        ]
+        for notify, message in cases:
+            with self.subTest(notify=notify):
+                status, data = self.call("POST", f"/v1/enroll/{token}",
+                                         body=enroll_body(token, key, NOW, notify))
+                self.assertEqual((status, data["error"]), (400, "invalid_request"))
+                self.assertIn(message, data["message"])
+        self.assertEqual(self.db.list_devices("alice"), [])
+        # The token was not used up.
+        self.assertEqual(self.call("POST", f"/v1/enroll/{token}",
+                                   body=enroll_body(token, key, NOW, webpush_notify()))[0], 201)
+
 class PollTests(DeviceApiCase):
     def test_poll_returns_the_pending_transactions_of_the_devices_user_only(self):
         device_id, key = self.enroll("alice")

@@ -10,7 +10,8 @@ gateway unnoticed. All in memory, time on a `Clock`:
 * `VoiceGatewayContract` (``start_call``): `MemoryVoiceGateway`; `TwilioGateway`
   against the fake Twilio.
 * `WakeContract` (the push factor's ``wake(user)``): `MemoryWakeNotifier`;
-  `WakeNotifier` against an ntfy and a webhook-relay `WebhookStandIn`.
+  `WakeNotifier` against an ntfy and a webhook-relay `WebhookStandIn`, and
+  with a `WebPushSender` against the `FakePushService`.
 
 Each implementation is made with its provider in one of four states:
 "accepting", "refusing", "unreachable" (the connection is refused) or
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError
@@ -32,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import ConnectionCompleter
 from twisted.trial.unittest import SynchronousTestCase
 
+from fake_push_service import FakePushService
 from fake_smtp import FakeSmtpServer, Silent, connect_in_memory
 from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio
 from mfaserver.auth.model import Device
@@ -39,7 +42,8 @@ from mfaserver.gateways.base import GatewayError
 from mfaserver.gateways.http import HttpGateway, HttpGatewaySettings
 from mfaserver.gateways.smtp import SmtpGateway, SmtpSettings
 from mfaserver.gateways.twilio import TwilioGateway, TwilioSettings
-from mfaserver.gateways.wake import NTFY_TEXT, WEBHOOK_BODY, WakeNotifier
+from mfaserver.gateways.wake import NTFY_TEXT, WAKE_TEXT, WEBHOOK_BODY, WakeNotifier
+from mfaserver.gateways.webpush import VapidKey, WebPushSender
 from mfaserver.testing import (
     MemorySmsGateway, MemoryVoiceGateway, MemoryWakeNotifier, WebhookStandIn,
 )
@@ -434,3 +438,41 @@ class NtfyWakeContractTests(_WakeNotifier, WakeContract, SynchronousTestCase):
 
 class WebhookWakeContractTests(_WakeNotifier, WakeContract, SynchronousTestCase):
     kind, body, content_type = "webhook", WEBHOOK_BODY, "application/json"
+
+
+class WebPushWakeContractTests(_RefusedConnections, WakeContract, SynchronousTestCase):
+    """`WakeNotifier` with a `WebPushSender` against the `FakePushService`, one
+    subscription a user: what the push service verified and decrypted."""
+
+    def make_notifier(self, state: str) -> WakeNotifier:
+        self.clock, self.reactor = Clock(), None
+        self.service = FakePushService(self.clock, "https://push.example.net")
+        if state == "refusing":
+            self.service.status = 500
+        self.service.hold = state == "silent"
+        self.agent = RequestTraversalAgent(self.service)
+        key = VapidKey(ec.generate_private_key(ec.SECP256R1()))
+        subscriptions = {user: self.service.subscribe(key.public_key)
+                         for user in ("alice", "bob")}
+        self.users = {s.id: user for user, s in subscriptions.items()}
+        devices = {user: [Device(id=f"d-{user}", user=user, public_key="ed25519:x",
+                                 notify_type="webpush", notify_url=s.endpoint,
+                                 notify_keys=json.dumps({"p256dh": s.p256dh, "auth": s.auth}))]
+                   for user, s in subscriptions.items()}
+        list_devices = lambda user: defer.succeed(devices.get(user, []))  # noqa: E731
+        if state == "unreachable":
+            sender = WebPushSender(self.unreachable_reactor(), key,
+                                   subject="mailto:admin@example.org", timeout=TIMEOUT)
+        else:
+            sender = WebPushSender(self.clock, key, subject="mailto:admin@example.org",
+                                   timeout=TIMEOUT, agent=self.agent)
+        return WakeNotifier(self.clock, list_devices, kinds=frozenset({"webpush"}),
+                            timeout=TIMEOUT, webpush=sender)
+
+    def woken(self) -> list[str]:
+        return [self.users[m.subscription.id] for m in self.service.received
+                if m.plaintext == WAKE_TEXT]
+
+    def abandoned(self) -> bool:
+        self.agent.flush()
+        return self.service.dropped == self.service.requests

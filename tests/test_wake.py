@@ -12,7 +12,7 @@ import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from mfaserver.auth.model import Device
@@ -150,3 +150,93 @@ def test_enrollment_refuses_a_non_ascii_or_spaced_notify_url(url):
     from mfaserver.web.validation import HttpError
     with pytest.raises(HttpError):
         check_notify_url(url)
+
+
+class WebPushWakeTests(SynchronousTestCase):
+    """Kind "webpush": one Web Push per webpush device, through the `WebPushSender`."""
+
+    def setUp(self):
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from fake_push_service import FakePushService
+        from mfaserver.gateways.webpush import VapidKey, WebPushSender
+        self.clock = Clock()
+        self.service = FakePushService(self.clock, "https://push.example.net")
+        self.push_agent = RequestTraversalAgent(self.service)
+        key = VapidKey(ec.generate_private_key(ec.SECP256R1()))
+        self.sender = WebPushSender(self.clock, key, subject="mailto:admin@example.org",
+                                    timeout=5, agent=self.push_agent)
+        self.target = WebhookStandIn(body=b"")
+
+    def subscribed(self, name: str, user: str = "alice") -> Device:
+        s = self.service.subscribe()
+        return Device(id=name, user=user, public_key="ed25519:x", notify_type="webpush",
+                      notify_url=s.endpoint,
+                      notify_keys=json.dumps({"p256dh": s.p256dh, "auth": s.auth}))
+
+    def notifier(self, devices: list[Device], kinds=frozenset({"webpush"})) -> WakeNotifier:
+        return WakeNotifier(self.clock, devices_of(devices), kinds=kinds, timeout=5,
+                            agent=RequestTraversalAgent(self.target), webpush=self.sender)
+
+    def test_each_webpush_device_of_the_user_gets_one_push_and_other_kinds_nothing(self):
+        a, b = self.subscribed("a"), self.subscribed("b")
+        notifier = self.notifier([a, b, self.subscribed("c", user="bob"),
+                                  device("d", "ntfy", URL + "/topic-d"),
+                                  device("e", "webhook", URL + "/hook-e"), device("f", None, None)])
+        self.assertIsNone(notifier("alice"))
+        got = sorted((m.subscription.endpoint, m.plaintext) for m in self.service.received)
+        self.assertEqual(got, sorted([(a.notify_url, NTFY_TEXT), (b.notify_url, NTFY_TEXT)]))
+        self.assertEqual(self.target.requests, [])
+        self.assertEqual((notifier.sent, notifier.failed), (2, 0))
+
+    def test_webpush_devices_get_nothing_when_another_kind_is_configured(self):
+        notifier = self.notifier([self.subscribed("a"), device("b", "ntfy", URL + "/t")],
+                                 kinds=frozenset({"ntfy"}))
+        notifier("alice")
+        self.assertEqual((self.service.requests, [r.path for r in self.target.requests]),
+                         (0, ["/t"]))
+
+    def test_the_kind_webpush_needs_a_sender(self):
+        with self.assertRaisesRegex(ValueError, "Web Push sender"):
+            WakeNotifier(self.clock, devices_of([]), kinds=frozenset({"webpush"}))
+
+    def test_a_device_without_keys_is_counted_as_failed(self):
+        broken = Device(id="a", user="alice", public_key="ed25519:x", notify_type="webpush",
+                        notify_url="https://push.example.net/wpush/x")
+        notifier = self.notifier([broken, self.subscribed("b")])
+        with capturedLogs() as events:
+            notifier("alice")
+        self.assertEqual((notifier.sent, notifier.failed), (1, 1))
+        self.assertIn("a wake-up notification failed", repr(events))
+
+    def test_a_subscription_gone_is_logged_with_the_device_not_the_endpoint(self):
+        gone = self.subscribed("dev-4711")
+        self.service.unsubscribe(next(iter(self.service.subscriptions.values())))
+        with capturedLogs() as events:
+            notifier = self.notifier([gone])
+            notifier("alice")
+        self.assertEqual(notifier.failed, 1)
+        text = " ".join(formatEvent(e) for e in events)
+        self.assertIn("device dev-4711 of alice has no Web Push subscription", text)
+        self.assertNotIn(gone.notify_url, text)
+        self.assertNotIn(gone.notify_url.rpartition("/")[2], text)
+
+    def test_a_silent_push_service_times_out_and_stop_hangs_up(self):
+        self.service.hold = True
+        notifier = self.notifier([self.subscribed("a"), self.subscribed("b")])
+        notifier("alice")
+        self.clock.advance(5)
+        self.assertEqual((notifier.sent, notifier.failed), (0, 2))
+        notifier("alice")
+        notifier.stop()
+        self.push_agent.flush()
+        self.assertEqual(self.service.dropped, 4)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_close_closes_the_senders_connections_too(self):
+        closed = []
+        self.sender.close = lambda: closed.append(True) or defer.succeed(None)
+        notifier = WakeNotifier(self.clock, devices_of([]), kinds=frozenset({"webpush"}),
+                                webpush=self.sender)
+        self.assertIsNone(self.successResultOf(notifier.close()))
+        self.assertEqual(closed, [True])

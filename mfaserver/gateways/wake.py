@@ -1,4 +1,4 @@
-"""Wake-up notifications to push devices: ntfy topics and webhook relays.
+"""Wake-up notifications to push devices: ntfy topics, webhook relays, Web Push.
 
 A wake-up says only "a sign-in needs you" (docs/device-api.rst): no user,
 number or transaction id, so the notification service learns nothing and a
@@ -6,16 +6,20 @@ forged wake-up costs one poll. Delivery is best effort: one attempt with a
 short timeout, never retried (a retry could wake a device twice), and a
 failure never fails the sign-in, since devices also long-poll.
 
+Web Push (kind ``webpush``) goes through a `WebPushSender`
+(gateways/webpush.py): the same words, encrypted for the browser.
+
 Sends go through a bounded queue with at most ``max_in_flight`` requests at
 once, so a burst of logins cannot open thousands of connections.
 """
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.ssl import platformTrust
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,10 +28,13 @@ from twisted.web.http_headers import Headers
 
 from mfaserver.auth.model import Device
 from mfaserver.gateways.http import BytesBody, make_agent, read_body
+from mfaserver.gateways.webpush import SubscriptionGone
 
 log = Logger(namespace="mfaserver.wake")
 
-NTFY_TEXT = b"A sign-in needs you"
+WAKE_TEXT = b"A sign-in needs you"
+NTFY_TEXT = WAKE_TEXT
+HTTP_KINDS = frozenset({"ntfy", "webhook"})  # a plain POST through our own Agent
 WEBHOOK_BODY = b'{"type": "wake"}'
 
 
@@ -35,8 +42,9 @@ class WakeNotifier:
     """Called with a user name when a transaction opens; wakes that user's devices.
 
     ``list_devices(user)`` fires with the user's `Device`s (the store, on its
-    thread); only targets whose type is in ``kinds`` are used. ``reactor``
-    provides time and TCP; ``agent`` (an `IAgent`, for tests: treq's
+    thread); only targets whose type is in ``kinds`` are used; ``webpush``
+    (a `WebPushSender`, required for the kind "webpush") sends those.
+    ``reactor`` provides time and TCP; ``agent`` (an `IAgent`, for tests: treq's
     ``RequestTraversalAgent``, with ``reactor`` a `Clock`) replaces the
     default Agent on a pool of persistent connections. Calling it returns
     None at once and never raises; `stop` cancels what is in flight.
@@ -49,20 +57,22 @@ class WakeNotifier:
                  max_queued: int = 100_000, agent=None, webpush=None):
         self._reactor = reactor
         self._list_devices = list_devices
+        if "webpush" in kinds and webpush is None:
+            raise ValueError("the wake-up kind webpush needs a Web Push sender")
         self._webpush = webpush         # the Web Push sender, for kind "webpush"
         self.kinds = kinds
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self.max_queued = max_queued
         self._pool = None
-        if agent is None:
+        if agent is None and kinds & HTTP_KINDS:
             # Twisted's Agent directly, not treq: treq's URL handling (hyperlink,
             # IDNA) cost half the reactor's time per login in the 10,000-push bench.
             pool = self._pool = HTTPConnectionPool(reactor, persistent=True)
             pool.maxPersistentPerHost = max_in_flight
             agent = make_agent(reactor, trust=platformTrust(), connect_timeout=timeout, pool=pool)
         self._agent = agent
-        self._queue: deque[tuple[str, str]] = deque()
+        self._queue: deque[Device] = deque()
         self._in_flight: set[Deferred] = set()
         self.sent = 0
         self.failed = 0
@@ -83,18 +93,26 @@ class WakeNotifier:
                 if len(self._queue) >= self.max_queued:
                     self.dropped += 1
                     continue
-                self._queue.append((device.notify_type, device.notify_url))
+                self._queue.append(device)
         self._pump()
 
     def _pump(self) -> None:
         while self._queue and len(self._in_flight) < self.max_in_flight:
-            kind, url = self._queue.popleft()
-            d = Deferred.fromCoroutine(self._send(kind, url))
+            device = self._queue.popleft()
+            d = Deferred.fromCoroutine(self._send(device))
             d.addTimeout(self.timeout, self._reactor)
             self._in_flight.add(d)
-            d.addBoth(self._done, d)
+            d.addBoth(self._done, d, device)
 
-    async def _send(self, kind: str, url: str) -> None:
+    async def _send(self, device: Device) -> None:
+        kind, url = device.notify_type, device.notify_url
+        if kind == "webpush":
+            keys = json.loads(device.notify_keys or "null")
+            if not isinstance(keys, dict):
+                raise ValueError("the device has no Web Push keys")
+            await self._webpush.send(url, keys.get("p256dh", ""), keys.get("auth", ""),
+                                     WAKE_TEXT)
+            return
         if kind == "ntfy":
             body, content_type = NTFY_TEXT, b"text/plain; charset=utf-8"
         else:
@@ -107,13 +125,19 @@ class WakeNotifier:
         if not 200 <= response.code < 300:
             raise RuntimeError(f"status {response.code}")
 
-    def _done(self, result, d: Deferred) -> None:
+    def _done(self, result, d: Deferred, device: Device) -> None:
         self._in_flight.discard(d)
         if isinstance(result, Failure):
             self.failed += 1
             # The URL holds the device's private topic: not logged.
-            log.warn("a wake-up notification failed: {error}",
-                     error=result.getErrorMessage()[:200])
+            if result.check(SubscriptionGone):
+                log.warn("device {device} of {user} has no Web Push subscription any more:"
+                         " it gets no wake-ups, and learns of sign-ins only when it polls,"
+                         " until it enrolls again",
+                         device=device.id, user=device.user)
+            else:
+                log.warn("a wake-up notification failed: {error}",
+                         error=result.getErrorMessage()[:200])
         else:
             self.sent += 1
         self._pump()
@@ -125,7 +149,11 @@ class WakeNotifier:
             d.cancel()
 
     def close(self) -> Deferred[None]:
-        """Close the idle pooled connections (none to close with a caller's agent)."""
-        if self._pool is None:
+        """Close the idle pooled connections, the Web Push sender's too (none to close
+        with a caller's agent)."""
+        closing = [self._pool.closeCachedConnections()] if self._pool is not None else []
+        if self._webpush is not None:
+            closing.append(self._webpush.close())
+        if not closing:
             return succeed(None)
-        return self._pool.closeCachedConnections()
+        return gatherResults(closing).addCallback(lambda _: None)

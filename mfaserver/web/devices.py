@@ -9,6 +9,7 @@ is a JSON error with the document's status and code.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ from mfaserver.auth.model import AuditEntry, Device, Verdict
 from mfaserver.factors import push_protocol as proto
 from mfaserver.factors.push import (AlreadyAnswered, AnswerRefused, PushTransactions,
                                     TransactionExpired, UnknownTransaction)
+from mfaserver.gateways import webpush
 from mfaserver.store.db import EnrollmentExpired, EnrollmentRefused, UnknownEnrollment
 from mfaserver.web import validation as v
 from mfaserver.web.server import WebApp, WebRequest
@@ -35,8 +37,12 @@ _ID_PATTERN = "[A-Za-z0-9_-]+"
 ENROLL = v.object(
     required={"public_key": v.string(256), "timestamp": v.integer(0, 2**53),
               "signature": v.string(256)},
-    optional={"notify": v.object(required={"type": v.enum("ntfy", "webhook"),
-                                           "url": v.string(2048, min_len=1)})},
+    optional={"notify": v.object(
+        required={"type": v.enum("ntfy", "webhook", "webpush"),
+                  "url": v.string(2048, min_len=1)},
+        # webpush only: the subscription's keys, as PushSubscription.toJSON() gives them.
+        optional={"keys": v.object(required={"p256dh": v.string(128),
+                                             "auth": v.string(64)})})},
 )
 ANSWER = v.object(
     required={"device_id": v.string(128, pattern=_ID_PATTERN, min_len=1),
@@ -79,6 +85,25 @@ def _json(request: WebRequest, schema: dict) -> dict:
         if e.status == 400:
             raise HttpError(400, "invalid_request", e.message) from None
         raise
+
+
+def check_notify(notify: dict) -> str | None:
+    """Check an enrollment's ``notify`` (already of the schema's shape); returns
+    what `Device.notify_keys` keeps: the Web Push keys as JSON, or None."""
+    check_notify_url(notify["url"])
+    keys = notify.get("keys")
+    if notify["type"] != "webpush":
+        if keys is not None:
+            raise HttpError(400, "invalid_request", "notify.keys: only for webpush")
+        return None
+    if keys is None:
+        raise HttpError(400, "invalid_request", "notify.keys: required for webpush")
+    try:
+        point, secret = webpush.subscription_keys(keys["p256dh"], keys["auth"])
+    except ValueError as e:
+        raise HttpError(400, "invalid_request", f"notify.keys.{e}") from None
+    # Kept in the canonical spelling (no padding), whatever the browser sent.
+    return json.dumps({"p256dh": webpush.b64url(point), "auth": webpush.b64url(secret)})
 
 
 def check_notify_url(url: str) -> str:
@@ -128,8 +153,7 @@ class DeviceApi:
         except ValueError as e:
             raise HttpError(400, "invalid_request", f"public_key: {e}") from None
         notify = body.get("notify")
-        if notify is not None:
-            check_notify_url(notify["url"])
+        notify_keys = check_notify(notify) if notify is not None else None
         digest = proto.token_digest(request.params["token"])
         message = proto.enroll_message(digest, body["public_key"], body["timestamp"])
         if not proto.verify(public_key, message, body["signature"]):
@@ -139,7 +163,8 @@ class DeviceApi:
             raise _stale()
         device = Device(id=proto.new_device_id(), user="", public_key=body["public_key"],
                         notify_type=notify["type"] if notify else None,
-                        notify_url=notify["url"] if notify else None)
+                        notify_url=notify["url"] if notify else None,
+                        notify_keys=notify_keys)
         try:
             user = await self._store.enroll_device(digest, device, now=now)
         except EnrollmentRefused as e:
