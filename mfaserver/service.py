@@ -416,9 +416,11 @@ class MfaDaemon(tservice.MultiService):
         webpush = None
         if config.push.notify == "webpush":
             from mfaserver.gateways.webpush import WebPushSender
+            # The push service may hold a wake-up as long as a login waits.
             webpush = WebPushSender(self._reactor, self._vapid_key(),
                                     subject=config.push.vapid_subject or config.web.public_url,
-                                    timeout=config.push.notify_timeout)
+                                    timeout=config.push.notify_timeout,
+                                    ttl=int(config.mfa.timeout))
         return WakeNotifier(self._reactor, self.threaded.list_devices,
                             kinds=frozenset({config.push.notify}),
                             timeout=config.push.notify_timeout, webpush=webpush)

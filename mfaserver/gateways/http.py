@@ -262,7 +262,7 @@ def _reasons(failure: BaseException) -> list[BaseException]:
     return [r.value for r in reasons] if reasons else [failure]
 
 
-def _cancelled(failure: BaseException) -> bool:
+def was_cancelled(failure: BaseException) -> bool:
     """Whether the request failed because it was cancelled (our deadline or the caller)."""
     return any(isinstance(r, (defer.CancelledError, error.ConnectingCancelledError))
                for r in _reasons(failure))
@@ -275,7 +275,7 @@ def tls_problem(failure: BaseException) -> str:
     return f"TLS failed: {failure}"
 
 
-def _describe(failure: BaseException) -> str:
+def describe_failure(failure: BaseException) -> str:
     """A short, secret-free description of why a request failed."""
     reasons = _reasons(failure)
     reason = reasons[0]
@@ -353,11 +353,11 @@ class HttpGateway:
             # Read to the end, so the server sees its answer taken.
             await read_body(response)
         except Exception as e:
-            if _cancelled(e):
+            if was_cancelled(e):
                 # The deadline or the caller: addTimeout and the caller
                 # expect CancelledError, which Agent wraps in its own errors.
                 raise defer.CancelledError() from None
             # "from None": a chained exception could carry the URL or fields.
-            raise GatewayError(f"http gateway: {_describe(e)}") from None
+            raise GatewayError(f"http gateway: {describe_failure(e)}") from None
         if response.code not in settings.success_status:
             raise GatewayError(f"http gateway: status {response.code}", status=response.code)

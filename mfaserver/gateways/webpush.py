@@ -28,7 +28,6 @@ import hmac
 import json
 import os
 import re
-import stat
 import struct
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -46,8 +45,9 @@ from twisted.web.http_headers import Headers
 
 from mfaserver.addresses import is_loopback
 from mfaserver.gateways.base import GatewayError
-from mfaserver.gateways.http import (BodyTooLarge, BytesBody, _cancelled, _describe,
+from mfaserver.gateways.http import (BodyTooLarge, BytesBody, describe_failure, was_cancelled,
                                      make_agent, read_body)
+from mfaserver.keyfiles import KeyFileProblem, read_private, write_new_private
 
 log = Logger(namespace="mfaserver.webpush")
 
@@ -63,7 +63,6 @@ AUTH_SECRET = 16
 
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _PRINTABLE = re.compile(r"[^\x20-\x7e]+")
-_MAX_KEY_FILE = 64 * 1024
 
 
 class SubscriptionGone(GatewayError):
@@ -210,7 +209,8 @@ class VapidKey:
                                 serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
         try:
-            _write_new(path, pem)
+            # Never over a key that subscriptions are tied to (FileExistsError).
+            write_new_private(path, pem)
         except FileExistsError:
             # Made by another process between our two calls: that one counts.
             return cls(_read_key(path))
@@ -234,24 +234,9 @@ class VapidKey:
 
 def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
-        # O_NOFOLLOW: a link planted in place of the key is refused.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise VapidKeyError(f"cannot read VAPID key file {path}: {e.strerror}; it must be"
-                            " a regular file of the service user with mode 0600") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise VapidKeyError(f"VAPID key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise VapidKeyError(
-                f"VAPID key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, which lets"
-                f" group or others read it; fix with: chmod 600 {path}")
-        data = os.read(fd, _MAX_KEY_FILE)
-    finally:
-        os.close(fd)
+        data = read_private(path, "VAPID key file")
+    except KeyFileProblem as e:
+        raise VapidKeyError(str(e)) from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
@@ -261,21 +246,6 @@ def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
                                                                           ec.SECP256R1):
         raise VapidKeyError(f"VAPID key file {path} holds a key that is not EC P-256")
     return key
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # O_EXCL: never replace a key that subscriptions are tied to.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if os.write(fd, data) != len(data):
-            raise OSError("short write")
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)  # a truncated key would fail every later start
-        raise
-    os.close(fd)
 
 
 def _reason(body: bytes) -> str:
@@ -365,9 +335,9 @@ class WebPushSender:
         except BodyTooLarge:
             answer = b""
         except Exception as e:
-            if _cancelled(e):
+            if was_cancelled(e):
                 raise CancelledError() from None
-            raise GatewayError(f"web push ({host}): {_describe(e)}") from None
+            raise GatewayError(f"web push ({host}): {describe_failure(e)}") from None
         if ok:
             return
         status = response.code

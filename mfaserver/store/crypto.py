@@ -11,7 +11,6 @@ plaintext fallback (F7).
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 # The core handles this failure (it refuses the login and alarms), so it is
 # defined with the store's contract in mfaserver.auth.interfaces.
 from mfaserver.auth.interfaces import SeedIntegrityError
+from mfaserver.keyfiles import KeyFileProblem, read_private, write_new_private
 
 __all__ = [
     "KEY_SIZE",
@@ -65,51 +65,21 @@ def load_or_create_key(path: Path, *, create: bool = True) -> bytes:
 
 def _read_key(path: Path) -> bytes:
     try:
-        # O_NOFOLLOW: a symlink planted in place of the key is refused.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise KeyFileError(
-            f"cannot read seed key file {path}: {e.strerror}; it must be a regular "
-            f"file owned by the service user with mode 0600"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"seed key file {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyFileError(
-                f"seed key file {path} has mode {stat.S_IMODE(st.st_mode):04o}, "
-                f"which lets group/others read it; fix with: chmod 600 {path}"
-            )
-        data = os.read(fd, KEY_SIZE + 1) if st.st_size == KEY_SIZE else b""
-    finally:
-        os.close(fd)
+        data = read_private(path, "seed key file")
+    except KeyFileProblem as e:
+        raise KeyFileError(str(e)) from None
     if len(data) != KEY_SIZE:
         raise KeyFileError(
-            f"seed key file {path} holds {st.st_size} bytes, expected {KEY_SIZE}; "
+            f"seed key file {path} holds {len(data)} bytes, expected {KEY_SIZE}; "
             f"restore the original key file from backup"
         )
     return data
 
 
 def _create_key(path: Path) -> bytes:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = AESGCM.generate_key(bit_length=256)
-    # O_EXCL: never overwrite a key that seeds may already be sealed under.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        written = os.write(fd, key)
-        if written != KEY_SIZE:
-            raise OSError(f"short write ({written} bytes)")
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        # A truncated key would fail every later start; leave nothing behind.
-        os.unlink(path)
-        raise
-    os.close(fd)
+    # Never over a key that seeds may already be sealed under (FileExistsError).
+    write_new_private(path, key)
     return key
 
 
