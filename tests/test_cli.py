@@ -613,3 +613,76 @@ def test_log_escapes_hostile_values(run, store):
     [line] = run.ok("log").stdout.splitlines()
     assert "\x1b" not in line
     assert "eve\\nforged\\x20line\\x1b[2J" in line
+
+
+# --- user invite (the self-service portal's first enrollment) ---
+
+PORTAL_CONFIG = CONFIG + """
+[web]
+public_url = "https://mfa.example.org:8443/"
+
+[portal]
+invite_hours = 48
+"""
+
+
+@pytest.fixture
+def portal_run(tmp_path):
+    path = tmp_path / "portal.toml"
+    path.write_text(PORTAL_CONFIG)
+    cli_run = Cli(path)
+    cli_run.ok("user", "add", "alice", "--no-password")
+    return cli_run
+
+
+def _invite_token(output: str) -> str:
+    url = output.splitlines()[0]
+    prefix = "https://mfa.example.org:8443/portal/invite/"
+    assert url.startswith(prefix), output
+    return url[len(prefix):]
+
+
+def test_user_invite_prints_a_one_time_link_and_its_qr_and_stores_only_the_digest(portal_run):
+    from mfaserver.factors.push_protocol import token_digest
+    from mfaserver.store import UnknownInvite
+
+    result = portal_run.ok("user", "invite", "alice")
+    token = _invite_token(result.stdout)
+    assert "▀" in result.stdout or "█" in result.stdout            # the QR code
+    assert "valid once, until 2023-11-16T22:13:20Z, for user alice" in result.stdout
+    store = portal_run.store()
+    try:
+        assert store.invite_user(token_digest(token), now=NOW) == "alice"
+        with pytest.raises(UnknownInvite):                          # not the token itself
+            store.invite_user(token, now=NOW)
+        assert store.use_invite(token_digest(token), now=NOW) == "alice"
+    finally:
+        store.close()
+
+
+def test_user_invite_hours_and_no_qr(portal_run):
+    from mfaserver.factors.push_protocol import token_digest
+    from mfaserver.store import InviteExpired
+
+    result = portal_run.ok("user", "invite", "alice", "--hours", "2", "--no-qr")
+    assert len(result.stdout.splitlines()) == 2
+    assert "until 2023-11-15T00:13:20Z" in result.stdout
+    store = portal_run.store()
+    try:
+        with pytest.raises(InviteExpired):
+            store.invite_user(token_digest(_invite_token(result.stdout)), now=NOW + 7201)
+    finally:
+        store.close()
+    assert portal_run("user", "invite", "alice", "--hours", "0.5").exit_code == 2
+
+
+def test_user_invite_needs_the_portal_and_a_known_user(run, store, portal_run):
+    assert_one_line_error(run("user", "invite", "alice"),
+                          "invites are for the self-service portal: add a [portal] section")
+    assert_one_line_error(portal_run("user", "invite", "nobody"), "no such user 'nobody'")
+
+
+def test_user_invite_warns_about_a_user_who_has_a_factor_already(portal_run):
+    portal_run.ok("token", "add", "alice", "--type", "totp", "--no-qr")
+    result = portal_run.ok("user", "invite", "alice", "--no-qr")
+    assert "has a second factor already" in result.stderr

@@ -10,12 +10,14 @@ from mfaserver.cli.common import (
     iso_utc,
     parse_phone,
     pass_state,
+    print_qr,
     print_table,
     read_password,
     region_option,
     require_user,
 )
 from mfaserver.factors import METHOD_NAMES
+from mfaserver.factors.push_protocol import new_enrollment_token, token_digest
 from mfaserver.passwords import hash_password
 from mfaserver.store import UserInfo
 
@@ -171,6 +173,40 @@ def set_pin(state: CliState, name: str, pin_stdin: bool, clear: bool) -> None:
         raise CliError("a PIN is 4 to 12 digits")
     store.set_pin(name, hash_password(pin))
     click.echo(f"PIN of {name} set")
+
+
+@user.command("invite")
+@click.argument("name")
+@click.option("--hours", type=click.FloatRange(1, 720), metavar="HOURS",
+              help="How long the link stays valid (default: [portal] invite_hours).")
+@click.option("--no-qr", is_flag=True, help="Print only the URL, no QR code.")
+@pass_state
+def invite(state: CliState, name: str, hours: float | None, no_qr: bool) -> None:
+    """Print a one-time portal link (and its QR code) for NAME's first second factor.
+
+    With the link and their password, a user who has no second factor yet
+    signs in to the portal once and sets one up there.
+    """
+    config = state.config()
+    if config.portal is None:
+        raise CliError("invites are for the self-service portal: add a [portal] section")
+    if config.web is None or not config.web.public_url:
+        raise CliError("the portal is reached through the web listener: set [web] public_url")
+    store = state.user_store(name)
+    token = new_enrollment_token()
+    now = state.now()
+    expires = now + (config.portal.invite_hours if hours is None else hours) * 3600
+    # Only the digest is stored: the URL is the secret, and it is shown once.
+    store.add_invite(name, token_digest(token), expires, now=now)
+    url = f"{config.web.public_url.rstrip('/')}/portal/invite/{token}"
+    click.echo(url)
+    if not no_qr:
+        print_qr(url)
+    click.echo(f"valid once, until {iso_utc(expires)}, for user {name}")
+    account = store.load_account(name)
+    if account is not None and (account.tokens or account.devices):
+        click.echo(f"note: {name} has a second factor already; the portal takes an invite "
+                   "only from a user who has none", err=True)
 
 
 @user.command("block")
