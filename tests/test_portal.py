@@ -356,6 +356,31 @@ class SignInTests(PortalCase):
         self.assertIn("No second factor is set up for your account.", page.text)
         self.assertSignedOut()
 
+    def test_the_session_is_for_the_name_the_directory_gives(self):
+        class CaseFolding(MemoryDirectory):
+            def authenticate(self, username, password):
+                return super().authenticate(username.lower(), password)
+
+        self.auth.directory = CaseFolding(self.directory.users)
+        page = self.browser.sign_in("ALICE", "pw-alice", code=totp_code(T0))
+        self.assertEqual(page.location, "/portal/")
+        self.assertIn("Signed in as alice", self.signed_in().text)
+        # The core audits the name as typed; the history shows those rows too.
+        self.assertEqual(self.audit("ALICE"), [("accept", "totp", "ok")])
+        page = self.browser.get("/portal/history")
+        self.assertEqual(len(re.findall(r'name="id" value="\d+"', page.body)), 1)
+
+    def test_unenrolled_users_let_in_by_the_policy_are_not_signed_in_to_the_portal(self):
+        self.auth.policy = dataclasses.replace(POLICY, unenrolled="allow")
+        page = self.browser.sign_in("bob", "pw-bob")
+        self.assertEqual(page.status, 403)
+        self.assertIn("Ask your administrator for an invite link.", page.text)
+        self.assertSignedOut()
+        token = self.invite("bob")
+        self.browser.get(f"/portal/invite/{token}")
+        page = self.browser.post(f"/portal/invite/{token}", {"password": "pw-bob"})
+        self.assertEqual(page.location, "/portal/")
+
     def test_sign_out_ends_the_session(self):
         self.browser.sign_in()
         self.signed_in()

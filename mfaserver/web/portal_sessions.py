@@ -56,7 +56,8 @@ class Session:
     """One browser's session. ``user`` is None until sign-in.
 
     ``factor_at`` is when the user last passed a second factor (or used an
-    invite): adding a factor or changing the phone needs it to be recent.
+    invite, which stands in for one): adding a factor or changing the phone
+    needs it to be recent.
     """
 
     id: str = field(repr=False)
@@ -66,7 +67,6 @@ class Session:
     user: str | None = None
     username: str | None = None
     factor_at: float | None = None
-    via_invite: bool = False
     challenge: Challenge | None = None
     pending_token: str | None = None       # serial of a TOTP token awaiting its first code
     pending_phone: str | None = None       # a number awaiting its texted code
@@ -125,15 +125,13 @@ class Sessions:
             return session
         return None
 
-    def sign_in(self, old: Session | None, user: str, username: str, *,
-                via_invite: bool = False) -> Session:
+    def sign_in(self, old: Session | None, user: str, username: str) -> Session:
         """A new signed-in session for ``user`` (a new id), replacing ``old``."""
         if old is not None:
             self.end(old)
         session = self._make()
         session.user, session.username = user, username
         session.factor_at = session.created
-        session.via_invite = via_invite
         return self._add(session, signed_in=True)
 
     def end(self, session: Session) -> None:

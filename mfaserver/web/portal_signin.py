@@ -132,8 +132,10 @@ class SignIn:
         if not password:
             return self._invite_form(visit, user, status=400, error="Enter your password.")
         decision = await self._authenticate(visit, user, password)
-        # The core says so only after the directory accepted the password.
-        if decision.reason not in (Reason.NOT_ENROLLED, Reason.UNENROLLED_ALLOWED):
+        # The core says so only after the directory accepted the password (and a
+        # bypass of the user's is used up by any login, this one too).
+        if decision.reason not in (Reason.NOT_ENROLLED, Reason.UNENROLLED_ALLOWED,
+                                   Reason.BYPASS):
             if decision.outcome is Outcome.REJECT:
                 return self._invite_form(visit, user, status=401,
                                          error=decision.reply_message)
@@ -142,7 +144,7 @@ class SignIn:
             await self.portal.context.store.run(Store.use_invite, digest, now=self.portal.now())
         except InviteRefused:
             raise _invite_expired() from None
-        visit.session = self.portal.sessions.sign_in(visit.session, user, user, via_invite=True)
+        visit.session = self.portal.sessions.sign_in(visit.session, user, user)
         await self.portal.audit(visit, user, "invite_used", factor="invite", outcome="accept")
         visit.session.notice = ("Welcome. Add a sign-in method now: for the next 5 minutes "
                                 "this invite counts as your second factor.")
@@ -224,8 +226,10 @@ class SignIn:
             return self._form(visit, purpose, status=401, username=username,
                               error=decision.reply_message or "Authentication failed.")
         if decision.reason is not Reason.OK:
+            # A bypass, failmode "safe", or [mfa] unenrolled = "allow": no second factor.
             return self._form(visit, purpose, status=403, username=username,
-                              error=MSG_NEEDS_FACTOR)
+                              error=MSG_NO_FACTOR if decision.reason is Reason.UNENROLLED_ALLOWED
+                              else MSG_NEEDS_FACTOR)
         if purpose == "confirm":
             if session.user != user:
                 raise refused_to_sign_in(403, "You are not signed in", "Sign in first. Nothing was changed.")
