@@ -202,6 +202,11 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(self.decide(password="pw-alice").reason, Reason.BYPASS)
         self.assertIs(self.decide(password="pw-alice").outcome, Outcome.CHALLENGE)
 
+    def test_a_request_that_takes_no_bypass_leaves_it_pending(self):
+        self.db.add_bypass("alice", T0 + 600)
+        self.assertIs(self.decide(password="pw-alice", bypass=False).outcome, Outcome.CHALLENGE)
+        self.assertEqual(self.decide(password="pw-alice").reason, Reason.BYPASS)
+
     def test_expired_bypass_does_nothing(self):
         self.db.add_bypass("alice", T0 + 60)
         self.clock.advance(61)

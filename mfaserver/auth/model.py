@@ -99,6 +99,9 @@ class AuthRequest:
     calling_station_id: str | None = None
     source: str = ""  # "ip:port" of the NAS, for logs
     pap: bool = True  # False: CHAP / MS-CHAP / EAP, which we refuse
+    # False: a pending one-login bypass is neither used nor used up (the
+    # portal, where a bypass must not stand in for a second factor).
+    bypass: bool = True
 
 
 @dataclass(frozen=True)

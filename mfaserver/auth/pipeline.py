@@ -244,7 +244,7 @@ class Authenticator:
         now = self._clock.seconds()
         # The account read tells whether a bypass is pending, which saves the
         # store a write on every other login; consuming it is still atomic.
-        if (account is not None and account.bypass_until is not None
+        if (request.bypass and account is not None and account.bypass_until is not None
                 and account.bypass_until > now
                 and await self.store.consume_bypass(name, now=now)):
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,

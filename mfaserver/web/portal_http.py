@@ -60,9 +60,5 @@ def utc(timestamp: float) -> str:
 
 
 def client_address(request: WebRequest) -> str:
-    """The browser's IP address, for the audit log and the core's calling station.
-
-    `WebRequest` does not carry the peer's address yet; until it does (as
-    ``client_address``), this is empty.
-    """
-    return getattr(request, "client_address", "") or ""
+    """The browser's IP address, for the audit log and the core's calling station."""
+    return request.client_address

@@ -212,7 +212,7 @@ class SignIn:
         address = client_address(visit.request)
         return self.portal.core.authenticate(AuthRequest(
             client_name=CLIENT, username=username, password=password, state=state,
-            calling_station_id=address or None, source=address))
+            calling_station_id=address or None, source=address, bypass=False))
 
     def _decided(self, visit: Visit, decision: Decision, username: str, user: str,
                  purpose: str):

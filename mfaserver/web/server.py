@@ -183,11 +183,15 @@ class Form:
 
 
 class WebRequest:
-    """What a handler sees of one HTTP request; all text is already decoded."""
+    """What a handler sees of one HTTP request; all text is already decoded.
+
+    ``client_address`` is the peer's IP address ("" when unknown), as the
+    connection shows it (a reverse proxy in front would be that address).
+    """
 
     def __init__(self, method: str, path: str, params: dict[str, str],
                  query: dict[str, list[str]], headers: dict[str, str], body: bytes,
-                 url: str):
+                 url: str, client_address: str = ""):
         self.method = method
         self.path = path
         self.params = params
@@ -195,6 +199,7 @@ class WebRequest:
         self.headers = headers
         self.body = body
         self.url = url
+        self.client_address = client_address
 
     def json(self, schema: dict | None = None) -> dict:
         """The body as a JSON object, checked against ``schema`` if given.
@@ -349,7 +354,8 @@ def _web_request(request: server.Request, params: dict[str, str]) -> WebRequest:
     except (UnicodeDecodeError, ValueError):
         raise HttpError(400, "invalid_query", "the query string is malformed") from None
     return WebRequest(request.method.decode("ascii"), request.path.decode("ascii"), params,
-                      query, headers, body, _request_url(request))
+                      query, headers, body, _request_url(request),
+                      getattr(request.getClientAddress(), "host", ""))
 
 
 def _json_reply(status: int, value: dict) -> Response:
