@@ -310,6 +310,34 @@ class LongPollTests(Registry):
         self.open()     # must not touch the cancelled poll
         self.assertEqual(self.push._pollers, {})
 
+    def test_polls_with_different_deadlines_share_one_timer_and_each_fires_on_time(self):
+        first = self.push.wait_for_new("alice", 30)
+        self.clock.advance(10)
+        second = self.push.wait_for_new("bob", 5)
+        third = self.push.wait_for_new("carol", 30)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(5)
+        self.successResultOf(second)
+        self.assertNoResult(first)
+        self.clock.advance(15)
+        self.successResultOf(first)
+        self.assertNoResult(third)
+        self.clock.advance(10)
+        self.successResultOf(third)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_the_timer_moves_on_when_the_earliest_poll_is_answered_or_withdrawn(self):
+        early = self.push.wait_for_new("alice", 5)
+        late = self.push.wait_for_new("bob", 30)
+        self.open()                                  # answers alice's poll
+        self.successResultOf(early)
+        [timer] = [c for c in self.clock.getDelayedCalls() if c.func == self.push._polls_timed_out]
+        self.assertEqual(timer.getTime(), START + 30)
+        late.cancel()
+        self.failureResultOf(late, defer.CancelledError)
+        self.assertEqual([c for c in self.clock.getDelayedCalls()
+                          if c.func == self.push._polls_timed_out], [])
+
     def test_joining_a_login_does_not_wake_polls(self):
         key = ("alice", "nas", "x")
         self.open(login_key=key)

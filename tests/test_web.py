@@ -10,6 +10,7 @@ real sockets.
 from __future__ import annotations
 
 import json
+import weakref
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,6 +79,9 @@ def make_app(clock) -> tuple[WebApp, list]:
     app.route("GET", "/forbidden", forbidden)
     app.route("GET", "/twiml", twiml)
     app.route("GET", "/wait", wait)
+    app.route("GET", "/poll/<device_id>", wait, long_poll=True)
+    app.route("GET", "/poll/<device_id>/now", show, long_poll=True)
+    app.route("GET", "/poll/<device_id>/forbidden", forbidden, long_poll=True)
     return app, pending
 
 
@@ -297,7 +301,7 @@ def chunked(data: bytes, size: int = 256) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
 
 
-class SiteTests(SynchronousTestCase):
+class SiteCase(SynchronousTestCase):
     """The real Site from make_site, on a Clock."""
 
     def setUp(self):
@@ -315,6 +319,8 @@ class SiteTests(SynchronousTestCase):
                          ("application/json", "no-store"))
         self.assertTrue(connection.closed)
 
+
+class SiteTests(SiteCase):
     def test_serves_the_app_with_our_headers(self):
         connection = self.connect().send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         status, headers, body = connection.response()
@@ -376,6 +382,82 @@ class SiteTests(SynchronousTestCase):
         connection.hang_up()
         self.assertEqual(self.pending[1:], ["cancelled"])
         self.assertEqual(connection.transport.value(), b"")
+
+
+class LongPollTests(SiteCase):
+    """Routes served without klein (WebApp.route(..., long_poll=True))."""
+
+    def poll(self, path: bytes = b"/poll/d1", host: bytes = b"x") -> Connection:
+        return self.connect().send(b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, host))
+
+    def test_answers_when_its_deferred_fires_with_our_headers(self):
+        connection = self.poll()
+        [d] = self.pending
+        self.assertEqual(connection.transport.value(), b"")
+        d.callback({"transactions": []})
+        status, headers, body = connection.response()
+        self.assertEqual((status, json.loads(body)), (200, {"transactions": []}))
+        self.assertEqual((headers["content-type"], headers["cache-control"], headers["server"]),
+                         ("application/json", "no-store", "mfaserver"))
+        self.assertFalse(connection.closed)       # kept alive for the next poll
+
+    def test_a_handler_that_answers_at_once_gets_its_params(self):
+        status, _, body = self.poll(b"/poll/d-1_X/now?wait=3").response()
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(body)["params"], {"device_id": "d-1_X"})
+        self.assertEqual(json.loads(body)["query"], {"wait": ["3"]})
+
+    def test_errors_are_the_same_json_errors_as_on_other_routes(self):
+        status, _, body = self.poll(b"/poll/d1/forbidden").response()
+        self.assertEqual((status, json.loads(body)["error"]), (403, "forbidden"))
+        connection = self.poll()
+        self.pending[0].errback(RuntimeError("secret detail"))
+        status, _, body = connection.response()
+        self.assertEqual((status, json.loads(body)), (500, {
+            "error": "internal", "message": "internal server error"}))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        connection = self.poll()
+        self.pending[1].callback(["not", "a", "dict"])
+        self.assertEqual(connection.response()[0], 500)
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
+
+    def test_another_method_or_a_parameter_that_is_no_identifier_goes_to_the_router(self):
+        connection = self.connect().send(b"POST /poll/d1 HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Length: 0\r\n\r\n")
+        status, headers, _ = connection.response()
+        self.assertEqual((status, headers["allow"]), (405, "GET"))
+        for path in [b"/poll/a.b", b"/poll/" + b"a" * 129, b"/poll/d1/", b"/poll"]:
+            status, _, body = self.poll(path).response()
+            self.assertEqual((status, json.loads(body)["error"]), (404, "not_found"), path)
+        self.assertEqual(self.pending, [])
+
+    def test_a_host_header_that_is_no_host_name_is_400(self):
+        status, _, body = self.poll(host=b"a" * 64 + b".example.org").response()
+        self.assertEqual((status, json.loads(body)["error"]), (400, "invalid_host"))
+        self.assertEqual(self.pending, [])
+
+    def test_hanging_up_withdraws_the_poll(self):
+        connection = self.poll()
+        connection.hang_up()
+        self.assertEqual(self.pending[1:], ["cancelled"])
+        self.assertEqual(connection.transport.value(), b"")
+
+    def test_an_answered_request_is_freed_at_once_without_the_cycle_collector(self):
+        # A thousand open pages renew their polls every 30 s; requests tied
+        # into reference cycles would wait for a full collection (a klein
+        # route's do). Refcounting alone must free this one.
+        connection = self.poll()
+        [request] = connection.protocol._channel.requests
+        gone = weakref.ref(request)
+        del request
+        self.pending[0].callback({"transactions": []})
+        self.assertEqual(connection.response()[0], 200)
+        self.assertIsNone(gone())
+
+    def test_only_literal_and_name_segments(self):
+        for path in ["/poll/<path:rest>", "/poll/<int:n>", "/poll/a<b>"]:
+            with self.assertRaises(ValueError):
+                self.app.route("GET", path, lambda request: {}, long_poll=True)
 
 
 # --- Listening -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -84,8 +84,10 @@ class AppPage:
         self.driver = driver
 
     def wait(self, condition, seconds: float = WAIT, message: str = ""):
+        # Chromium may report an element the page just re-rendered as an
+        # "inspector error" rather than as stale: both mean "look again".
         return WebDriverWait(self.driver, seconds, ignored_exceptions=(
-            StaleElementReferenceException,)).until(condition, message)
+            StaleElementReferenceException, WebDriverException)).until(condition, message)
 
     def text(self, element_id: str) -> str:
         return self.driver.find_element(By.ID, element_id).text

@@ -22,7 +22,10 @@ repeated login joins it instead of pushing again.
 
 from __future__ import annotations
 
+import functools
+import heapq
 import hmac
+import itertools
 from collections import OrderedDict
 from typing import Callable, Hashable
 
@@ -120,6 +123,11 @@ class PushTransactions:
         self._by_user: dict[str, list[PushTransaction]] = {}
         self._done: OrderedDict[str, tuple[PushTransaction, float]] = OrderedDict()
         self._pollers: dict[str, list[Deferred]] = {}
+        # Long polls by deadline, (deadline, sequence, user, Deferred), and one
+        # timer for the earliest: a thousand open pages cost no timer each.
+        self._poll_deadlines: list[tuple[float, int, str, Deferred]] = []
+        self._poll_sequence = itertools.count()
+        self._poll_timer = None
         # user -> pending transactions with a number (number matching holds no
         # login, so these count towards the pending-login limits separately).
         self._numbered: dict[str, int] = {}
@@ -160,8 +168,11 @@ class PushTransactions:
         if number is not None:
             self._numbered[user] = self._numbered.get(user, 0) + 1
             self._numbered_total += 1
-        for poller in self._pollers.pop(user, ()):
+        pollers = self._pollers.pop(user, ())
+        for poller in pollers:
             poller.callback(None)
+        if pollers:
+            self._arm_poll_timer()
         if self.wake is not None:
             try:
                 self.wake(user)
@@ -224,6 +235,10 @@ class PushTransactions:
             for poller in pollers:
                 poller.callback(None)
         self._pollers.clear()
+        self._poll_deadlines.clear()
+        if self._poll_timer is not None and self._poll_timer.active():
+            self._poll_timer.cancel()
+        self._poll_timer = None
 
     # --- the device side ---
 
@@ -234,10 +249,11 @@ class PushTransactions:
     def wait_for_new(self, user: str, timeout: float) -> Deferred[None]:
         """A long poll: fire with None when a transaction opens for ``user``, or after
         ``timeout`` seconds, whichever is first."""
-        d = Deferred(lambda d: self._drop_poller(user, d))
+        d = Deferred(functools.partial(self._poll_cancelled, user))
         self._pollers.setdefault(user, []).append(d)
-        call = self._clock.callLater(timeout, self._poll_timed_out, user, d)
-        d.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        deadline = self._clock.seconds() + timeout
+        heapq.heappush(self._poll_deadlines, (deadline, next(self._poll_sequence), user, d))
+        self._arm_poll_timer()
         return d
 
     def answer(self, txid: str, device_user: str, decision: str,
@@ -319,10 +335,39 @@ class PushTransactions:
                 break
             self._done.popitem(last=False)
 
-    def _poll_timed_out(self, user: str, d: Deferred) -> None:
+    def _arm_poll_timer(self) -> None:
+        """One timer, for the earliest deadline of a poll still open (none: no timer)."""
+        while self._poll_deadlines and not self._is_polling(*self._poll_deadlines[0][2:]):
+            heapq.heappop(self._poll_deadlines)     # answered or gone before its time
+        timer = self._poll_timer
+        if self._poll_deadlines:
+            deadline = self._poll_deadlines[0][0]
+            if timer is not None and timer.active() and timer.getTime() == deadline:
+                return
+            delay = max(0.0, deadline - self._clock.seconds())
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._poll_timer = None
+        if self._poll_deadlines:
+            self._poll_timer = self._clock.callLater(delay, self._polls_timed_out)
+
+    def _polls_timed_out(self) -> None:
+        self._poll_timer = None
+        now = self._clock.seconds()
+        while self._poll_deadlines and self._poll_deadlines[0][0] <= now:
+            _, _, user, d = heapq.heappop(self._poll_deadlines)
+            if self._is_polling(user, d):
+                self._drop_poller(user, d)
+                d.callback(None)
+        self._arm_poll_timer()
+
+    def _is_polling(self, user: str, d: Deferred) -> bool:
+        return d in self._pollers.get(user, ())
+
+    def _poll_cancelled(self, user: str, d: Deferred) -> None:
+        """The client went away: forget its poll (and the timer, if it was for it alone)."""
         self._drop_poller(user, d)
-        if not d.called:
-            d.callback(None)
+        self._arm_poll_timer()
 
     def _drop_poller(self, user: str, d: Deferred) -> None:
         pollers = self._pollers.get(user)

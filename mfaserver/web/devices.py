@@ -141,7 +141,8 @@ class DeviceApi:
 
     def add_routes(self, app: WebApp) -> None:
         app.route("POST", "/v1/enroll/<token>", self.enroll)
-        app.route("GET", "/v1/devices/<device_id>/transactions", self.transactions)
+        app.route("GET", "/v1/devices/<device_id>/transactions", self.transactions,
+                  long_poll=True)
         app.route("POST", "/v1/transactions/<txid>", self.answer)
 
     # --- POST /v1/enroll/{token} ---
@@ -174,7 +175,10 @@ class DeviceApi:
 
     # --- GET /v1/devices/{device_id}/transactions ---
 
-    async def transactions(self, request: WebRequest):
+    def transactions(self, request: WebRequest) -> Deferred:
+        # Written with callbacks, not as a coroutine: a thousand open pages
+        # each hold a poll for up to 30 s, and a suspended coroutine keeps its
+        # frames (and the request) the whole time.
         device_id = request.params["device_id"]
         timestamp_text = request.headers.get("x-mfa-timestamp", "")
         nonce = request.headers.get("x-mfa-nonce", "")
@@ -188,7 +192,13 @@ class DeviceApi:
         except ValueError as e:
             raise HttpError(400, "invalid_request", str(e)) from None
         wait = self._wait_seconds(request)
-        device = await self._store.get_device(device_id)
+        d = self._store.get_device(device_id)
+        d.addCallback(self._checked_poll, device_id, message, signature, timestamp, nonce, wait)
+        return d
+
+    def _checked_poll(self, device: Device | None, device_id: str, message: bytes,
+                      signature: str, timestamp: int, nonce: str, wait: int):
+        """The transactions for a signed, fresh, first-seen poll; at once, or once one opens."""
         if device is None or not proto.verify(self._key(device), message, signature):
             raise _unauthorized()
         now = self._clock.seconds()
@@ -197,9 +207,14 @@ class DeviceApi:
         if not self._polls.check((device_id, nonce), timestamp, now):
             raise _unauthorized()
         found = self._live(device.user)
-        if not found and wait > 0:
-            await self._push.wait_for_new(device.user, wait)
-            found = self._live(device.user)
+        if found or wait <= 0:
+            return self._transactions(found)
+        waiting = self._push.wait_for_new(device.user, wait)
+        waiting.addCallback(lambda _: self._transactions(self._live(device.user)))
+        return waiting
+
+    @staticmethod
+    def _transactions(found: list) -> dict:
         return {"transactions": [txn.to_json() for txn in found]}
 
     def _wait_seconds(self, request: WebRequest) -> int:

@@ -21,6 +21,10 @@ Sections (``--only``, comma separated):
   push        issue #4: 10,000 logins held pending a push in one daemon, then approved
               through the device API: memory per pending login, Status-Server p99 while
               pending, approvals/s end to end, lost/duplicate wake-ups (scripts/push_load.py)
+  webapp      issue #10: the web authenticator open in headless Chromium: sign-in shown in
+              the page and Approve-to-Accept latency (p50/p95 over 50 logins), its assets'
+              size, and 1,000 idle pages long-polling: daemon CPU and memory
+              (scripts/webapp_load.py)
 
 Everything listens and sends on 127.0.0.1 only; every loop is bounded in count
 and every child process in time. A section whose piece is missing (no
@@ -63,7 +67,7 @@ VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"  # the only address this script ever talks to
 SECRET = "bench-shared-secret-0123456789"
 LOGIN_PASSWORD = "bench-password"
-SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "push")
+SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "push", "webapp")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -1125,6 +1129,47 @@ def bench_push(report: Report, args) -> None:
         f"({machine['cpu']}); the generator shares them with the daemon.")
 
 
+# --- section: webapp (issue #10) ----------------------------------------------------------
+
+def bench_webapp(report: Report, args) -> None:
+    """Issue #10: scripts/webapp_load.py in a child process; its rows become table rows."""
+    section = "webapp"
+    mfaserver_command()
+    script = HERE.parent / "webapp_load.py"
+    argv = [sys.executable, str(script), "--json", "--logins", str(args.webapp_logins),
+            "--pages", str(args.webapp_pages)]
+    progress(f"webapp: {args.webapp_logins} logins approved in headless Chromium, then "
+             f"{args.webapp_pages:,} idle pages (scripts/webapp_load.py)")
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True,
+                             timeout=600, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise NotAvailable("webapp_load.py did not finish in 600 s") from None
+    try:
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise NotAvailable(f"webapp_load.py printed no result (exit {out.returncode})") \
+            from None
+    if "error" in figures:
+        raise NotAvailable(figures["error"])
+    for metric, value, target, met, note in figures["rows"]:
+        note = f"[{target}: {'met' if met == 'yes' else 'NOT MET'}] {note}"
+        report.add(section, "web authenticator", metric, value, note)
+    machine = figures["machine"]
+    report.notes.append(
+        f"Web authenticator (issue #10): scripts/webapp_load.py enrolls headless Chromium "
+        "(Debian's chromium, driven by chromium-driver) from an enrollment link and sends "
+        f"{figures['logins']} \"password,push\" logins one after the other; shown = the "
+        "moment a MutationObserver in the page sees the Approve button minus the moment the "
+        "Access-Request was sent; accepted = Access-Accept received minus the click noted "
+        f"in the page (both this machine's clock). Idle pages: {figures['pages']:,} devices, "
+        "one signed long poll each (wait=30, polled again as each returns) from one "
+        "process; daemon CPU over 30 s after 40 s of settling, as a share of one core, and "
+        "its RSS growth. Assets: every file under mfaserver/web/static/app plus the /app/ "
+        f"page. Machine: {machine['cores']} cores ({machine['cpu']}); Chromium and the "
+        "generator share them with the daemon.")
+
+
 # --- main ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -1178,6 +1223,10 @@ def parse_args(argv=None):
                         help="push: logins held pending at once (default 10000)")
     parser.add_argument("--push-timeout", type=float, default=1200,
                         help="push: seconds allowed for scripts/push_load.py (default 1200)")
+    parser.add_argument("--webapp-logins", type=int, default=50,
+                        help="webapp: logins approved in the browser (default 50)")
+    parser.add_argument("--webapp-pages", type=int, default=1000,
+                        help="webapp: idle pages long-polling at once (default 1000)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, logs, stores)")
     args = parser.parse_args(argv)
@@ -1188,7 +1237,7 @@ def parse_args(argv=None):
                      f"choose from {', '.join(SECTIONS)}")
     for name in ("count", "inflight", "repeat", "login_runs", "logins", "login_inflight",
                  "scale_users", "ldap_logins", "ldap_runs", "ldap_inflight", "ldap_rate",
-                 "ldap_latency_seconds", "push_logins"):
+                 "ldap_latency_seconds", "push_logins", "webapp_logins", "webapp_pages"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.inflight > 255 or args.login_inflight > 255 or args.ldap_inflight > 255:
@@ -1251,6 +1300,13 @@ def main(argv=None) -> int:
                 report.na("push", "all", str(e))
             except Exception as e:  # a piece under construction must not stop the table
                 report.na("push", "all", f"error: {type(e).__name__}: {e}")
+        if "webapp" in args.sections:
+            try:
+                bench_webapp(report, args)
+            except NotAvailable as e:
+                report.na("webapp", "all", str(e))
+            except Exception as e:  # a piece under construction must not stop the table
+                report.na("webapp", "all", f"error: {type(e).__name__}: {e}")
     except KeyboardInterrupt:
         progress("interrupted")
         report.notes.append("INTERRUPTED: partial results.")

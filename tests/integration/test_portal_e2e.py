@@ -88,10 +88,17 @@ class Portal:
         """Click the (first) button saying ``text``; wait for the page titled ``until``."""
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
-        old = self.driver.find_element(By.TAG_NAME, "html")
+        from selenium.common.exceptions import WebDriverException
+        # A mark on the old page's window: gone once the next page has loaded.
+        # (Waiting for the old <html> to go stale races with Chromium, which
+        # may report a half-replaced node as an "inspector error".)
+        self.driver.execute_script("window.__beforePress = true")
         self.driver.find_element(By.XPATH, f'//button[normalize-space()="{text}"]').click()
-        wait = WebDriverWait(self.driver, 30, poll_frequency=0.05)
-        wait.until(lambda d: _stale(old))
+        wait = WebDriverWait(self.driver, 30, poll_frequency=0.05,
+                             ignored_exceptions=(WebDriverException,))
+        wait.until(lambda d: d.execute_script(
+            "return window.__beforePress === undefined"
+            " && document.readyState === 'complete'"))
         if until is not None:
             wait.until(lambda d: d.title == until,
                        message=f"expected the page {until!r}, not {self.driver.title!r}")
@@ -112,15 +119,6 @@ class Portal:
     def cookie(self) -> dict:
         [cookie] = [c for c in self.driver.get_cookies() if c["name"] == COOKIE]
         return cookie
-
-
-def _stale(element) -> bool:
-    from selenium.common.exceptions import StaleElementReferenceException
-    try:
-        element.tag_name
-        return False
-    except StaleElementReferenceException:
-        return True
 
 
 def post_form(url: str, fields: dict, cookie: str | None) -> tuple[int, str]:
