@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import os
 import signal
+from urllib.parse import urlsplit
 
 from twisted.application import internet
 from twisted.application import service as tservice
@@ -26,6 +27,7 @@ from twisted.internet import error as terror
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from mfaserver.addresses import is_loopback
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import Directory
 from mfaserver.auth.pipeline import Authenticator
@@ -542,7 +544,8 @@ class MfaDaemon(tservice.MultiService):
         DeviceApi(self.threaded, self.push, self._reactor,
                   report_fraud=lambda user, client: Deferred.fromCoroutine(
                       self.authenticator.report_fraud(user, client, "push")),
-                  audit=self.threaded.record_audit).add_routes(app)
+                  audit=self.threaded.record_audit,
+                  loopback_push=_on_loopback(config.web.public_url)).add_routes(app)
         if self.voice is not None:
             from mfaserver.web.voice import add_voice_routes
             # The token as configured now: a reload may rotate it.
@@ -689,6 +692,11 @@ class MfaDaemon(tservice.MultiService):
         auth.pending.max_total = new.mfa.max_pending
         auth.set_factors(built["factors"])
         self._schedule_sync(new)
+
+
+def _on_loopback(public_url: str | None) -> bool:
+    """True for a web listener reached on this host only (tests, a demo)."""
+    return bool(public_url) and is_loopback(urlsplit(public_url).hostname or "")
 
 
 def audit_late_call(threaded: ThreadedStore, clock, user: str) -> None:

@@ -318,10 +318,31 @@ class WebPushEnrollmentTests(DeviceApiCase):
         self.assertEqual(json.loads(self.db.get_device(device_id).notify_keys),
                          {"p256dh": P256DH, "auth": AUTH})
 
-    def test_an_endpoint_on_loopback_may_be_http(self):
+    def test_an_endpoint_on_loopback_may_be_http_for_a_server_on_loopback(self):
+        self.api = DeviceApi(ThreadedStore(self.db, run_now), self.push, self.clock,
+                             report_fraud=self.report_fraud, audit=self.audit,
+                             loopback_push=True)
+        self.app = WebApp(self.clock)
+        self.api.add_routes(self.app)
+        self.http = StubTreq(self.app.resource())
         device_id, _ = self.enroll(notify=webpush_notify("http://127.0.0.1:8080/wpush/1"))
         self.assertEqual(self.db.get_device(device_id).notify_url,
                          "http://127.0.0.1:8080/wpush/1")
+
+    def test_an_endpoint_inside_the_network_is_refused(self):
+        # Every sign-in would make the daemon POST there.
+        token = add_token(self.db, "alice", NOW)
+        key = proto.generate_device_key()
+        for url in ["http://127.0.0.1:8080/wpush/1", "https://127.0.0.1/wpush",
+                    "https://10.0.0.5/x", "https://[fd00::1]/x", "https://intranet/x",
+                    "https://push.example.net:9200/x", "https://wiki.corp.local/x",
+                    "https://localhost/x", "https://push.example.net:99999/x"]:
+            with self.subTest(url=url):
+                status, data = self.call("POST", f"/v1/enroll/{token}",
+                                         body=enroll_body(token, key, NOW, webpush_notify(url)))
+                self.assertEqual((status, data["error"]), (400, "invalid_request"))
+                self.assertIn("notify.url", data["message"])
+        self.assertEqual(self.db.list_devices("alice"), [])
 
     def test_other_kinds_keep_no_keys(self):
         device_id, _ = self.enroll(notify={"type": "ntfy", "url": "https://ntfy.example.com/t"})
@@ -412,6 +433,16 @@ class PollTests(DeviceApiCase):
         self.clock.advance(1)
         again = poll_headers(device_id, key, self.now, nonce=headers["x-mfa-nonce"])
         self.assertError(self.poll_now(device_id, None, headers=again), 401, "unauthorized")
+
+    def test_a_full_replay_window_is_503_busy_not_401(self):
+        # A 401 tells the web authenticator its device was removed, and it
+        # stops; one device filling the window must not stop every page.
+        self.api._polls = proto.FreshnessWindow(skew=60, max_entries=1)
+        device_id, key = self.enroll()
+        self.assertEqual(self.poll_now(device_id, key)[0], 200)
+        self.assertError(self.poll_now(device_id, key), 503, "busy")
+        self.clock.advance(121)
+        self.assertEqual(self.poll_now(device_id, key)[0], 200)
 
     def test_stale_timestamp_is_401_stale_timestamp(self):
         device_id, key = self.enroll()

@@ -18,6 +18,10 @@ from urllib.parse import urlencode
 
 from treq.testing import StubTreq
 from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mfaserver.auth.challenges import ChallengeRegistry
@@ -38,7 +42,7 @@ from mfaserver.testing import MemoryDirectory, MemorySmsGateway, run_now
 from mfaserver.web.context import WebContext
 from mfaserver.web.portal import STEP_UP_SECONDS, PortalSettings, add_portal_routes
 from mfaserver.web.portal_sessions import COOKIE, Sessions
-from mfaserver.web.server import CONTENT_SECURITY_POLICY, WebApp
+from mfaserver.web.server import CONTENT_SECURITY_POLICY, WebApp, WebSettings, make_site
 from test_pipeline_oob import FakeAlerts
 
 T0 = 1_700_000_010.0
@@ -411,6 +415,39 @@ class SignInTests(PortalCase):
         self.assertIn("The portal is not enabled", page.text)
 
 
+class HangUpTests(PortalCase):
+    """Over the real Site: a browser that hangs up while its push is held."""
+
+    def test_hanging_up_leaves_the_sign_in_to_finish_and_be_audited(self):
+        app = WebApp(self.clock)
+        add_portal_routes(app, self.context)
+        site = make_site(app, WebSettings())
+        _, transport = _connect(site, b"GET /portal/signin HTTP/1.1\r\nHost: x\r\n\r\n")
+        page = transport.value().decode()
+        cookie = re.search(r"Set-Cookie: (__Host-mfaportal=[^;]+)", page).group(1)
+        csrf = re.search(r'name="csrf" value="([^"]*)"', page).group(1)
+        body = urlencode({"csrf": csrf, "username": "alice", "password": "pw-alice",
+                          "method": "push"}).encode()
+        protocol, transport = _connect(site, (
+            b"POST /portal/signin HTTP/1.1\r\nHost: x\r\nCookie: %s\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n"
+            % (cookie.encode(), len(body))) + body)
+        self.assertEqual(len(self.push.pending_for("alice")), 1)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.push.pending_for("alice")), 1)    # still held
+        self.clock.advance(POLICY.timeout + 1)
+        self.assertEqual(self.audit()[-1][0], "reject")
+
+
+def _connect(site, data: bytes):
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
+                                hostAddress=IPv4Address("TCP", "127.0.0.1", 8443))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
+    return protocol, transport
+
+
 class NumberMatchingTests(PortalCase):
     number_matching = True
 
@@ -529,6 +566,13 @@ class StepUpTests(PortalCase):
         self.assertIn("For the next 5 minutes", self.browser.followed.text)
         page = self.browser.post("/portal/totp")
         self.assertEqual(page.location, "/portal/totp")
+
+    def test_setting_the_voice_pin_after_five_minutes_asks_again(self):
+        self.browser.sign_in()
+        self.clock.advance(STEP_UP_SECONDS + 1)
+        page = self.browser.post("/portal/pin", {"pin": "4321", "pin2": "4321"})
+        self.assertEqual(page.location, "/portal/confirm")
+        self.assertIsNone(self.db.get_pin_hash("alice"))
 
     def test_changing_the_phone_after_five_minutes_asks_again_and_comes_back(self):
         self.browser.sign_in()
@@ -692,6 +736,56 @@ class ActionTests(PortalCase):
         self.assertEqual(self.db.get_user("alice").phone, NEW_PHONE)
         self.assertEqual([a[2] for a in self.audit()[1:]],
                          ["phone_code_sent", "phone_code_wrong", "phone_changed"])
+
+    def test_a_code_confirms_only_the_number_it_was_texted_to(self):
+        # Two sessions of one user: A asks for a number the user does not
+        # hold, B for one they do; B's code typed in A must not save A's number.
+        other = Browser(self)
+        self.clock.advance(31)
+        other.sign_in(code=totp_code(self.clock.seconds()))
+        self.assertEqual(self.browser.post("/portal/phone", {"phone": "+16502530077"}).status,
+                         303)
+        self.assertEqual(other.post("/portal/phone", {"phone": NEW_PHONE}).status, 303)
+        code = self.gateway.last_code()
+        page = self.browser.post("/portal/phone/confirm", {"code": code})
+        self.assertEqual(page.status, 409)
+        self.assertIn("A newer code was sent to another number", page.text)
+        self.assertEqual(self.db.get_user("alice").phone, ALICE_PHONE)
+        page = other.post("/portal/phone/confirm", {"code": code})
+        self.assertEqual(page.location, "/portal/")
+        self.assertEqual(self.db.get_user("alice").phone, NEW_PHONE)
+
+    def test_five_wrong_codes_for_a_new_number_end_it(self):
+        self.browser.post("/portal/phone", {"phone": NEW_PHONE})
+        code = self.gateway.last_code()
+        for _ in range(5):
+            page = self.browser.post("/portal/phone/confirm", {"code": "000000"})
+        self.assertIn("Too many wrong codes", page.text)
+        self.assertEqual(self.browser.post("/portal/phone/confirm", {"code": code}).status, 409)
+        self.assertEqual(self.db.get_user("alice").phone, ALICE_PHONE)
+
+    def test_a_user_blocked_elsewhere_is_signed_out_of_the_portal(self):
+        # A fraud report from a phone, or an administrator's block.
+        other = Browser(self)
+        self.clock.advance(31)
+        other.sign_in(code=totp_code(self.clock.seconds()))
+        self.db.set_blocked("alice", True)
+        page = self.browser.post("/portal/devices/delete", {"device": "dev-alice"})
+        self.assertEqual(page.status, 403)
+        self.assertEqual([d.id for d in self.db.list_devices("alice")], ["dev-alice"])
+        self.assertSignedOut()
+        self.assertSignedOut(other)
+
+    def test_a_deleted_user_is_signed_out_of_the_portal(self):
+        self.db.delete_user("alice")
+        self.assertSignedOut()
+
+    def test_the_portals_own_actions_do_not_push_sign_ins_out_of_the_history(self):
+        for _ in range(205):       # more than the rows once read to find 50 sign-ins
+            self.browser.post("/portal/default", {"method": ""})
+        page = self.browser.get("/portal/history")
+        self.assertNotIn("No sign-ins yet", page.text)
+        self.assertIn("Your last 1 sign-ins", page.text)
 
     def test_a_number_that_is_not_one_is_refused_with_a_reason(self):
         page = self.browser.post("/portal/phone", {"phone": "0301234567"})

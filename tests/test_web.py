@@ -384,6 +384,14 @@ class SiteTests(SiteCase):
         self.assertEqual(connection.transport.value(), b"")
 
 
+def test_one_time_link_tokens_are_not_logged():
+    from mfaserver.web.server import loggable_path
+    assert loggable_path("/portal/invite/SECRET") == "/portal/invite/<token>"
+    assert loggable_path("/v1/enroll/SECRET") == "/v1/enroll/<token>"
+    assert loggable_path("/v1/devices/d1/transactions") == "/v1/devices/d1/transactions"
+    assert loggable_path("/portal/invite/") == "/portal/invite/"
+
+
 class LongPollTests(SiteCase):
     """Routes served without klein (WebApp.route(..., long_poll=True))."""
 

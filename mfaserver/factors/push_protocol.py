@@ -380,6 +380,11 @@ class FreshnessWindow:
     def __len__(self) -> int:
         return len(self._expiry)
 
+    @property
+    def full(self) -> bool:
+        """True while no new key can be remembered (`check` refuses every one)."""
+        return len(self._expiry) >= self.max_entries
+
     def check(self, key: tuple, timestamp: int, now: float) -> bool:
         """True the first time ``key`` is seen with a fresh ``timestamp``; else False."""
         self._expire(now)

@@ -917,20 +917,23 @@ class Store:
             conn.executemany(_AUDIT_INSERT, [_audit_row(e) for e in entries])
 
     @_guarded
-    def recent_audit(self, *, user: str | None = None, limit: int = 20) -> list[AuditEntry]:
-        """Return up to ``limit`` audit rows, newest first, optionally for one user."""
+    def recent_audit(self, *, user: str | None = None, limit: int = 20,
+                     outcomes: tuple[str, ...] = ()) -> list[AuditEntry]:
+        """Return up to ``limit`` audit rows, newest first, optionally for one user
+        and only with one of ``outcomes`` (e.g. the sign-ins: accept, reject)."""
         columns = "id, time, user, client, nas_ip, calling_station_id, factor, outcome, reason"
-        if user is None:
-            rows = self._conn.execute(
-                f"SELECT {columns} FROM audit ORDER BY time DESC, id DESC LIMIT ?",
-                (max(limit, 0),),
-            )
-        else:
-            rows = self._conn.execute(
-                f"SELECT {columns} FROM audit WHERE user = ?"
-                " ORDER BY time DESC, id DESC LIMIT ?",
-                (user, max(limit, 0)),
-            )
+        where, params = [], []
+        if user is not None:
+            where.append("user = ?")
+            params.append(user)
+        if outcomes:
+            where.append(f"outcome IN ({', '.join('?' * len(outcomes))})")
+            params.extend(outcomes)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self._conn.execute(
+            f"SELECT {columns} FROM audit{clause} ORDER BY time DESC, id DESC LIMIT ?",
+            (*params, max(limit, 0)),
+        )
         return [
             AuditEntry(
                 id=r[0], time=r[1], user=r[2], client=r[3], nas_ip=r[4],

@@ -9,6 +9,7 @@ is a JSON error with the document's status and code.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 from typing import Callable
 from urllib.parse import urlsplit
@@ -87,10 +88,16 @@ def _json(request: WebRequest, schema: dict) -> dict:
         raise
 
 
-def check_notify(notify: dict) -> str | None:
+def check_notify(notify: dict, *, loopback_push: bool = False) -> str | None:
     """Check an enrollment's ``notify`` (already of the schema's shape); returns
-    what `Device.notify_keys` keeps: the Web Push keys as JSON, or None."""
+    what `Device.notify_keys` keeps: the Web Push keys as JSON, or None.
+
+    ``loopback_push``: a Web Push endpoint on this host is allowed (a server
+    whose own public URL is on loopback: the tests' stand-in push service).
+    """
     check_notify_url(notify["url"])
+    if notify["type"] == "webpush":
+        check_push_endpoint(notify["url"], loopback=loopback_push)
     keys = notify.get("keys")
     if notify["type"] != "webpush":
         if keys is not None:
@@ -119,6 +126,37 @@ def check_notify_url(url: str) -> str:
     raise HttpError(400, "invalid_request", "notify.url: must be an https:// URL")
 
 
+def check_push_endpoint(url: str, *, loopback: bool = False) -> None:
+    """A Web Push endpoint must be a push service's: https, a DNS name, port 443.
+
+    Anyone with an enrollment link (and, through the portal, any signed-in
+    user) chooses this URL, and every sign-in then makes the daemon POST to
+    it: an IP address, a bare or local name or another port could aim those
+    POSTs at services inside the network.
+    """
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if loopback and parts.scheme in ("http", "https") and is_loopback(host):
+        return
+    if (parts.scheme != "https" or port not in (None, 443) or "." not in host
+            or _is_ip_address(host) or host.endswith((".localhost", ".local", ".internal"))):
+        raise HttpError(400, "invalid_request",
+                        "notify.url: a Web Push endpoint must be an https:// URL of a push"
+                        " service (a host name, port 443)")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 class DeviceApi:
     """Serves the device API over ``store`` (a `ThreadedStore`) and ``push``.
 
@@ -130,13 +168,14 @@ class DeviceApi:
     def __init__(self, store, push: PushTransactions, clock: IReactorTime, *,
                  report_fraud: Callable[[str, str], Deferred],
                  audit: Callable[[AuditEntry], Deferred],
-                 max_poll_seconds: int = MAX_POLL_SECONDS):
+                 max_poll_seconds: int = MAX_POLL_SECONDS, loopback_push: bool = False):
         self._store = store
         self._push = push
         self._clock = clock
         self._report_fraud = report_fraud
         self._audit = audit
         self._max_poll = max_poll_seconds
+        self._loopback_push = loopback_push
         self._polls = proto.FreshnessWindow(skew=SKEW_SECONDS)
 
     def add_routes(self, app: WebApp) -> None:
@@ -154,7 +193,8 @@ class DeviceApi:
         except ValueError as e:
             raise HttpError(400, "invalid_request", f"public_key: {e}") from None
         notify = body.get("notify")
-        notify_keys = check_notify(notify) if notify is not None else None
+        notify_keys = (check_notify(notify, loopback_push=self._loopback_push)
+                       if notify is not None else None)
         digest = proto.token_digest(request.params["token"])
         message = proto.enroll_message(digest, body["public_key"], body["timestamp"])
         if not proto.verify(public_key, message, body["signature"]):
@@ -205,6 +245,10 @@ class DeviceApi:
         if not proto.is_fresh(timestamp, now, SKEW_SECONDS):
             raise _stale()
         if not self._polls.check((device_id, nonce), timestamp, now):
+            if self._polls.full:
+                # Not this device's fault: every page would take a 401 as
+                # "removed" and stop polling. A 5xx makes them back off and retry.
+                raise HttpError(503, "busy", "too many requests at once; try again shortly")
             raise _unauthorized()
         found = self._live(device.user)
         if found or wait <= 0:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -41,7 +42,7 @@ from mfaserver.web.pages import render
 from mfaserver.web.portal_http import (CLIENT, Refused, Visit, client_address, redirect,
                                        refused_to_sign_in, utc)
 from mfaserver.web.portal_sessions import Sessions, session_cookie, session_id_from
-from mfaserver.web.server import Response, WebApp, WebRequest
+from mfaserver.web.server import Response, WebApp, WebRequest, loggable_path
 from mfaserver.web.validation import HttpError
 
 log = Logger(namespace="mfaserver.web.portal")
@@ -50,6 +51,7 @@ STEP_UP_SECONDS = 300.0         # how recent a second factor must be to add one
 HISTORY_SIZE = 50               # sign-ins shown
 ISSUER = "mfaserver"            # the issuer an authenticator app shows
 MAX_PHONE_ATTEMPTS = 5          # wrong texted codes before the number must be sent again
+MAX_PHONE_CHANGES = 10_000      # users with a new number's code outstanding, remembered
 
 _TOKEN_KINDS = {TokenKind.TOTP: "time-based", TokenKind.HOTP: "counter-based"}
 
@@ -96,6 +98,8 @@ class Portal:
     def __init__(self, context: WebContext):
         self.context = context
         self.sessions = Sessions(context.clock)
+        # user -> the number their newest phone-change code was texted to
+        self._phone_sent: OrderedDict[str, str] = OrderedDict()
 
     @property
     def core(self):
@@ -146,13 +150,21 @@ class Portal:
             sent = session_id_from(request.headers.get("cookie"))
             session = self.sessions.get(sent, idle=settings.session_idle_minutes * 60,
                                         max_age=settings.session_max_hours * 3600)
+            if session is not None and session.user is not None:
+                account = await self.load_account(session.user)
+                if account is None or account.blocked:
+                    # Blocked since signing in (a fraud report from a phone or
+                    # a call, an administrator) or deleted: every session of
+                    # the user ends, or whoever reported would still be in.
+                    self.sessions.end_user(session.user)
+                    session = None
             visit = Visit(request, settings, session, {})
             try:
                 if request.method == "POST":
                     visit.fields = request.form().fields
                     if session is None or not session.check_csrf(visit.fields.get("csrf")):
                         log.warn("portal: refused a {path} without a valid CSRF token",
-                                 path=request.path)
+                                 path=loggable_path(request.path))
                         raise _refused_csrf()
                 if signed_in and (session is None or session.user is None):
                     response = self._to_sign_in(visit, ended=sent is not None and session is None)
@@ -413,7 +425,16 @@ class Portal:
                 error=f"This number cannot be used: {e.reason}. "
                       "Write it with + and the country code, e.g. +44 20 7946 0000.")
         try:
-            await sms.send_code(self._phone_key(visit.user), number)
+            # The code is kept per user (one live code, the per-user text
+            # limit): note now, before the send completes, which number this
+            # newest code goes to. Only that number can be confirmed with it,
+            # whichever session or earlier send is waiting for another.
+            sending = sms.send_code(self._phone_key(visit.user), number)
+            self._phone_sent[visit.user] = number
+            self._phone_sent.move_to_end(visit.user)
+            while len(self._phone_sent) > MAX_PHONE_CHANGES:
+                self._phone_sent.popitem(last=False)
+            await sending
         except SendRefused:
             return await self.phone_page(visit, status=429, error=MSG_TOO_MANY_CODES,
                                          number=typed)
@@ -435,10 +456,15 @@ class Portal:
             raise Refused(409, "Nothing to confirm", "Enter your new number again.",
                           "/portal/phone", "Change your phone number")
         code = "".join(visit.field("code").split())
+        if self._phone_sent.get(visit.user) != session.pending_phone:
+            session.pending_phone = None    # a newer code went to another number
+            raise Refused(409, "Nothing to confirm",
+                          "A newer code was sent to another number. Enter your new number"
+                          " again.", "/portal/phone", "Change your phone number")
         if not sms.check_code(self._phone_key(visit.user), code):
+            session.phone_attempts += 1     # counted before any wait: parallel tries too
             await self.audit(visit, visit.user, "phone_code_wrong", factor="sms",
                              outcome="refused")
-            session.phone_attempts += 1
             if session.phone_attempts >= MAX_PHONE_ATTEMPTS:
                 session.pending_phone = None
                 return await self.phone_page(
@@ -446,6 +472,7 @@ class Portal:
             return await self.phone_page(visit, status=400,
                                          error="That code is not right, or it has expired.")
         number, session.pending_phone = session.pending_phone, None
+        self._phone_sent.pop(visit.user, None)
         await self.context.store.run(Store.set_phone, visit.user, number)
         await self.audit(visit, visit.user, "phone_changed", factor="sms")
         session.notice = f"Your phone number is now {number}."
@@ -474,6 +501,11 @@ class Portal:
 
     async def set_pin(self, visit: Visit) -> Response:
         self._allowed(visit, "phone")
+        # The PIN guards phone-call approvals: like a factor, it is changed
+        # only with a second factor passed in the last minutes.
+        step_up = self._stepped_up(visit, "/portal/pin")
+        if step_up is not None:
+            return step_up
         pin, again = visit.field("pin"), visit.field("pin2")
         # "0" alone reports fraud on a call, so a PIN is at least 4 digits.
         if not (pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 12):
@@ -497,9 +529,11 @@ class Portal:
         names = {visit.user, visit.session.username or visit.user}
         rows: list[AuditEntry] = []
         for name in names:
+            # Filtered in the query: the portal's own actions, however many,
+            # must not push real sign-ins out of the list.
             rows += await self.context.store.run(Store.recent_audit, user=name,
-                                                 limit=HISTORY_SIZE * 4)
-        rows = [row for row in rows if row.outcome in ("accept", "reject")]
+                                                 limit=HISTORY_SIZE,
+                                                 outcomes=("accept", "reject"))
         rows.sort(key=lambda row: (row.time, row.id or 0), reverse=True)
         return rows[:HISTORY_SIZE]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mfaserver.auth.model import AuthRequest, Decision, Outcome, Reason
@@ -210,9 +211,16 @@ class SignIn:
     def _authenticate(self, visit: Visit, username: str, password: str,
                       state: bytes | None = None):
         address = client_address(visit.request)
-        return self.portal.core.authenticate(AuthRequest(
+        deciding = self.portal.core.authenticate(AuthRequest(
             client_name=CLIENT, username=username, password=password, state=state,
             calling_station_id=address or None, source=address, bypass=False))
+        # A browser that hangs up cancels only its own wait, never the sign-in:
+        # the core finishes it (the push is answered or times out) and audits
+        # it, as for a NAS that gave up. Cancelling the core's Deferred would
+        # abandon it unaudited, and a held push tells that the password was right.
+        waiting: Deferred[Decision] = Deferred()
+        deciding.chainDeferred(waiting)
+        return waiting
 
     def _decided(self, visit: Visit, decision: Decision, username: str, user: str,
                  purpose: str):

@@ -366,24 +366,26 @@ class _LongPollRoute:
         # The client hanging up withdraws the poll. Nothing here refers back
         # to the request once the answer is written: no cycle to collect.
         request.notifyFinish().addErrback(_cancel, result)
-        result.addCallback(_reply).addCallbacks(
-            self._write, self._write_failure, callbackArgs=(request,),
-            errbackArgs=(request,))
+        result.addCallback(_reply).addCallback(self._write, request)
+        result.addErrback(self._write_failure, request)
         return server.NOT_DONE_YET
 
     @staticmethod
     def _write(reply: Response, request: server.Request) -> None:
-        if request.channel is None:     # the client hung up: nobody to answer
-            return
-        request.write(_send(request, reply))
-        request.finish()
+        if _answerable(request):
+            request.write(_send(request, reply))
+            request.finish()
 
     @staticmethod
     def _write_failure(failure: Failure, request: server.Request) -> None:
-        if request.channel is None:     # the client hung up: nobody to answer
-            return
-        request.write(_failed(request, failure))
-        request.finish()
+        if _answerable(request):
+            request.write(_failed(request, failure))
+            request.finish()
+
+
+def _answerable(request: server.Request) -> bool:
+    """False once the client hung up (Twisted drops the channel) or the answer went."""
+    return getattr(request, "channel", None) is not None and not request.finished
 
 
 def _cancel(_reason: Failure, d: defer.Deferred) -> None:
@@ -419,6 +421,20 @@ class _AppResource(KleinResource):
             return _send(request, _error_reply(_BAD_HOST, request))
 
 
+# Path segments that are secrets: what follows them is a one-time link's token.
+_SECRET_AFTER = ("enroll", "invite")
+
+
+def loggable_path(path: str) -> str:
+    """``path`` for a log line: a one-time link's token (an enrollment link, a
+    portal invite) replaced by ``<token>``; it would still work for whoever reads it."""
+    segments = path.split("/")
+    for i in range(1, len(segments)):
+        if segments[i - 1] in _SECRET_AFTER and segments[i]:
+            segments[i] = "<token>"
+    return "/".join(segments)
+
+
 _NOT_FOUND = HttpError(404, "not_found", "no such resource")
 _BAD_HOST = HttpError(400, "invalid_host", "the Host header is not a host name")
 _INTERNAL = HttpError(500, "internal", "internal server error")
@@ -435,7 +451,7 @@ def _failed(request: server.Request, failure: Failure) -> bytes:
         error = _NOT_FOUND
     elif not isinstance(error, HttpError):
         log.failure("Web request {method} {path} failed", failure,
-                    method=request.method, path=request.path)
+                    method=request.method, path=loggable_path(request.path.decode("latin-1")))
         error = _INTERNAL
     return _send(request, _error_reply(error, request))
 
