@@ -113,26 +113,46 @@ class DeviceCacheTests(SynchronousTestCase):
         self.assertEqual(self.reads.count("get_device"), 1)
 
 
-def test_run_calls_a_store_method_on_the_database_thread_and_forgets_cached_devices():
-    calls = []
+class _DeviceStore:
+    """A store with one device for anyone asking, and two rarer operations."""
 
+    def get_device(self, device_id):
+        return Device(id=device_id, user="alice", public_key="ed25519:x")
+
+    def delete_device(self, user, device_id):
+        return f"deleted {device_id} of {user}"
+
+    def list_tokens(self, user):
+        return [f"token of {user}"]
+
+
+def _counting(calls: list):
+    """A database-thread runner that runs at once and notes each call."""
     def runner(f, *args, **kwargs):
         calls.append(f)
         return defer.execute(f, *args, **kwargs)
+    return runner
 
-    class FakeStore:
-        def get_device(self, device_id):
-            return Device(id=device_id, user="alice", public_key="ed25519:x")
 
-        def delete_device(self, user, device_id):
-            return f"deleted {device_id} of {user}"
-
-    threaded = ThreadedStore(FakeStore(), runner)
+def test_run_calls_a_store_method_on_the_database_thread_and_forgets_cached_devices():
+    calls = []
+    threaded = ThreadedStore(_DeviceStore(), _counting(calls))
     threaded.get_device("dev1")
     threaded.get_device("dev1")
     assert len(calls) == 1                      # the second read came from the cache
     results = []
-    threaded.run(FakeStore.delete_device, "alice", "dev1").addCallback(results.append)
+    threaded.run(_DeviceStore.delete_device, "alice", "dev1").addCallback(results.append)
     assert results == ["deleted dev1 of alice"]
     threaded.get_device("dev1")
     assert len(calls) == 3                      # read again after the change
+
+
+def test_read_runs_on_the_database_thread_and_keeps_cached_devices():
+    calls = []
+    threaded = ThreadedStore(_DeviceStore(), _counting(calls))
+    threaded.get_device("dev1")
+    results = []
+    threaded.read(_DeviceStore.list_tokens, "alice").addCallback(results.append)
+    assert results == [["token of alice"]]
+    threaded.get_device("dev1")
+    assert len(calls) == 2                      # the device still came from the cache

@@ -101,6 +101,15 @@ class ThreadedStore:
         d.addBoth(self._forget_devices)
         return d
 
+    def read(self, f: Callable[..., object], *args, **kwargs) -> Deferred:
+        """Like `run`, for an ``f`` that only reads: the device cache stays.
+
+        Pages anyone may ask for (an enrollment link's page, the portal's)
+        read through here, so they cannot make every device poll go to the
+        database thread.
+        """
+        return self._run(f, self._store, *args, **kwargs)
+
     def _forget_devices(self, result):
         self._devices.clear()
         return result

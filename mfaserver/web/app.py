@@ -62,8 +62,8 @@ def add_app_routes(app: WebApp, context: WebContext) -> None:
                             "open this link in a browser; an app POSTs to it")
         digest = push_protocol.token_digest(request.params["token"])
         try:
-            user = await context.store.run(Store.enrollment_user, digest,
-                                           now=context.clock.seconds())
+            user = await context.store.read(Store.enrollment_user, digest,
+                                            now=context.clock.seconds())
         except UnknownEnrollment:
             return pages.render("app/link_refused.html", status=404, known=False)
         except EnrollmentExpired:

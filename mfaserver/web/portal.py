@@ -246,8 +246,8 @@ class Portal:
         user = visit.user
         store = self.context.store
         account = await self.load_account(user)
-        tokens = await store.run(Store.list_tokens, user)
-        devices = await store.run(Store.list_devices, user)
+        tokens = await store.read(Store.list_tokens, user)
+        devices = await store.read(Store.list_devices, user)
         methods = visit.settings.methods
         apps = _FactorList(
             "apps", "Authenticator apps and tokens", "/portal/tokens/delete", "serial",
@@ -297,7 +297,7 @@ class Portal:
             return step_up
         user, store = visit.user, self.context.store
         # A token enrolled here but never confirmed is of no use: one at a time.
-        for token in await store.run(Store.list_tokens, user):
+        for token in await store.read(Store.list_tokens, user):
             if not token.active:
                 await store.run(Store.delete_token, user, token.serial)
         token = await store.run(Store.add_token, user,
@@ -310,7 +310,7 @@ class Portal:
     async def _pending_token(self, visit: Visit):
         serial = visit.session.pending_token
         if serial is not None:
-            for token in await self.context.store.run(Store.list_tokens, visit.user):
+            for token in await self.context.store.read(Store.list_tokens, visit.user):
                 if token.serial == serial and not token.active:
                     return token
         visit.session.pending_token = None
@@ -531,9 +531,9 @@ class Portal:
         for name in names:
             # Filtered in the query: the portal's own actions, however many,
             # must not push real sign-ins out of the list.
-            rows += await self.context.store.run(Store.recent_audit, user=name,
-                                                 limit=HISTORY_SIZE,
-                                                 outcomes=("accept", "reject"))
+            rows += await self.context.store.read(Store.recent_audit, user=name,
+                                                  limit=HISTORY_SIZE,
+                                                  outcomes=("accept", "reject"))
         rows.sort(key=lambda row: (row.time, row.id or 0), reverse=True)
         return rows[:HISTORY_SIZE]
 

@@ -156,8 +156,8 @@ class SignIn:
         sign in with a factor already."""
         digest = token_digest(visit.request.params["token"])
         try:
-            user = await self.portal.context.store.run(Store.invite_user, digest,
-                                                       now=self.portal.now())
+            user = await self.portal.context.store.read(Store.invite_user, digest,
+                                                        now=self.portal.now())
         except UnknownInvite:
             raise refused_to_sign_in(404, "This invite link is not valid",
                            "Check that you opened the whole link, or ask your administrator "
