@@ -41,7 +41,7 @@ from mfaserver.store.threaded import ThreadedStore
 from mfaserver.testing import MemoryDirectory, MemorySmsGateway, run_now
 from mfaserver.web.context import WebContext
 from mfaserver.web.portal import STEP_UP_SECONDS, PortalSettings, add_portal_routes
-from mfaserver.web.portal_sessions import COOKIE, Sessions
+from mfaserver.web.portal_sessions import COOKIE, MAX_SESSIONS_PER_USER, Sessions
 from mfaserver.web.server import CONTENT_SECURITY_POLICY, WebApp, WebSettings, make_site
 from test_pipeline_oob import FakeAlerts
 
@@ -503,6 +503,18 @@ class SessionTests(PortalCase):
         for user in ("bob", "carol"):
             sessions.sign_in(None, user, user)
         self.assertIsNone(sessions.get(signed_in.id, idle=60, max_age=60))
+
+    def test_one_user_cannot_fill_the_sessions_their_oldest_ends_instead(self):
+        sessions = Sessions(self.clock, max_sessions=100)
+        bob = sessions.sign_in(None, "bob", "bob")
+        mine = [sessions.sign_in(None, "alice", "alice") for _ in range(MAX_SESSIONS_PER_USER)]
+        self.clock.advance(1)
+        sessions.get(mine[0].id, idle=60, max_age=60)       # seen now: no longer the oldest
+        newest = sessions.sign_in(None, "alice", "alice")
+        self.assertIsNone(sessions.get(mine[1].id, idle=60, max_age=60))
+        for kept in (mine[0], newest, bob):
+            self.assertIs(sessions.get(kept.id, idle=60, max_age=60), kept)
+        self.assertEqual(len(sessions), MAX_SESSIONS_PER_USER + 1)
 
     def test_a_cookie_for_no_session_is_removed(self):
         self.browser.force_session("made-up")

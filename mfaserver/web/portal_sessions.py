@@ -31,6 +31,7 @@ COOKIE = "__Host-mfaportal"
 _COOKIE_ATTRIBUTES = "Path=/; Secure; HttpOnly; SameSite=Strict"
 
 MAX_SESSIONS = 10_000       # signed-in sessions
+MAX_SESSIONS_PER_USER = 10  # one user's, so that one user cannot push others out
 MAX_ANONYMOUS = 10_000      # sessions of sign-in pages
 _ID_BYTES = 32
 
@@ -132,6 +133,10 @@ class Sessions:
         session = self._make()
         session.user, session.username = user, username
         session.factor_at = session.created
+        # Least recently seen first: the user's oldest session goes.
+        mine = [sid for sid, other in self._by_id[True].items() if other.user == user]
+        for sid in mine[:max(0, len(mine) - MAX_SESSIONS_PER_USER + 1)]:
+            del self._by_id[True][sid]
         return self._add(session, signed_in=True)
 
     def end(self, session: Session) -> None:
