@@ -23,7 +23,7 @@ from mfaserver.factors.push import PushTransactions
 from mfaserver.store import Store
 from mfaserver.store.threaded import ThreadedStore
 from mfaserver.testing import run_now
-from mfaserver.web.devices import DeviceApi
+from mfaserver.web.devices import MAX_POLLS_PER_DEVICE, DeviceApi
 from mfaserver.web.server import WebApp
 
 NOW = 1_700_000_000
@@ -510,6 +510,24 @@ class PollTests(DeviceApiCase):
         self.clock.advance(1)
         self.assertEqual(self.result(d), (200, {"transactions": []}))
 
+    def test_one_poll_too_many_of_one_device_ends_its_oldest(self):
+        device_id, key = self.enroll()
+        other_id, other_key = self.enroll("bob")
+        first, *others = (self.poll(device_id, key, wait="30")
+                          for _ in range(MAX_POLLS_PER_DEVICE))
+        theirs = self.poll(other_id, other_key, wait="30")
+        self.assertPending(first)
+        others.append(self.poll(device_id, key, wait="30"))
+        self.assertEqual(self.result(first), (200, {"transactions": []}))
+        for d in (*others, theirs):
+            self.assertPending(d)
+        txn = self.open("alice")
+        for d in others:
+            self.assertEqual(self.result(d)[1]["transactions"][0]["txid"], txn.txid)
+        self.clock.advance(30)
+        self.assertEqual(self.result(theirs), (200, {"transactions": []}))
+        self.assertEqual(self.api._device_polls, {})
+
     def test_long_poll_ends_with_an_empty_list_at_shutdown(self):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait=None)
@@ -526,6 +544,7 @@ class PollTests(DeviceApiCase):
         self.http.flush()
         self.failureResultOf(d)
         self.assertEqual(self.push._pollers, {})
+        self.assertEqual(self.api._device_polls, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_held_poll_answers_when_a_sign_in_opens_and_its_answer_resolves_it(self):

@@ -14,7 +14,7 @@ import json
 from typing import Callable
 from urllib.parse import urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -32,6 +32,7 @@ from mfaserver.web.validation import HttpError
 log = Logger(namespace="mfaserver.devices")
 
 MAX_POLL_SECONDS = 30
+MAX_POLLS_PER_DEVICE = 4      # a few browser tabs open on the web authenticator
 SKEW_SECONDS = 60
 _ID_PATTERN = "[A-Za-z0-9_-]+"
 
@@ -157,6 +158,12 @@ def _is_ip_address(host: str) -> bool:
         return False
 
 
+def _ended_early(failure):
+    """A poll withdrawn (a newer one of its device, or its client hung up): it
+    answers with what is pending now; to a client gone, nothing is written."""
+    failure.trap(CancelledError)
+
+
 class DeviceApi:
     """Serves the device API over ``store`` (a `ThreadedStore`) and ``push``.
 
@@ -177,6 +184,7 @@ class DeviceApi:
         self._max_poll = max_poll_seconds
         self._loopback_push = loopback_push
         self._polls = proto.FreshnessWindow(skew=SKEW_SECONDS)
+        self._device_polls: dict[str, list[Deferred]] = {}    # device id -> open polls
 
     def add_routes(self, app: WebApp) -> None:
         app.route("POST", "/v1/enroll/<token>", self.enroll)
@@ -254,8 +262,26 @@ class DeviceApi:
         if found or wait <= 0:
             return self._transactions(found)
         waiting = self._push.wait_for_new(device.user, wait)
+        # A device holds a few polls at most (the web authenticator open in a
+        # few tabs): a newer one ends the oldest, answered as a timeout would
+        # be, so an enrolled device cannot hold the daemon's memory with
+        # thousands. (More tabs take turns: the page polls again after 1 s.)
+        polls = self._device_polls.setdefault(device_id, [])
+        polls.append(waiting)
+        if len(polls) > MAX_POLLS_PER_DEVICE:
+            polls.pop(0).cancel()
+        waiting.addBoth(self._poll_ended, device_id, waiting)
+        waiting.addErrback(_ended_early)
         waiting.addCallback(lambda _: self._transactions(self._live(device.user)))
         return waiting
+
+    def _poll_ended(self, result, device_id: str, waiting: Deferred):
+        polls = self._device_polls.get(device_id, [])
+        if waiting in polls:
+            polls.remove(waiting)
+        if not polls:
+            self._device_polls.pop(device_id, None)
+        return result
 
     @staticmethod
     def _transactions(found: list) -> dict:
