@@ -418,9 +418,13 @@ class MfaDaemon(tservice.MultiService):
         webpush = None
         if config.push.notify == "webpush":
             from mfaserver.gateways.webpush import WebPushSender
+            subject = config.push.vapid_subject or config.web.public_url
+            if not subject.startswith(("https://", "mailto:")):
+                log.warn("[push] vapid_subject: {subject} is neither https:// nor mailto:;"
+                         " Apple's push service refuses such wake-ups (set vapid_subject)",
+                         subject=subject)
             # The push service may hold a wake-up as long as a login waits.
-            webpush = WebPushSender(self._reactor, self._vapid_key(),
-                                    subject=config.push.vapid_subject or config.web.public_url,
+            webpush = WebPushSender(self._reactor, self._vapid_key(), subject=subject,
                                     timeout=config.push.notify_timeout,
                                     ttl=int(config.mfa.timeout))
         return WakeNotifier(self._reactor, self.threaded.list_devices,
