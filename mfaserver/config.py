@@ -168,6 +168,8 @@ class MfaConfig:
     challenge_menu: bool = False      # a bare password gets a menu of methods
     max_pending_per_user: int = 1
     max_pending: int = 20_000
+    # Approval methods an MS-CHAPv2 login may be held for, the user's default first.
+    mschap_methods: tuple[str, ...] = ("push", "phone")
 
 
 @dataclass(frozen=True)
@@ -590,6 +592,7 @@ SCHEMA = Table({
         "challenge_menu": boolean(False),
         "max_pending_per_user": integer(1, 1, 10),
         "max_pending": integer(20_000, 1, 1_000_000),
+        "mschap_methods": string_list(["push", "phone"], _choice("push", "phone")),
     }),
     "voice": Table({
         "gateway": one_of("twilio", "twilio"),
