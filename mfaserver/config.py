@@ -22,6 +22,7 @@ from typing import Any
 
 from mfaserver.addresses import is_loopback
 # Each part's settings live with the part; this module builds them from the file.
+from mfaserver.directory.settings import AdConfig
 from mfaserver.directory.settings import (DirectoryConfig, LdapConfig, SyncConfig,
                                           UpstreamRadiusConfig)
 from mfaserver.factors import METHOD_NAMES
@@ -571,6 +572,14 @@ SCHEMA = Table({
             "nas_identifier": string("mfaserver"),
             "retry_dead_after": number(30, 1, 3600),
         }, optional=True),
+        "ad": Table({
+            "mschap": one_of("none", "none", "ntlm_auth"),
+            "ntlm_auth": string("/usr/bin/ntlm_auth"),
+            "domain": text(""),
+            "config_file": text(""),
+            "timeout": number(5, 0.5, 60),
+            "max_processes": integer(32, 1, 1024),
+        }, optional=True),
         "sync": Table({
             "interval": number(0, 0, 7 * 86400),
             "keep_days": integer(30, 0, 3650),
@@ -788,6 +797,7 @@ def _build_directory(values: dict[str, Any], base: Path,
         radius=(_build_upstream(values["radius"], base, warnings)
                 if values["radius"] is not None else None),
         sync=SyncConfig(**values["sync"]),
+        ad=AdConfig(**values["ad"]) if values["ad"] is not None else None,
     )
 
 

@@ -580,6 +580,12 @@ class MfaDaemon(tservice.MultiService):
             directories.append(directory)
         chain = directories[0] if len(directories) == 1 else DirectoryChain(directories)
         mschap = next((d for d in directories if hasattr(d, "authenticate_mschap")), None)
+        ad = config.directory.ad
+        if ad is not None and ad.mschap == "ntlm_auth":
+            # Active Directory without NPS: winbind's ntlm_auth checks MS-CHAPv2.
+            from mfaserver.directory.ntlm import NtlmAuthDirectory
+            mschap = NtlmAuthDirectory(ad, self._reactor)
+            parts.append(mschap)
         return _InFlightDirectory(chain, mschap), parts
 
     def _schedule_sync(self, config: Config) -> None:
@@ -650,7 +656,8 @@ class MfaDaemon(tservice.MultiService):
         built["alerts"] = self._alerts(new, built["gateways"])
         built["factors"] = self._factors(new, built["sms"])
         # Last, as it is the one step that starts something.
-        if touched("directory.backend", "directory.ldap", "directory.radius", "radius.reply"):
+        if touched("directory.backend", "directory.ldap", "directory.radius", "radius.reply",
+                   "directory.ad"):
             directory, parts = self.directories.build(new)
             self.directories.start_new(parts)
             built["directory"] = (directory, parts)

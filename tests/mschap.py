@@ -4,8 +4,9 @@ The test client of the MS-CHAPv2 tests computes what a VPN client does:
 the NT-Response to an authenticator challenge, the authenticator response it
 expects in MS-CHAP2-Success, and the MPPE keys the server must hand the NAS.
 MD4 and DES come from pycryptodome (OpenSSL 3 has no MD4 by default); the
-functions are checked against the test vectors of RFC 2759 §9.2 and
-RFC 3079 §3.5.3 in tests/test_mschap.py.
+SHA-1 steps after PasswordHashHash are `mfaserver.directory.ntlm`'s. All are
+checked against the test vectors of RFC 2759 §9.2 and RFC 3079 §3.5.3 in
+tests/test_mschap.py, so the client is no less independent for sharing them.
 """
 
 from __future__ import annotations
@@ -17,16 +18,10 @@ from dataclasses import dataclass
 from Crypto.Cipher import DES
 from Crypto.Hash import MD4
 
-MAGIC1 = b"Magic server to client signing constant"
-MAGIC2 = b"Pad to make it do more than one iteration"
-# RFC 3079 §3.4
-KEY_MAGIC1 = b"This is the MPPE Master Key"
-KEY_MAGIC2 = (b"On the client side, this is the send key; "
-              b"on the server side, it is the receive key.")
-KEY_MAGIC3 = (b"On the client side, this is the receive key; "
-              b"on the server side, it is the send key.")
-SHS_PAD1 = bytes(40)
-SHS_PAD2 = b"\xf2" * 40
+from mfaserver.directory import ntlm
+from mfaserver.directory.ntlm import challenge_hash  # noqa: F401 - part of the client
+
+
 
 
 def nt_password_hash(password: str) -> bytes:
@@ -35,12 +30,6 @@ def nt_password_hash(password: str) -> bytes:
 
 def hash_nt_password_hash(password_hash: bytes) -> bytes:
     return MD4.new(password_hash).digest()
-
-
-def challenge_hash(peer_challenge: bytes, authenticator_challenge: bytes,
-                   username: str) -> bytes:
-    return hashlib.sha1(peer_challenge + authenticator_challenge
-                        + username.encode("utf-8")).digest()[:8]
 
 
 def _des_key(seven: bytes) -> bytes:
@@ -63,24 +52,14 @@ def nt_response(authenticator_challenge: bytes, peer_challenge: bytes, username:
 def authenticator_response(password: str, nt_resp: bytes, peer_challenge: bytes,
                            authenticator_challenge: bytes, username: str) -> bytes:
     """The ``S=`` text (42 octets) the server proves it knows the password with."""
-    hash_hash = hash_nt_password_hash(nt_password_hash(password))
-    digest = hashlib.sha1(hash_hash + nt_resp + MAGIC1).digest()
-    digest = hashlib.sha1(digest + challenge_hash(peer_challenge, authenticator_challenge,
-                                                  username) + MAGIC2).digest()
-    return b"S=" + digest.hex().upper().encode("ascii")
+    return ntlm.authenticator_response(
+        hash_nt_password_hash(nt_password_hash(password)), nt_resp,
+        challenge_hash(peer_challenge, authenticator_challenge, username))
 
 
-def master_key(password: str, nt_resp: bytes) -> bytes:
-    hash_hash = hash_nt_password_hash(nt_password_hash(password))
-    return hashlib.sha1(hash_hash + nt_resp + KEY_MAGIC1).digest()[:16]
-
-
-def asymmetric_start_key(master: bytes, length: int, is_send: bool, is_server: bool) -> bytes:
-    if is_send:
-        magic = KEY_MAGIC3 if is_server else KEY_MAGIC2
-    else:
-        magic = KEY_MAGIC2 if is_server else KEY_MAGIC3
-    return hashlib.sha1(master + SHS_PAD1 + magic + SHS_PAD2).digest()[:length]
+def server_keys(password: str, nt_resp: bytes) -> tuple[bytes, bytes]:
+    """The server's (send, receive) MPPE keys, RFC 3079."""
+    return ntlm.mppe_keys(hash_nt_password_hash(nt_password_hash(password)), nt_resp)
 
 
 @dataclass
@@ -115,6 +94,4 @@ class MsChapLogin:
 
     def server_keys(self) -> tuple[bytes, bytes]:
         """(MS-MPPE-Send-Key, MS-MPPE-Recv-Key) a server sends: 16-octet keys."""
-        master = master_key(self.password, self.nt_response)
-        return (asymmetric_start_key(master, 16, True, True),
-                asymmetric_start_key(master, 16, False, True))
+        return server_keys(self.password, self.nt_response)

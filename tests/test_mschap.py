@@ -53,10 +53,9 @@ def test_rfc2759_test_vectors():
 
 
 def test_rfc3079_128_bit_key_vectors():
+    # RFC 3079 §3.5.3: MasterKey FDECE3717A8C838CB388E527AE3CDD31 gives this send key.
     response = mschap.nt_response(AUTH_CHALLENGE, PEER_CHALLENGE, USER, PASSWORD)
-    master = mschap.master_key(PASSWORD, response)
-    assert master == bytes.fromhex("FDECE3717A8C838CB388E527AE3CDD31")
-    assert mschap.asymmetric_start_key(master, 16, True, True) == \
+    assert mschap.server_keys(PASSWORD, response)[0] == \
         bytes.fromhex("8B7CDC149B993A1BA118CB153F56DCCB")
 
 
@@ -299,3 +298,148 @@ class CoreTests(SynchronousTestCase):
         logged = [e.get("protocol") for e in events if "protocol" in e]
         self.assertEqual(logged, ["mschapv1", "leap", "eap"])
         self.assertEqual(self.push.requests, [])
+
+
+# --- ntlm_auth (Active Directory without NPS) --------------------------------------------------
+
+class FakeProcessReactor(task.Clock):
+    """IReactorProcess + IReactorTime: records children; the test plays them."""
+
+    def __init__(self):
+        super().__init__()
+        self.children: list[tuple] = []
+        self.killed: list[str] = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, **kw):
+        reactor = self
+
+        class Process:
+            def signalProcess(self, signal):
+                reactor.killed.append(signal)
+
+        self.children.append((protocol, executable, args, env))
+        return Process()
+
+    def finish(self, output: bytes, code: int = 0, index: int = -1) -> None:
+        from twisted.internet.error import ProcessDone, ProcessTerminated
+        from twisted.python.failure import Failure
+        protocol = self.children[index][0]
+        protocol.outReceived(output)
+        protocol.processEnded(Failure(ProcessDone(0) if code == 0 else ProcessTerminated(code)))
+
+
+class NtlmAuthTests(SynchronousTestCase):
+
+    def setUp(self):
+        from mfaserver.directory.ntlm import NtlmAuthDirectory
+        from mfaserver.directory.settings import AdConfig
+        self.reactor = FakeProcessReactor()
+        self.directory = NtlmAuthDirectory(
+            AdConfig(mschap="ntlm_auth", ntlm_auth="/usr/bin/ntlm_auth", domain="EXAMPLE",
+                     timeout=5, max_processes=2), self.reactor)
+        self.login = MsChapLogin.new("alice", "alice-pw")
+
+    def check(self, username="EXAMPLE\\alice", login=None):
+        login = login or self.login
+        return self.directory.authenticate_mschap(username, login.authenticator_challenge,
+                                                  login.response_attribute())
+
+    def nt_key(self, password="alice-pw") -> bytes:
+        hash_hash = mschap.hash_nt_password_hash(mschap.nt_password_hash(password))
+        return b"NT_KEY: " + hash_hash.hex().upper().encode() + b"\n"
+
+    def test_the_command_line_is_freeradius_s(self):
+        self.check()
+        [(_, executable, args, env)] = self.reactor.children
+        hashed = mschap.challenge_hash(self.login.peer_challenge,
+                                       self.login.authenticator_challenge, "alice")
+        self.assertEqual(executable, "/usr/bin/ntlm_auth")
+        self.assertEqual(args, ["/usr/bin/ntlm_auth", "--request-nt-key", "--allow-mschapv2",
+                                "--username=alice", f"--challenge={hashed.hex()}",
+                                f"--nt-response={self.login.nt_response.hex()}",
+                                "--domain=EXAMPLE"])
+        self.assertNotIn("alice-pw", " ".join(args))
+
+    def test_nt_key_gives_the_success_and_keys_the_client_expects(self):
+        d = self.check()
+        self.reactor.finish(self.nt_key())
+        principal = self.successResultOf(d)
+        items = dict(principal.attributes)
+        self.assertEqual(principal.username, "alice")
+        self.assertEqual(items[MSCHAP2_SUCCESS], self.login.expected_success())
+        self.assertEqual((items[MPPE_SEND_KEY], items[MPPE_RECV_KEY]), self.login.server_keys())
+        self.assertIsInstance(items[MPPE_SEND_KEY], Secret)
+
+    def test_a_refusal_names_the_ntstatus(self):
+        for output, reason in [
+                (b"Logon failure (0xc000006d)\n", Reason.BAD_PASSWORD),
+                (b"NT_STATUS_PASSWORD_EXPIRED (0xc0000071)\n", Reason.PASSWORD_EXPIRED),
+                (b"NT_STATUS_ACCOUNT_DISABLED (0xC0000072)\n", Reason.ACCOUNT_DISABLED),
+                (b"NT_STATUS_ACCOUNT_LOCKED_OUT (0xc0000234)\n", Reason.ACCOUNT_LOCKED),
+                (b"something else\n", Reason.BAD_PASSWORD)]:
+            d = self.check()
+            self.reactor.finish(output, code=1)
+            self.assertEqual(self.failureResultOf(d, InvalidCredentials).value.reason, reason)
+
+    def test_an_nt_key_with_a_failing_exit_code_is_not_trusted(self):
+        d = self.check()
+        self.reactor.finish(self.nt_key(), code=1)
+        self.failureResultOf(d, InvalidCredentials)
+
+    def test_a_hung_ntlm_auth_is_killed_after_the_timeout(self):
+        from mfaserver.auth.interfaces import DirectoryUnavailable
+        d = self.check()
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        self.failureResultOf(d, DirectoryUnavailable)
+        self.assertEqual(self.reactor.killed, ["KILL"])
+        self.reactor.finish(b"", code=9)  # the kill's processEnded: no second result
+        self.assertEqual(self.directory.running, 0)
+
+    def test_at_most_max_processes_run_at_once(self):
+        from mfaserver.auth.interfaces import DirectoryUnavailable
+        first, second = self.check(), self.check()
+        self.failureResultOf(self.check(), DirectoryUnavailable)
+        self.reactor.finish(self.nt_key(), index=0)
+        self.successResultOf(first)
+        self.check()
+        self.assertEqual(len(self.reactor.children), 3)
+        self.assertNoResult(second)
+
+    def test_names_ntlm_auth_could_take_for_an_option_are_refused(self):
+        self.failureResultOf(self.check("-x"), InvalidCredentials)
+        self.failureResultOf(self.check("EXAMPLE\\"), InvalidCredentials)
+        self.assertEqual(self.reactor.children, [])
+
+    def test_the_server_maths_match_rfc2759_and_rfc3079(self):
+        from mfaserver.directory import ntlm
+        response = mschap.nt_response(AUTH_CHALLENGE, PEER_CHALLENGE, USER, PASSWORD)
+        hash_hash = bytes.fromhex("41C00C584BD2D91C4017A2A12FA59F3F")
+        hashed = ntlm.challenge_hash(PEER_CHALLENGE, AUTH_CHALLENGE, USER)
+        self.assertEqual(ntlm.authenticator_response(hash_hash, response, hashed),
+                         b"S=407A5589115FD0D6209F510FE9C04566932CDA56")
+        self.assertEqual(ntlm.mppe_keys(hash_hash, response)[0],
+                         bytes.fromhex("8B7CDC149B993A1BA118CB153F56DCCB"))
+
+
+# --- The config --------------------------------------------------------------------------------
+
+def test_the_config_keys_of_the_issue(tmp_path):
+    import pytest
+    from mfaserver.config import ConfigError, load_config
+    from mfaserver.directory.settings import AdConfig
+    base = '[[radius.clients]]\nname = "vpn"\naddress = "127.0.0.1"\nsecret = "%s"\n' % (
+        "x" * 32)
+    path = tmp_path / "mfaserver.toml"
+    path.write_text(base)
+    cfg = load_config(path)
+    assert (cfg.mfa.mschap_methods, cfg.directory.ad) == (("push", "phone"), None)
+    path.write_text(base + '[mfa]\nmschap_methods = ["phone"]\n'
+                    '[directory.ad]\nmschap = "ntlm_auth"\ndomain = "EXAMPLE"\n')
+    cfg = load_config(path)
+    assert cfg.mfa.mschap_methods == ("phone",)
+    assert cfg.directory.ad == AdConfig(mschap="ntlm_auth", domain="EXAMPLE")
+    path.write_text(base + '[mfa]\nmschap_methods = ["totp"]\n')
+    with pytest.raises(ConfigError, match="mschap_methods"):
+        load_config(path)

@@ -9,9 +9,12 @@ and decrypts the MPPE keys with its own secret and Request Authenticator.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -32,13 +35,12 @@ class NasLogin:
     """One MS-CHAPv2 Access-Request sent from its own socket; the reply awaited in a thread."""
 
     def __init__(self, daemon, login: MsChapLogin, *, timeout: float = 40,
-                 extra: list | None = None):
+                 user_name: str | None = None):
         self.login = login
         self.authenticator = os.urandom(16)
-        attributes = [(codec.USER_NAME, login.username.encode()),
+        attributes = [(codec.USER_NAME, (user_name or login.username).encode()),
                       codec.vsa(311, codec.MS_CHAP_CHALLENGE, login.authenticator_challenge),
-                      codec.vsa(311, codec.MS_CHAP2_RESPONSE, login.response_attribute()),
-                      *(extra or [])]
+                      codec.vsa(311, codec.MS_CHAP2_RESPONSE, login.response_attribute())]
         self.data = codec.encode_request(codec.ACCESS_REQUEST, 42, self.authenticator,
                                          NAS_SECRET, attributes)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -158,3 +160,62 @@ def test_mschapv1_eap_and_leap_are_refused_with_a_log_line(daemon):
         reply = codec.decode_response(raw, NAS_SECRET, authenticator)
         assert reply.code == codec.ACCESS_REJECT
         assert f"refused a {protocol} login" in daemon.wait_for_log(f"refused a {protocol} login")
+
+
+# --- Active Directory without NPS: ntlm_auth ---------------------------------------------------
+
+def standin_ntlm_auth(directory: Path, users: dict) -> Path:
+    """An executable speaking ntlm_auth's --request-nt-key interface (tests/ntlm_auth_standin.py)."""
+    (directory / "users.json").write_text(json.dumps(users))
+    script = Path(__file__).parent.parent / "ntlm_auth_standin.py"
+    wrapper = directory / "ntlm_auth"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" '
+                       f'"{directory / "users.json"}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+@pytest.fixture
+def ntlm_daemon(tmp_path):
+    from ldap_server import free_tcp_port
+    ntlm_auth = standin_ntlm_auth(tmp_path, {"alice": "alice-ad-password",
+                                             "erin": {"password": "erin-pw",
+                                                      "status": "c0000071"}})
+    d = start_daemon(tmp_path, push_config(free_tcp_port()) + f"""
+[directory.ad]
+mschap = "ntlm_auth"
+ntlm_auth = "{ntlm_auth}"
+domain = "EXAMPLE"
+""")
+    d.cli("user", "add", "alice", "--no-password")
+    d.cli("user", "add", "erin", "--no-password")
+    d.ntlm_args = tmp_path / "users.json.args"
+    yield d
+    stop_daemon(d)
+
+
+def test_ntlm_auth_checks_the_response_and_the_push_completes_it(ntlm_daemon, tmp_path):
+    phone = enroll(ntlm_daemon, tmp_path, "alice")
+    # RFC 2759: the client hashes the name without its domain, the NAS sends it whole.
+    login = MsChapLogin.new("alice", "alice-ad-password")
+    nas = NasLogin(ntlm_daemon, login, user_name="EXAMPLE\\alice")
+    phone.run("approve", phone.wait_for_transaction()["txid"])
+    reply = nas.reply()
+    assert reply.code == codec.ACCESS_ACCEPT
+    ms = _ms(reply)
+    assert ms[codec.MS_CHAP2_SUCCESS] == login.expected_success()
+    keys = tuple(codec.decrypt_salted(ms[t], NAS_SECRET, nas.authenticator)
+                 for t in (codec.MS_MPPE_SEND_KEY, codec.MS_MPPE_RECV_KEY))
+    assert keys == login.server_keys()
+    args = json.loads(ntlm_daemon.ntlm_args.read_text())
+    assert "--username=alice" in args and "--domain=EXAMPLE" in args
+
+
+def test_ntlm_auth_refusals_reject_without_a_push(ntlm_daemon, tmp_path):
+    phone = enroll(ntlm_daemon, tmp_path, "alice")
+    reply = NasLogin(ntlm_daemon, MsChapLogin.new("alice", "wrong")).reply()
+    assert reply.code == codec.ACCESS_REJECT
+    reply = NasLogin(ntlm_daemon, MsChapLogin.new("erin", "erin-pw")).reply()
+    assert reply.code == codec.ACCESS_REJECT
+    assert b"expired" in reply.get(codec.REPLY_MESSAGE)
+    assert phone.pending() == []
