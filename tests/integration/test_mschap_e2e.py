@@ -68,6 +68,19 @@ class NasLogin:
             raise self.result
         return self.result
 
+    def accepted(self) -> tuple[codec.Packet, tuple[bytes, bytes]]:
+        """The reply, checked as a VPN client and NAS would: an Access-Accept whose
+        MS-CHAP2-Success proves the password and whose MPPE keys decrypt (with our
+        secret and Request Authenticator) to the client's own; and the keys."""
+        reply = self.reply()
+        assert reply.code == codec.ACCESS_ACCEPT
+        ms = _ms(reply)
+        assert ms[codec.MS_CHAP2_SUCCESS] == self.login.expected_success()
+        keys = tuple(codec.decrypt_salted(ms[t], NAS_SECRET, self.authenticator)
+                     for t in (codec.MS_MPPE_SEND_KEY, codec.MS_MPPE_RECV_KEY))
+        assert keys == self.login.server_keys()
+        return reply, keys
+
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
@@ -108,13 +121,7 @@ def test_approved_push_accepts_with_success_and_mppe_keys_for_the_nas(daemon, ph
     # A retransmission while the login is held joins it: still one push.
     nas.retransmit()
     phone.run("approve", txn["txid"])
-    reply = nas.reply()
-    assert reply.code == codec.ACCESS_ACCEPT
-    ms = _ms(reply)
-    assert ms[codec.MS_CHAP2_SUCCESS] == login.expected_success()
-    send = codec.decrypt_salted(ms[codec.MS_MPPE_SEND_KEY], NAS_SECRET, nas.authenticator)
-    recv = codec.decrypt_salted(ms[codec.MS_MPPE_RECV_KEY], NAS_SECRET, nas.authenticator)
-    assert (send, recv) == login.server_keys()
+    reply, (send, recv) = nas.accepted()
     assert reply.get(codec.CLASS) == b"vpn-users"  # pass_through still works
     assert phone.pending() == []
     log = daemon.log_text()
@@ -200,13 +207,7 @@ def test_ntlm_auth_checks_the_response_and_the_push_completes_it(ntlm_daemon, tm
     login = MsChapLogin.new("alice", "alice-ad-password")
     nas = NasLogin(ntlm_daemon, login, user_name="EXAMPLE\\alice")
     phone.run("approve", phone.wait_for_transaction()["txid"])
-    reply = nas.reply()
-    assert reply.code == codec.ACCESS_ACCEPT
-    ms = _ms(reply)
-    assert ms[codec.MS_CHAP2_SUCCESS] == login.expected_success()
-    keys = tuple(codec.decrypt_salted(ms[t], NAS_SECRET, nas.authenticator)
-                 for t in (codec.MS_MPPE_SEND_KEY, codec.MS_MPPE_RECV_KEY))
-    assert keys == login.server_keys()
+    nas.accepted()
     args = json.loads(ntlm_daemon.ntlm_args.read_text())
     assert "--username=alice" in args and "--domain=EXAMPLE" in args
 
