@@ -439,6 +439,13 @@ def _ldap_url(value: str) -> str:
     return value
 
 
+def _absolute_path(value: str) -> str:
+    """A program's absolute path (it runs without a shell or a search PATH)."""
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path")
+    return value
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or host.endswith(":"):  # "host" or a bare IPv6 address
@@ -574,7 +581,7 @@ SCHEMA = Table({
         }, optional=True),
         "ad": Table({
             "mschap": one_of("none", "none", "ntlm_auth"),
-            "ntlm_auth": string("/usr/bin/ntlm_auth"),
+            "ntlm_auth": string("/usr/bin/ntlm_auth", _absolute_path),
             "domain": text(""),
             "config_file": text(""),
             "timeout": number(5, 0.5, 60),

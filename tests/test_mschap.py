@@ -443,3 +443,6 @@ def test_the_config_keys_of_the_issue(tmp_path):
     path.write_text(base + '[mfa]\nmschap_methods = ["totp"]\n')
     with pytest.raises(ConfigError, match="mschap_methods"):
         load_config(path)
+    path.write_text(base + '[directory.ad]\nmschap = "ntlm_auth"\nntlm_auth = "ntlm_auth"\n')
+    with pytest.raises(ConfigError, match="absolute"):
+        load_config(path)
