@@ -22,6 +22,7 @@ from typing import Any
 
 from mfaserver.addresses import is_loopback
 # Each part's settings live with the part; this module builds them from the file.
+from mfaserver.directory.settings import AdConfig
 from mfaserver.directory.settings import (DirectoryConfig, LdapConfig, SyncConfig,
                                           UpstreamRadiusConfig)
 from mfaserver.factors import METHOD_NAMES
@@ -168,6 +169,8 @@ class MfaConfig:
     challenge_menu: bool = False      # a bare password gets a menu of methods
     max_pending_per_user: int = 1
     max_pending: int = 20_000
+    # Approval methods an MS-CHAPv2 login may be held for, the user's default first.
+    mschap_methods: tuple[str, ...] = ("push", "phone")
 
 
 @dataclass(frozen=True)
@@ -436,6 +439,13 @@ def _ldap_url(value: str) -> str:
     return value
 
 
+def _absolute_path(value: str) -> str:
+    """A program's absolute path (it runs without a shell or a search PATH)."""
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path")
+    return value
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or host.endswith(":"):  # "host" or a bare IPv6 address
@@ -569,6 +579,14 @@ SCHEMA = Table({
             "nas_identifier": string("mfaserver"),
             "retry_dead_after": number(30, 1, 3600),
         }, optional=True),
+        "ad": Table({
+            "mschap": one_of("none", "none", "ntlm_auth"),
+            "ntlm_auth": string("/usr/bin/ntlm_auth", _absolute_path),
+            "domain": text(""),
+            "config_file": text(""),
+            "timeout": number(5, 0.5, 60),
+            "max_processes": integer(32, 1, 1024),
+        }, optional=True),
         "sync": Table({
             "interval": number(0, 0, 7 * 86400),
             "keep_days": integer(30, 0, 3650),
@@ -590,6 +608,7 @@ SCHEMA = Table({
         "challenge_menu": boolean(False),
         "max_pending_per_user": integer(1, 1, 10),
         "max_pending": integer(20_000, 1, 1_000_000),
+        "mschap_methods": string_list(["push", "phone"], _choice("push", "phone")),
     }),
     "voice": Table({
         "gateway": one_of("twilio", "twilio"),
@@ -785,6 +804,7 @@ def _build_directory(values: dict[str, Any], base: Path,
         radius=(_build_upstream(values["radius"], base, warnings)
                 if values["radius"] is not None else None),
         sync=SyncConfig(**values["sync"]),
+        ad=AdConfig(**values["ad"]) if values["ad"] is not None else None,
     )
 
 

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from mfaserver.addresses import is_loopback
 from mfaserver.auth.challenges import ChallengeRegistry
-from mfaserver.auth.interfaces import Directory
+from mfaserver.auth.interfaces import Directory, MsChapNotConfigured
 from mfaserver.auth.pipeline import Authenticator
 from mfaserver.config import ClientIndex, Config, ConfigError, load_config
 from mfaserver.directory.chain import DirectoryChain
@@ -148,13 +148,22 @@ class _InFlightDirectory:
     """A `Directory` that counts its logins in progress, so that a directory
     replaced on reload is stopped only once it has finished them."""
 
-    def __init__(self, directory: Directory):
+    def __init__(self, directory: Directory, mschap=None):
         self.directory = directory
+        self.mschap = mschap  # the part that checks MS-CHAPv2 (MsChapDirectory), or None
         self.in_flight = 0
         self._idle: list[Deferred] = []
 
     def authenticate(self, username: str, password: str) -> Deferred:
         d = defer.maybeDeferred(self.directory.authenticate, username, password)
+        self.in_flight += 1
+        d.addBoth(self._ended)
+        return d
+
+    def authenticate_mschap(self, username: str, challenge: bytes, response: bytes) -> Deferred:
+        if self.mschap is None:
+            return defer.fail(MsChapNotConfigured())
+        d = defer.maybeDeferred(self.mschap.authenticate_mschap, username, challenge, response)
         self.in_flight += 1
         d.addBoth(self._ended)
         return d
@@ -577,7 +586,14 @@ class MfaDaemon(tservice.MultiService):
             parts.append(directory)
             directories.append(directory)
         chain = directories[0] if len(directories) == 1 else DirectoryChain(directories)
-        return _InFlightDirectory(chain), parts
+        mschap = next((d for d in directories if hasattr(d, "authenticate_mschap")), None)
+        ad = config.directory.ad
+        if ad is not None and ad.mschap == "ntlm_auth":
+            # Active Directory without NPS: winbind's ntlm_auth checks MS-CHAPv2.
+            from mfaserver.directory.ntlm import NtlmAuthDirectory
+            mschap = NtlmAuthDirectory(ad, self._reactor)
+            parts.append(mschap)
+        return _InFlightDirectory(chain, mschap), parts
 
     def _schedule_sync(self, config: Config) -> None:
         """Run the LDAP sync every [directory.sync] interval, if LDAP is configured."""
@@ -647,7 +663,8 @@ class MfaDaemon(tservice.MultiService):
         built["alerts"] = self._alerts(new, built["gateways"])
         built["factors"] = self._factors(new, built["sms"])
         # Last, as it is the one step that starts something.
-        if touched("directory.backend", "directory.ldap", "directory.radius", "radius.reply"):
+        if touched("directory.backend", "directory.ldap", "directory.radius", "radius.reply",
+                   "directory.ad"):
             directory, parts = self.directories.build(new)
             self.directories.start_new(parts)
             built["directory"] = (directory, parts)

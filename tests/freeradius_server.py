@@ -2,7 +2,7 @@
 
 `running_freeradius` writes a minimal configuration into a directory (one
 client, 127.0.0.1, that must send Message-Authenticator; a ``users`` file;
-PAP), checks it with ``freeradius -C``, runs ``freeradius -f`` in the
+PAP, and MS-CHAPv2 with MPPE keys by the ``mschap`` module), checks it with ``freeradius -C``, runs ``freeradius -f`` in the
 foreground on a free UDP port, and always stops it again.
 
 FreeRADIUS before 3.2.5 adds Message-Authenticator to a reply only when the
@@ -84,6 +84,12 @@ modules {{
     files {{
         filename = ${{raddbdir}}/users
     }}
+    # MS-CHAPv2 against the Cleartext-Password of the users file, with MPPE keys.
+    mschap {{
+        use_mppe = yes
+        require_encryption = no
+        require_strong = yes
+    }}
 }}
 
 server default {{
@@ -94,11 +100,15 @@ server default {{
     }}
     authorize {{
         files
+        mschap
         pap
     }}
     authenticate {{
         Auth-Type PAP {{
             pap
+        }}
+        Auth-Type MS-CHAP {{
+            mschap
         }}
     }}
     post-auth {{
@@ -143,6 +153,21 @@ class FreeRadius:
 
     def log_text(self) -> str:
         return (self.directory / "radiusd.out").read_text(errors="replace")
+
+
+def daemon_config(server: FreeRadius, pass_through: tuple[str, ...]) -> str:
+    """The mfaserver config lines that make ``server`` the upstream directory."""
+    names = ", ".join(f'"{name}"' for name in pass_through)
+    return f"""
+[directory]
+backend = "radius"
+
+[directory.radius]
+servers = ["127.0.0.1:{server.port}"]
+secret = "{server.secret.decode()}"
+timeout = 2
+pass_through = [{names}]
+"""
 
 
 def write_config(directory: Path, port: int, secret: bytes, users: str = USERS) -> None:

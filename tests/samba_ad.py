@@ -221,8 +221,15 @@ def write_certificates(tls_dir: Path) -> Path:
     return tls_dir / "ca.pem"
 
 
-def write_smb_conf(dc: Path) -> Path:
-    """The smb.conf for ``dc`` (a provisioned folder): LDAP only, on 127.0.0.1 only."""
+def write_smb_conf(dc: Path, winbind: bool = False) -> Path:
+    """The smb.conf for ``dc`` (a provisioned folder): LDAP only, on 127.0.0.1 only.
+
+    ``winbind``: also run the DC's winbindd and allow MS-CHAPv2, so that
+    Samba's ``ntlm_auth`` on this machine checks MS-CHAPv2 logins against the
+    domain (what FreeRADIUS on a Samba DC does). winbindd listens on the
+    compiled-in /run/samba/winbindd, where ntlm_auth looks (libwbclient
+    ignores the smb.conf's socket directory), so one such DC runs at a time.
+    """
     (dc / "run").mkdir(exist_ok=True)
     conf = dc / "etc" / "smb.conf"
     conf.write_text(f"""\
@@ -249,6 +256,10 @@ def write_smb_conf(dc: Path) -> Path:
     tls certfile = {dc}/tls/cert.pem
     tls cafile = {dc}/tls/ca.pem
 """)
+    if winbind:
+        text = conf.read_text().replace("server services = ldap",
+                                        "server services = ldap, winbindd")
+        conf.write_text(text + "    ntlm auth = mschapv2-and-ntlmv2-only\n")
     return conf
 
 
@@ -331,7 +342,8 @@ def _ldaps_ready(ca_file: Path) -> bool:
         return False
 
 
-def start_dc(template: Template, directory: Path, timeout: float = 60) -> DomainController:
+def start_dc(template: Template, directory: Path, timeout: float = 60,
+             winbind: bool = False) -> DomainController:
     """Copy ``template`` into ``directory`` and start Samba there; wait until LDAPS answers."""
     began = time.monotonic()
     busy = {port: holder for port in PORTS if (holder := port_holder(port))}
@@ -343,7 +355,7 @@ def start_dc(template: Template, directory: Path, timeout: float = 60) -> Domain
     dc = directory / "dc"
     shutil.copytree(template.path, dc, symlinks=True,
                     ignore=shutil.ignore_patterns("*.sock", "ldapi", "msg.lock", "run"))
-    conf = write_smb_conf(dc)
+    conf = write_smb_conf(dc, winbind)
     ca_file = write_certificates(dc / "tls")
     log_path = directory / "samba.log"
     with open(log_path, "w") as log:

@@ -71,7 +71,9 @@ def response_without_message_authenticator(code: int, request: codec.Packet) -> 
     return head + digest + body
 
 
-class RadiusDirectoryTests(SynchronousTestCase):
+class UpstreamFakes(SynchronousTestCase):
+    """A directory on the fake reactor, and how the tests play the upstream."""
+
     def setUp(self):
         self.reactor = FakeUDPReactor()
         self.directory = self.make(config())
@@ -104,6 +106,8 @@ class RadiusDirectoryTests(SynchronousTestCase):
         packet, addr = self.last()
         self.receive(response(code, packet, attrs), addr)
 
+
+class RadiusDirectoryTests(UpstreamFakes):
     def test_request_carries_user_name_hidden_password_and_nas_identifier(self):
         d = self.directory.authenticate("alice", "correct horse")
         [(packet, addr)] = self.sent()
@@ -379,3 +383,57 @@ class RadiusDirectoryTests(SynchronousTestCase):
         packet = codec.decode_request(data, SECRET)
         v6.protocol.datagramReceived(response(codec.ACCESS_ACCEPT, packet), ("::1", 1812, 0, 0))
         self.successResultOf(d)
+
+
+class MsChapUpstreamTests(UpstreamFakes):
+    """MS-CHAPv2 through the upstream (issue 11, part 2), on the same fakes."""
+
+    CHALLENGE = bytes(range(16))
+    RESPONSE = bytes((7, 0)) + bytes(range(100, 148))
+
+    def check(self):
+        return self.directory.authenticate_mschap("alice", self.CHALLENGE, self.RESPONSE)
+
+    def test_the_mschap_attributes_are_forwarded_as_received_without_a_password(self):
+        self.check()
+        packet, _ = self.last()
+        self.assertIsNone(packet.get(codec.USER_PASSWORD))
+        self.assertEqual(packet.get(codec.USER_NAME), b"alice")
+        self.assertEqual(dict(packet.vendor_attributes(311)),
+                         {codec.MS_CHAP_CHALLENGE: self.CHALLENGE,
+                          codec.MS_CHAP2_RESPONSE: self.RESPONSE})
+
+    def test_the_keys_are_decrypted_with_the_upstream_secret_and_our_authenticator(self):
+        from mfaserver.auth.model import MPPE_RECV_KEY, MPPE_SEND_KEY, MSCHAP2_SUCCESS, Secret
+        d = self.check()
+        packet, _ = self.last()
+        send, recv = bytes(range(16)), bytes(range(16, 32))
+        success = b"\x07S=" + b"A" * 40
+        self.answer(codec.ACCESS_ACCEPT, [
+            (codec.CLASS, b"vpn"),
+            codec.vsa(311, codec.MS_CHAP2_SUCCESS, success),
+            codec.vsa(311, codec.MS_MPPE_SEND_KEY, codec.encrypt_salted(
+                send, SECRET, packet.authenticator, b"\x80\x01")),
+            codec.vsa(311, codec.MS_MPPE_RECV_KEY, codec.encrypt_salted(
+                recv, SECRET, packet.authenticator, b"\x80\x02"))])
+        principal = self.successResultOf(d)
+        self.assertEqual(principal.attributes, (
+            ("Class", b"vpn"), (MSCHAP2_SUCCESS, success), (MPPE_SEND_KEY, send),
+            (MPPE_RECV_KEY, recv)))
+        self.assertIsInstance(principal.attributes[2][1], Secret)
+        self.assertNotIn(send.hex(), repr(principal))
+
+    def test_an_accept_without_mschap2_success_is_not_trusted(self):
+        d = self.check()
+        self.answer(codec.ACCESS_ACCEPT, [(codec.CLASS, b"vpn")])
+        self.failureResultOf(d, DirectoryUnavailable)
+
+    def test_mschap_error_codes_name_the_reason(self):
+        for error, reason in [(b"\x07E=691 R=0 C=00 V=3", Reason.BAD_PASSWORD),
+                              (b"\x07E=648 R=0", Reason.PASSWORD_EXPIRED),
+                              (b"\x07E=647 R=0", Reason.ACCOUNT_DISABLED),
+                              (b"\x07E=649 R=0", Reason.LOGON_NOT_PERMITTED),
+                              (b"\x07E=999 R=0", Reason.BAD_PASSWORD)]:
+            d = self.check()
+            self.answer(codec.ACCESS_REJECT, [codec.vsa(311, codec.MS_CHAP_ERROR, error)])
+            self.assertEqual(self.failureResultOf(d, InvalidCredentials).value.reason, reason)

@@ -48,6 +48,10 @@ class DirectoryUnavailable(Exception):
     """The directory could not answer (down, timed out): fail closed."""
 
 
+class MsChapNotConfigured(Exception):
+    """No directory here can check an MS-CHAPv2 response."""
+
+
 class SeedIntegrityError(Exception):
     """A stored seed failed authentication (tampering, wrong key, moved blob)."""
 
@@ -57,6 +61,20 @@ class Directory(Protocol):
 
     def authenticate(self, username: str, password: str) -> Deferred[Principal]:
         """Fire with the `Principal`, or fail with one of the exceptions above."""
+
+
+class MsChapDirectory(Protocol):
+    """Checks MS-CHAPv2 credentials (an upstream NPS or FreeRADIUS, ntlm_auth).
+
+    Fires with the `Principal`; its ``attributes`` carry the reply items the
+    NAS needs (`mfaserver.auth.model.MSCHAP_REPLY_ITEMS`: MS-CHAP2-Success,
+    the MPPE keys in the clear as `Secret`), which the core passes on
+    untouched. Fails like `Directory.authenticate`, or with
+    `MsChapNotConfigured`.
+    """
+
+    def authenticate_mschap(self, username: str, challenge: bytes,
+                            response: bytes) -> Deferred[Principal]: ...
 
 
 class AccountStore(Protocol):

@@ -60,6 +60,9 @@ class Reason(str, enum.Enum):
     WRONG_NUMBER = "wrong_number"
     TOO_MANY_PENDING = "too_many_pending"
     SEED_INTEGRITY = "seed_integrity"
+    # MS-CHAPv2: the user has no approval factor the VPN can wait for.
+    NO_APPROVAL_FACTOR = "no_approval_factor"
+    MSCHAP_NOT_CONFIGURED = "mschap_not_configured"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -82,6 +85,43 @@ class TokenKind(str, enum.Enum):
 OATH_ALGORITHMS = ("sha1", "sha256", "sha512")
 
 
+class Secret(bytes):
+    """Octets that must never reach a log: MPPE keys, challenge responses.
+
+    A ``bytes`` (so the wire code uses it as is) whose ``repr`` hides it.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<secret, {len(self)} octets>"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class MsChapV2:
+    """The MS-CHAPv2 credentials of an Access-Request (RFC 2548 §2.3.2, §2.3.4).
+
+    ``challenge`` is MS-CHAP-Challenge (the authenticator challenge, 16
+    octets), ``response`` is MS-CHAP2-Response (50 octets: ident, flags, peer
+    challenge, reserved, NT-Response), both as received. The core never
+    looks inside: a directory that can check them does.
+    """
+
+    challenge: bytes = field(repr=False)
+    response: bytes = field(repr=False)
+
+
+# The names of the MS-CHAPv2 items that travel from the directory to the NAS
+# in an Access-Accept, opaque to the core: the RADIUS edge encodes them (the
+# MPPE keys salt-encrypted with the NAS's secret, RFC 2548 §2.4.2/§2.4.3).
+MSCHAP2_SUCCESS = "MS-CHAP2-Success"
+MPPE_SEND_KEY = "MS-MPPE-Send-Key"
+MPPE_RECV_KEY = "MS-MPPE-Recv-Key"
+MSCHAP_REPLY_ITEMS = frozenset((MSCHAP2_SUCCESS, MPPE_SEND_KEY, MPPE_RECV_KEY))
+
+
 @dataclass(frozen=True)
 class AuthRequest:
     """One Access-Request as the core sees it.
@@ -98,10 +138,15 @@ class AuthRequest:
     nas_identifier: str | None = None
     calling_station_id: str | None = None
     source: str = ""  # "ip:port" of the NAS, for logs
-    pap: bool = True  # False: CHAP / MS-CHAP / EAP, which we refuse
+    pap: bool = True  # False: CHAP / MS-CHAP / EAP: refused, except MS-CHAPv2 below
     # False: a pending one-login bypass is neither used nor used up (the
     # portal, where a bypass must not stand in for a second factor).
     bypass: bool = True
+    # The MS-CHAPv2 credentials, when the request carries them (then pap is False).
+    mschap: MsChapV2 | None = None
+    # What the request authenticates with, for logs: "pap", "chap",
+    # "mschapv1", "mschapv2", "eap", "leap".
+    protocol: str = "pap"
 
 
 @dataclass(frozen=True)

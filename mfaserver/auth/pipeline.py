@@ -46,7 +46,7 @@ from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
     AccountStore, AlertSink, ApprovalFactor, ApprovalWithdrawn, CodeFactor,
     ConfirmedApprovalFactor, DeliveryFailed, Directory, DirectoryUnavailable, FactorRefused,
-    InvalidCredentials, SeedIntegrityError, UnknownApproval, UnknownUser, WrongConfirmation,
+    InvalidCredentials, MsChapNotConfigured, SeedIntegrityError, UnknownApproval, UnknownUser, WrongConfirmation,
 )
 from mfaserver.auth.model import (
     Account, AuditEntry, AuthRequest, CodeResult, Decision, Login, Method, Outcome, Principal,
@@ -70,6 +70,11 @@ MSG_DENIED = "The sign-in was denied."
 MSG_FRAUD = "Fraud reported: your account is now blocked. Contact your administrator."
 MSG_TIMEOUT = "No answer in time. Please sign in again."
 MSG_NO_ANSWER = "The call was not answered. Please sign in again."
+MSG_MSCHAP_NOT_CONFIGURED = "This server is not set up for MS-CHAPv2 sign-ins. Use PAP."
+MSG_MSCHAP_NO_APPROVAL = ("Your VPN cannot ask for a code: set up push or phone sign-in,"
+                          " or contact your administrator.")
+MSG_MSCHAP_NUMBER_MATCHING = ("Push with number matching needs a prompt your VPN cannot show:"
+                              " contact your administrator.")
 MSG_TOO_MANY_PENDING = "A sign-in is already waiting for your answer. Answer it or wait for it to expire."
 
 # What a directory's refusal tells the user: only what they may know once
@@ -207,7 +212,13 @@ class Authenticator:
         # Not a coroutine itself, nor is _start_method: each hands back the
         # awaitable of the step that decides, so a login held for an approval
         # keeps fewer suspended frames (memory per pending login).
+        if request.mschap is not None:
+            return self._mschap_round(request)
         if not request.pap:
+            log.warn("refused a {protocol} login from {client} for {user}: mfaserver takes"
+                     " PAP, or MS-CHAPv2 with an upstream that checks it",
+                     protocol=request.protocol, client=request.client_name,
+                     user=request.username)
             return _decided(Decision.reject(Reason.NOT_PAP, MSG_PAP_REQUIRED, factor="password"))
         if request.password is None:
             # User-Password did not decode as UTF-8: almost always a wrong shared secret.
@@ -224,8 +235,30 @@ class Authenticator:
                                         self._keywords)
         if not password:
             return Decision.reject(Reason.EMPTY_PASSWORD, MSG_FAILED, factor="password")
+        known = await self._known_user(
+            request, self.directory.authenticate(request.username, password))
+        if isinstance(known, Decision):
+            return known
+        account, grants = known
+        methods = self._usable(account)
+        if code in self._keywords:
+            return await self._start_method(code, request, account, grants)
+        if not methods:
+            return self._unenrolled(grants)
+        if code is not None:
+            return _with_grants(await self._check_code(account, code), grants)
+        if self.policy.challenge_menu and len(methods) > 1:
+            return self._offer_menu(request, account, grants, methods)
+        return await self._start_method(self._preferred(account, methods), request, account,
+                                        grants)
+
+    async def _known_user(self, request: AuthRequest,
+                          checked: defer.Deferred) -> Decision | tuple[Account | None, tuple]:
+        """After the first factor: the Decision when the directory refused, the
+        account is blocked or locked, or a bypass lets the user in; else the
+        account (None: not in the store) and the reply attributes granted."""
         try:
-            principal = await self.directory.authenticate(request.username, password)
+            principal = await checked
         except InvalidCredentials as e:
             return Decision.reject(e.reason, DIRECTORY_MESSAGES.get(e.reason, MSG_FAILED),
                                    factor="password")
@@ -249,20 +282,56 @@ class Authenticator:
                 and await self.store.consume_bypass(name, now=now)):
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
                                    attributes=grants)
+        return account, grants
+
+    def _unenrolled(self, grants: tuple) -> Decision:
+        """A user with no usable second factor: per [mfa] unenrolled."""
+        if self.policy.unenrolled == "allow":
+            return Decision.accept(Reason.UNENROLLED_ALLOWED, factor="password",
+                                   attributes=grants)
+        return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED, factor="password")
+
+    async def _mschap_round(self, request: AuthRequest) -> Decision:
+        """An MS-CHAPv2 login: the directory checks the response first (a wrong
+        password is refused without a push), then the login is held for an
+        approval factor of ``[mfa] mschap_methods``; only then does the NAS get
+        the directory's MS-CHAP2-Success and MPPE keys (in the grants)."""
+        check = getattr(self.directory, "authenticate_mschap", None)
+        try:
+            checked = (defer.fail(MsChapNotConfigured()) if check is None else
+                       defer.maybeDeferred(check, request.username, request.mschap.challenge,
+                                           request.mschap.response))
+            known = await self._known_user(request, checked)
+        except MsChapNotConfigured:
+            log.warn("refused an MS-CHAPv2 login from {client} for {user}: no directory"
+                     " checks MS-CHAPv2 ([directory] backend \"radius\" or"
+                     " [directory.ad] mschap)", client=request.client_name,
+                     user=request.username)
+            return Decision.reject(Reason.MSCHAP_NOT_CONFIGURED, MSG_MSCHAP_NOT_CONFIGURED,
+                                   factor="password")
+        if isinstance(known, Decision):
+            return known
+        account, grants = known
         methods = self._usable(account)
-        if code in self._keywords:
-            return await self._start_method(code, request, account, grants)
         if not methods:
-            if self.policy.unenrolled == "allow":
-                return Decision.accept(Reason.UNENROLLED_ALLOWED, factor="password",
-                                       attributes=grants)
-            return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED, factor="password")
-        if code is not None:
-            return _with_grants(await self._check_code(account, code), grants)
-        if self.policy.challenge_menu and len(methods) > 1:
-            return self._offer_menu(request, account, grants, methods)
-        return await self._start_method(self._preferred(account, methods), request, account,
-                                        grants)
+            return self._unenrolled(grants)
+        allowed = [name for name in methods if name in self.policy.mschap_methods]
+        held = [name for name in allowed if self._kinds[name] == _HELD]
+        if not held:
+            # Never the password alone: an MS-CHAP NAS cannot prompt for a code,
+            # nor for the number a number-matching push shows.
+            confirmed = any(self._kinds[name] == _CONFIRMED for name in allowed)
+            log.warn("refused an MS-CHAPv2 login of {user} from {client}: no usable"
+                     " approval factor among [mfa] mschap_methods ({detail})",
+                     user=account.name, client=request.client_name,
+                     detail="push has number matching" if confirmed else
+                     "only code factors")
+            return Decision.reject(Reason.NO_APPROVAL_FACTOR,
+                                   MSG_MSCHAP_NUMBER_MATCHING if confirmed
+                                   else MSG_MSCHAP_NO_APPROVAL, factor="password")
+        name = self._preferred(account, held)
+        login = Login(account, request.client_name, request.nas_ip, request.calling_station_id)
+        return await self._hold(self.factors[name], request, login, grants)
 
     # --- choosing and starting a method ---
 

@@ -23,12 +23,22 @@ use, the request skips to the next server, and fails with
 queue, because 256 logins in flight means the upstream is not keeping up.
 An upstream Access-Challenge (the upstream wants its own second factor) is
 refused: mfaserver is the second factor, and has no way to relay it.
+
+MS-CHAPv2 (`authenticate_mschap`): MS-CHAP-Challenge and MS-CHAP2-Response
+are forwarded as received (the upstream, NPS or FreeRADIUS ``mschap``, knows
+the NT hash). From its Access-Accept, MS-CHAP2-Success is kept as is and the
+MS-MPPE-Send-Key / MS-MPPE-Recv-Key are decrypted with the upstream secret
+and the Request Authenticator we sent (RFC 2548 §2.4.2), to be re-encrypted
+for the NAS at the RADIUS edge. An Access-Reject's MS-CHAP-Error code tells
+a wrong password (691) from an expired password (648), a disabled account
+(647) or a refused logon time or dial-in permission (646, 649).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 
 from twisted.internet import defer
@@ -37,7 +47,8 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials
-from mfaserver.auth.model import Principal, Reason
+from mfaserver.auth.model import (MPPE_RECV_KEY, MPPE_SEND_KEY, MSCHAP2_SUCCESS, Principal,
+                                  Reason, Secret)
 from mfaserver.directory.settings import UpstreamRadiusConfig
 from mfaserver.radius import attributes, codec
 from mfaserver.radius.protocol import RateLimitedLog
@@ -46,6 +57,17 @@ log = Logger(namespace="mfaserver.directory.radius")
 
 IDENTIFIERS = 256
 MAX_PASSWORD = 128  # octets: the most RFC 2865 §5.2 can hide
+
+# MS-CHAP-Error "E=" codes (RFC 2759 §6) -> why the upstream refused.
+MSCHAP_ERRORS = {
+    646: (Reason.LOGON_NOT_PERMITTED, "restricted logon hours"),
+    647: (Reason.ACCOUNT_DISABLED, "account disabled"),
+    648: (Reason.PASSWORD_EXPIRED, "password expired"),
+    649: (Reason.LOGON_NOT_PERMITTED, "no dial-in permission"),
+    691: (Reason.BAD_PASSWORD, "authentication failure"),
+}
+_MSCHAP_ERROR = re.compile(rb"E=(\d+)")
+_MPPE = {codec.MS_MPPE_SEND_KEY: MPPE_SEND_KEY, codec.MS_MPPE_RECV_KEY: MPPE_RECV_KEY}
 
 
 class _Server:
@@ -88,12 +110,14 @@ class _Server:
 class _Request:
     """One login in flight. Holds the password for as long as failover may need it."""
 
-    __slots__ = ("username", "password", "remaining", "deferred", "server", "identifier",
+    __slots__ = ("username", "password", "mschap", "remaining", "deferred", "server", "identifier",
                  "authenticator", "datagram", "sends", "timer")
 
-    def __init__(self, username: str, password: bytes, servers: list[_Server]):
+    def __init__(self, username: str, password: bytes, servers: list[_Server],
+                 mschap: tuple[bytes, bytes] | None = None):
         self.username = username
         self.password = password
+        self.mschap = mschap  # (MS-CHAP-Challenge, MS-CHAP2-Response), or None: PAP
         self.remaining = servers
         self.deferred: Deferred | None = None
         self.server: _Server | None = None
@@ -191,6 +215,38 @@ class RadiusDirectory:
         self._next_server(request)
         return request.deferred
 
+    def authenticate_mschap(self, username: str, challenge: bytes,
+                            response: bytes) -> Deferred[Principal]:
+        """Have the upstream check MS-CHAPv2 credentials (see the module's text).
+
+        Fire with the `Principal`, its attributes the pass-through ones then
+        MS-CHAP2-Success and the MPPE keys (in the clear, as `Secret`); fail
+        like `authenticate`. Cancelling stops the retransmissions.
+        """
+        if not 1 <= len(username.encode("utf-8")) <= codec.MAX_VALUE:
+            return defer.fail(InvalidCredentials(Reason.BAD_PASSWORD,
+                                                 "user name cannot be sent upstream"))
+        if not self._ports:
+            return defer.fail(DirectoryUnavailable("upstream RADIUS client not started"))
+        request = _Request(username, b"", self._ordered_servers(), (challenge, response))
+        request.deferred = Deferred(canceller=lambda d: self._abandon(request))
+        self._next_server(request)
+        return request.deferred
+
+    def _ordered_servers(self) -> list[_Server]:
+        now = self._reactor.seconds()
+        return sorted(self._servers,
+                      key=lambda s: s.dead_until is not None and s.dead_until > now)
+
+    def _credentials(self, request: _Request, authenticator: bytes) -> list[tuple[int, bytes]]:
+        if request.mschap is None:
+            return [(codec.USER_PASSWORD,
+                     codec.encrypt_password(request.password, self.config.secret,
+                                            authenticator))]
+        challenge, response = request.mschap
+        return [codec.vsa(codec.VENDOR_MICROSOFT, codec.MS_CHAP_CHALLENGE, challenge),
+                codec.vsa(codec.VENDOR_MICROSOFT, codec.MS_CHAP2_RESPONSE, response)]
+
     def _next_server(self, request: _Request) -> None:
         """Send ``request`` to the next server that has an Identifier free."""
         secret = self.config.secret
@@ -206,8 +262,7 @@ class RadiusDirectory:
             authenticator = os.urandom(16)
             attrs = [
                 (codec.USER_NAME, request.username.encode("utf-8")),
-                (codec.USER_PASSWORD,
-                 codec.encrypt_password(request.password, secret, authenticator)),
+                *self._credentials(request, authenticator),
                 (codec.NAS_IDENTIFIER, self._nas_identifier),
             ]
             request.server = server
@@ -291,15 +346,49 @@ class RadiusDirectory:
         if packet.code == codec.ACCESS_ACCEPT:
             passed = tuple((self._pass_through[t], value) for t, value in packet.attributes
                            if t in self._pass_through)
+            if request.mschap is not None:
+                try:
+                    passed += self._mschap_items(packet, request, server)
+                except ValueError as e:
+                    d.errback(DirectoryUnavailable(f"bad MS-CHAPv2 reply from upstream: {e}"))
+                    return
             d.callback(Principal(username=request.username, attributes=passed))
         elif packet.code == codec.ACCESS_REJECT:
-            d.errback(InvalidCredentials(Reason.BAD_PASSWORD, "upstream reject"))
+            d.errback(self._rejected(packet, request))
         else:
             self._note(("challenge", server.name),
                        "upstream RADIUS server {server} answered with an Access-Challenge:"
                        " turn off its own second factor for mfaserver", server=server.name)
             d.errback(InvalidCredentials(Reason.BAD_PASSWORD,
                                          "upstream challenge not supported"))
+
+    def _mschap_items(self, packet: codec.Packet, request: _Request,
+                      server: _Server) -> tuple:
+        """MS-CHAP2-Success and the MPPE keys (decrypted) of an upstream Accept."""
+        items = []
+        for vendor_type, value in packet.vendor_attributes(codec.VENDOR_MICROSOFT):
+            if vendor_type == codec.MS_CHAP2_SUCCESS:
+                items.append((MSCHAP2_SUCCESS, value))
+            elif vendor_type in _MPPE:
+                key = codec.decrypt_salted(value, self.config.secret, request.authenticator)
+                items.append((_MPPE[vendor_type], Secret(key)))
+        if not any(name == MSCHAP2_SUCCESS for name, _ in items):
+            # Without it the client drops the connection: the upstream did not
+            # really check MS-CHAPv2 (a users file with Auth-Type Accept?).
+            raise ValueError(f"{server.name} accepted without MS-CHAP2-Success")
+        return tuple(items)
+
+    @staticmethod
+    def _rejected(packet: codec.Packet, request: _Request) -> InvalidCredentials:
+        if request.mschap is not None:
+            for vendor_type, value in packet.vendor_attributes(codec.VENDOR_MICROSOFT):
+                match = _MSCHAP_ERROR.search(value) if vendor_type == codec.MS_CHAP_ERROR else None
+                if match is not None:
+                    reason, text = MSCHAP_ERRORS.get(int(match.group(1)),
+                                                     (Reason.BAD_PASSWORD, "unknown error"))
+                    return InvalidCredentials(reason, f"upstream MS-CHAP error "
+                                                      f"{match.group(1).decode()}: {text}")
+        return InvalidCredentials(Reason.BAD_PASSWORD, "upstream reject")
 
     def _drop(self, key: tuple, message: str, **fields) -> None:
         self.dropped += 1

@@ -56,6 +56,22 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class AdConfig:
+    """[directory.ad]: Active Directory without NPS, for MS-CHAPv2 logins.
+
+    ``mschap = "ntlm_auth"`` has Samba's ``ntlm_auth`` (winbind, the machine
+    joined to the domain) check MS-CHAPv2 responses, as FreeRADIUS does.
+    """
+
+    mschap: str = "none"                  # "none" | "ntlm_auth"
+    ntlm_auth: str = "/usr/bin/ntlm_auth"
+    domain: str = ""                      # --domain; "" lets winbind use its own
+    config_file: str = ""                 # --configfile (an smb.conf), "" for the default
+    timeout: float = 5.0                  # seconds before ntlm_auth is killed
+    max_processes: int = 32               # ntlm_auth children at once; more: unavailable
+
+
+@dataclass(frozen=True)
 class DirectoryConfig:
     """[directory]: the user directories, tried in order."""
 
@@ -63,3 +79,4 @@ class DirectoryConfig:
     ldap: LdapConfig | None = None
     radius: UpstreamRadiusConfig | None = None
     sync: SyncConfig = SyncConfig()
+    ad: AdConfig | None = None

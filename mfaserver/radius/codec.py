@@ -54,8 +54,12 @@ ERROR_CAUSE = 101
 # Microsoft vendor attributes (RFC 2548).
 VENDOR_MICROSOFT = 311
 MS_CHAP_RESPONSE = 1
+MS_CHAP_ERROR = 2
 MS_CHAP_CHALLENGE = 11
+MS_MPPE_SEND_KEY = 16
+MS_MPPE_RECV_KEY = 17
 MS_CHAP2_RESPONSE = 25
+MS_CHAP2_SUCCESS = 26
 
 MAX_PACKET = 4096
 MAX_ATTRIBUTES = 200
@@ -345,6 +349,50 @@ def encrypt_password(password: bytes, secret: bytes, authenticator: bytes) -> by
         salt = _xor16(padded[i:i + 16], _MD5(secret + salt).digest())
         hidden.append(salt)
     return b"".join(hidden)
+
+
+def encrypt_salted(value: bytes, secret: bytes, authenticator: bytes, salt: bytes) -> bytes:
+    """Hide ``value`` (an MPPE key) as in RFC 2548 §2.4.2: ``salt`` + ciphertext.
+
+    ``authenticator`` is the Request Authenticator of the Access-Request
+    this value answers; ``salt`` is two octets, the first with its high bit
+    set, unique among the salted attributes of one packet.
+    """
+    if len(salt) != 2 or not salt[0] & 0x80:
+        raise ValueError("salt must be 2 octets with the high bit set")
+    if len(value) > 239:
+        raise ValueError("salted value longer than 239 octets")
+    plain = bytes((len(value),)) + value
+    plain = plain.ljust((len(plain) + 15) // 16 * 16, b"\0")
+    hidden = []
+    previous = authenticator + salt
+    for i in range(0, len(plain), 16):
+        block = _xor16(plain[i:i + 16], _MD5(secret + previous).digest())
+        hidden.append(block)
+        previous = block
+    return salt + b"".join(hidden)
+
+
+def decrypt_salted(hidden: bytes, secret: bytes, authenticator: bytes) -> bytes:
+    """Reveal a value hidden as in RFC 2548 §2.4.2 (salt, then 16-octet blocks).
+
+    Raise ValueError on a malformed value (bad length, a key length beyond
+    the data): with a wrong secret that is the usual outcome.
+    """
+    if len(hidden) < 18 or (len(hidden) - 2) % 16:
+        raise ValueError("salted value length must be 2 plus a multiple of 16")
+    salt, data = hidden[:2], hidden[2:]
+    plain = []
+    previous = authenticator + salt
+    for i in range(0, len(data), 16):
+        block = data[i:i + 16]
+        plain.append(_xor16(block, _MD5(secret + previous).digest()))
+        previous = block
+    plain_bytes = b"".join(plain)
+    length = plain_bytes[0]
+    if length > len(plain_bytes) - 1:
+        raise ValueError("salted value length octet beyond the data")
+    return plain_bytes[1:1 + length]
 
 
 def _xor16(a: bytes, b: bytes) -> bytes:

@@ -26,16 +26,8 @@ def daemon(tmp_path_factory):
         pytest.fail("freeradius is missing: run scripts/test, which installs it")
     with freeradius_server.running_freeradius(tmp_path_factory.mktemp("upstream"),
                                               UPSTREAM_SECRET) as upstream:
-        d = start_daemon(tmp_path_factory.mktemp("upstream-e2e"), f"""
-[directory]
-backend = "radius"
-
-[directory.radius]
-servers = ["127.0.0.1:{upstream.port}"]
-secret = "{UPSTREAM_SECRET.decode()}"
-timeout = 2
-pass_through = ["Class", "Framed-IP-Address"]
-""")
+        d = start_daemon(tmp_path_factory.mktemp("upstream-e2e"), freeradius_server.daemon_config(
+            upstream, ("Class", "Framed-IP-Address")))
         for name in ("alice", "bob"):
             d.cli("user", "add", name, "--no-password")
             d.cli("token", "add", name, "--type", "totp", "--no-qr",
