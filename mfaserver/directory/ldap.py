@@ -1,5 +1,10 @@
 """The LDAP / Active Directory directory: find the user's entry, then bind as it.
 
+`check_password` and `search_filter` (what is refused or built before any
+LDAP traffic) serve both clients. The default client is libldap on the
+reactor, `mfaserver.directory.libldap`; this module's `Ldap3Directory` is
+``[directory.ldap] client = "ldap3"``, the pure-Python client of issue 3.
+
 The LDAP work itself (search, bind, group checks, connection pools,
 failover, TLS) runs in worker processes, `mfaserver.directory.ldap_worker`,
 whose docstring describes it and the pipe protocol. ldap3 is pure Python:
