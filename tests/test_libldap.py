@@ -3,7 +3,7 @@
 `FakeServer` stands in for python-ldap and the servers behind it: its
 handles record the operations started on them (search_ext, simple_bind,
 abandon_ext) and `FakeServer.answer` queues their results, which the
-connection reads from ``result3(RES_ANY, 1, 0)`` when the reactor says the
+connection reads from ``result4(RES_ANY, 1, 0, ...)`` when the reactor says the
 socket is readable (`MemoryReactorClock` keeps the readers; the test calls
 ``doRead``). Nothing is opened, no thread runs: the opener is a Deferred the
 test fires. The real client against slapd and Samba AD is in
@@ -61,16 +61,16 @@ class FakeHandle:
         self.searches.append((msgid, base, query))
         return msgid
 
-    def simple_bind(self, who, password):
+    def simple_bind(self, who, password, serverctrls, clientctrls):
         msgid = self._start(("bind", who, password))
         self.binds.append((msgid, who, password))
         return msgid
 
-    def abandon_ext(self, msgid):
+    def abandon_ext(self, msgid, serverctrls, clientctrls):
         self.abandoned.append(msgid)
         self.started.pop(msgid, None)
 
-    def result3(self, msgid, all, timeout):
+    def result4(self, msgid, all, timeout, add_ctrls, add_intermediates, add_extop):
         assert (msgid, all, timeout) == (ldap.RES_ANY, 1, 0)  # never blocks
         if not self.ready:
             return None, None, None, None
@@ -218,6 +218,8 @@ def test_one_readable_event_reads_every_buffered_result(reactor, server):
     conn.doRead()
     assert len([h for h in server.handles if h is not searcher]) >= 1  # both went on to bind
     assert not first.called and not second.called
+    assert isinstance(until_answered(reactor, server, first).value, InvalidCredentials)
+    assert isinstance(until_answered(reactor, server, second).value, InvalidCredentials)
 
 
 def test_unknown_user_and_empty_result(reactor, server):
@@ -305,7 +307,7 @@ def test_a_readable_idle_connection_without_a_result_is_dropped(reactor, server)
 def test_operations_on_a_failed_connection_fail_as_server_down(reactor, server):
     conn = Connection(FakeHandle(server, "ldap://a", ""), reactor, 1.0,
                       lambda h: h.unbind_ext(), lambda c: None)
-    d = conn.submit(lambda h: h.simple_bind("uid=x", "pw"))
+    d = conn.submit(lambda h: h.simple_bind("uid=x", "pw", None, None))
     conn.fail(ServerDown("gone"))
     assert outcome(d).check(ServerDown)
-    assert outcome(conn.submit(lambda h: h.simple_bind("uid=x", "pw"))).check(ServerDown)
+    assert outcome(conn.submit(lambda h: h.simple_bind("uid=x", "pw", None, None))).check(ServerDown)

@@ -4,7 +4,7 @@ ldap3 is pure Python: a search and a bind cost ~0.5 ms of CPU, which capped
 logins at ~1,400/s (issue 11). libldap does the same in ~0.1 ms. Its
 asynchronous API returns a message id for each operation; each connection's
 socket is a reactor reader, and when it is readable the results that are
-complete are taken with ``result3(RES_ANY, all=1, timeout=0)``, in a loop
+complete are taken with ``result4(RES_ANY, all=1, timeout=0)``, in a loop
 until there are none (libldap may hold responses already read from the
 socket, TLS records with several messages in particular), and handed to
 the operation with that message id. No thread and no process on the hot
@@ -135,6 +135,10 @@ class Connection:
     def __init__(self, handle, reactor, timeout: float, closer: Callable[[Any], None],
                  on_lost: Callable[[Connection], None]):
         self.handle = handle
+        # python-ldap's C object: its Python wrapper takes a lock and builds control
+        # lists on every call (~5 % of a login's CPU); every call here is on the
+        # reactor thread, while no other thread uses the handle.
+        self._raw = getattr(handle, "_l", handle)
         # A duplicate: libldap closes its own descriptor when it finds the connection
         # broken, inside result3, while the reactor still watches it.
         self._fd = os.dup(handle.fileno())
@@ -147,11 +151,12 @@ class Connection:
         reactor.addReader(self)
 
     def submit(self, start: Callable[[Any], int]) -> Deferred:
-        """Start an operation (``start(handle)`` returns its msgid)."""
+        """Start an operation: ``start(raw)`` calls python-ldap's C object (its
+        ``search_ext`` or ``simple_bind``, every argument given) and returns the msgid."""
         if self.closed:
             return defer.fail(ServerDown("connection closed"))
         try:
-            msgid = start(self.handle)
+            msgid = start(self._raw)
         except ldap.LDAPError as e:
             self.fail(ServerDown(describe(e)))
             return defer.fail(ServerDown(describe(e)))
@@ -163,7 +168,7 @@ class Connection:
     def _timed_out(self, msgid: int) -> None:
         if msgid in self.pending:
             try:
-                self.handle.abandon_ext(msgid)
+                self._raw.abandon_ext(msgid, None, None)
             except ldap.LDAPError:
                 pass
             self.fail(ServerDown(f"no answer within {self._timeout}s"))
@@ -180,7 +185,7 @@ class Connection:
         read = 0
         while not self.closed:
             try:
-                kind, data, msgid, _ = self.handle.result3(ldap.RES_ANY, 1, 0)
+                kind, data, msgid, _ = self._raw.result4(ldap.RES_ANY, 1, 0, 0, 0, 0)
             except ldap.LDAPError as e:
                 info = e.args[0] if e.args and isinstance(e.args[0], dict) else {}
                 entry = self.pending.pop(info.get("msgid", -1), None)
@@ -451,7 +456,7 @@ class LdapLogins:
                       attributes: list[str], size_limit: int = 0) -> list:
         conn = await server.searcher()
         try:
-            _, data = await conn.submit(lambda h: h.search_ext(
+            _, data = await conn.submit(lambda raw: raw.search_ext(
                 base, scope, query, attributes, 0, None, None, self._time_limit, size_limit))
         except ServerDown:
             server.failed()
@@ -476,7 +481,7 @@ class LdapLogins:
 
     async def _bind_as(self, binder: Connection, dn: str, password: str) -> None:
         try:
-            await binder.submit(lambda h: h.simple_bind(dn, password))
+            await binder.submit(lambda raw: raw.simple_bind(dn, password, None, None))
         except ServerDown:
             raise
         except SERVER_TROUBLE as e:
