@@ -94,6 +94,10 @@ def open_connection(url: str, config: LdapConfig, bind_dn: str, password: str) -
         handle.set_option(ldap.OPT_RESTART, 1)
         handle.set_option(ldap.OPT_NETWORK_TIMEOUT, float(config.timeout))
         handle.set_option(ldap.OPT_TIMEOUT, float(config.timeout))
+        # The socket stays non-blocking after the connect: otherwise libldap's ldaps://
+        # handshake with a server that accepts and never answers blocks for ever
+        # (measured: OPT_NETWORK_TIMEOUT bounds it only on a non-blocking socket).
+        handle.set_option(ldap.OPT_CONNECT_ASYNC, 1)
         handle.set_option(ldap.OPT_X_TLS_REQUIRE_CERT, ldap.OPT_X_TLS_DEMAND)
         ca_file = str(config.ca_file) if config.ca_file else system_ca_file()
         if ca_file:

@@ -470,3 +470,43 @@ async def test_ad_mode_strips_the_domain_and_reports_the_canonical_name(slapd, d
     await failure(ldap.authenticate("OTHER\\user000", PW0), UnknownUser)
     e = await failure(ldap.authenticate("EXAMPLE\\user000", "wrong"), InvalidCredentials)
     assert e.reason is Reason.BAD_PASSWORD
+
+
+# --- libldap specifics ----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_ldaps_server_that_never_answers_the_handshake_fails_in_time_and_stops(
+        slapd, hung_ldap, ldap_certs):
+    # libldap's ldaps:// handshake blocks for ever on a blocking socket: the open
+    # thread must end too, or stop() (which joins the threads) would hang.
+    ldap = LibldapDirectory(config([hung_ldap.url.replace("ldap://", "ldaps://"), slapd.url],
+                                   ca_file=ldap_certs.ca_file), real_reactor)
+    await ldap.start()
+    start = time.monotonic()
+    assert (await ldap.authenticate("user000", PW0)).username == "user000"
+    assert time.monotonic() - start < 1.8  # one timeout, then the next server
+    start = time.monotonic()
+    await ldap.stop()
+    assert time.monotonic() - start < 1.5
+
+
+@pytest.mark.parametrize("kind", ["ldaps", "start_tls"])
+@pytest_twisted.ensureDeferred
+async def test_many_logins_pipelined_over_tls_each_get_their_own_answer(
+        kind, slapd, ldap_certs, directory):
+    # TLS records may carry several responses that libldap buffers: each readable
+    # event is drained, and every login gets its own result (msgid matching).
+    url = slapd.ldaps_url if kind == "ldaps" else slapd.url
+    ldap = await directory([url], groups=[ADMINS_GROUP, VPN_GROUP],
+                           start_tls=kind == "start_tls", ca_file=ldap_certs.ca_file)
+    logins = [ldap.authenticate(f"user{i:03d}", user_password(i) if i % 3 else "wrong")
+              for i in range(60)]
+    results = await defer.DeferredList(logins, consumeErrors=True)
+    for i, (ok, value) in enumerate(results):
+        if i % 3:
+            assert ok and value.username == f"user{i:03d}"
+            expected = ({ADMINS_GROUP} if i < 2 else set()) | ({VPN_GROUP} if i < 100 else set())
+            assert value.groups == expected
+        else:
+            assert not ok and value.check(InvalidCredentials)
+            assert value.value.reason is Reason.BAD_PASSWORD
