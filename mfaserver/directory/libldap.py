@@ -12,8 +12,10 @@ path.
 
 * What may block without bound in libldap (TCP connect, the TLS handshake of
   ldaps://, StartTLS, the first bind) runs in a thread of a bounded pool
-  (`_open`), with ``OPT_NETWORK_TIMEOUT`` and ``OPT_TIMEOUT`` set to
-  ``timeout``, and the reactor gives up on it after ``timeout`` too.
+  (`open_connection`), with ``OPT_NETWORK_TIMEOUT`` and ``OPT_TIMEOUT`` set
+  to ``timeout`` and ``OPT_CONNECT_ASYNC`` (a non-blocking socket: the only
+  way libldap bounds an ldaps:// handshake), and the reactor gives up on it
+  after ``timeout`` too.
 * Per server: up to ``search_connections`` connections bound as the service
   account (anonymous if ``bind_dn`` is empty), on which searches are
   pipelined (the least busy one is used); up to ``pool_size`` connections
