@@ -568,6 +568,7 @@ SCHEMA = Table({
             "pool_size": integer(8, 1, 64),
             "retry_dead_after": number(30, 1, 3600),
             "processes": integer(0, 0, 16),
+            "client": one_of("libldap", "libldap", "ldap3"),
         }, optional=True),
         "radius": Table({
             "servers": string_list(REQUIRED, _host_port),

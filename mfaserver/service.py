@@ -575,8 +575,11 @@ class MfaDaemon(tservice.MultiService):
                 directories.append(self.local)
                 continue
             if name == "ldap":
-                from mfaserver.directory.ldap import LdapDirectory
                 ldap = config.directory.ldap
+                if ldap.client == "ldap3":
+                    from mfaserver.directory.ldap import Ldap3Directory as LdapDirectory
+                else:
+                    from mfaserver.directory.libldap import LibldapDirectory as LdapDirectory
                 directory = LdapDirectory(ldap, self._reactor,
                                           groups=[rule.group for rule in config.radius.reply],
                                           processes=ldap.processes or None)

@@ -25,7 +25,7 @@ from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, 
 from mfaserver.auth.model import Principal, Reason
 from mfaserver.config import LdapConfig
 from mfaserver.directory import ad, ldap_worker
-from mfaserver.directory.ldap import FIRST_RESTART_DELAY, KILL_GRACE, LdapDirectory
+from mfaserver.directory.ldap import FIRST_RESTART_DELAY, KILL_GRACE, Ldap3Directory as LdapDirectory
 
 PW0 = user_password(0)
 NOWHERE = "ldap://ldap.example.invalid"  # never contacted: no worker runs for real

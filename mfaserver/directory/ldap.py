@@ -1,5 +1,10 @@
 """The LDAP / Active Directory directory: find the user's entry, then bind as it.
 
+`check_password` and `search_filter` (what is refused or built before any
+LDAP traffic) serve both clients. The default client is libldap on the
+reactor, `mfaserver.directory.libldap`; this module's `Ldap3Directory` is
+``[directory.ldap] client = "ldap3"``, the pure-Python client of issue 3.
+
 The LDAP work itself (search, bind, group checks, connection pools,
 failover, TLS) runs in worker processes, `mfaserver.directory.ldap_worker`,
 whose docstring describes it and the pipe protocol. ldap3 is pure Python:
@@ -14,7 +19,7 @@ This module is the daemon's side:
   Names that can match nobody (empty, another AD domain) are `UnknownUser`
   here too; otherwise the search filter is built here, with the name
   escaped.
-* `LdapDirectory.start` spawns ``processes`` workers (``sys.executable -m
+* `Ldap3Directory.start` spawns ``processes`` workers (``sys.executable -m
   mfaserver.directory.ldap_worker``), each with ``ceil(pool_size /
   processes)`` threads and as many pooled connections per server and kind,
   so ``pool_size`` still bounds the LDAP work in progress. The
@@ -29,7 +34,7 @@ This module is the daemon's side:
 * A worker that exits is started again after 0.1 s, doubling up to 30 s
   while new ones die before answering a login; the logins it held fail
   with `DirectoryUnavailable`.
-* `LdapDirectory.stop` closes the workers' stdin: they finish the logins
+* `Ldap3Directory.stop` closes the workers' stdin: they finish the logins
   they hold and exit. One still running a deadline later gets SIGTERM,
   then SIGKILL.
 
@@ -85,6 +90,16 @@ def check_password(password: str) -> None:
         raise InvalidCredentials(Reason.EMPTY_PASSWORD, "password empty after SASLprep")
 
 
+def search_filter(config: LdapConfig, username: str) -> tuple[str, str]:
+    """``(filter, name)`` for what the user typed; raises UnknownUser for names never found."""
+    if config.active_directory:
+        return ad.search_filter(username, config.user_filter, config.ad_domain)
+    if not username:
+        raise UnknownUser()
+    escaped = escape_filter_chars(username)
+    return config.user_filter.replace("{username}", escaped), username
+
+
 def default_processes() -> int:
     """Worker processes when not configured: two, or one on a single core.
 
@@ -96,8 +111,9 @@ def default_processes() -> int:
     return min(2, os.cpu_count() or 1)
 
 
-class LdapDirectory:
-    """`Directory` over LDAP or Active Directory servers (see the module docstring).
+class Ldap3Directory:
+    """`Directory` over LDAP or Active Directory servers with ldap3 in worker processes
+    (``client = "ldap3"``; see the module docstring).
 
     ``groups`` are the lower-cased group DNs whose membership the
     `Principal` reports (the reply rules' groups); ``config.required_group``
@@ -112,7 +128,7 @@ class LdapDirectory:
         ldap_worker.tls_context(config)  # a bad ca_file fails now, not in every worker
         count = default_processes() if processes is None else processes
         if count < 1:
-            raise ValueError("an LdapDirectory needs at least one worker process")
+            raise ValueError("an Ldap3Directory needs at least one worker process")
         # Read by each worker from its stdin: holds the service password.
         self._setup = json.dumps({
             "config": ldap_worker.config_to_json(config),
@@ -172,13 +188,7 @@ class LdapDirectory:
         return Failure(DirectoryUnavailable(f"no answer within {timeout}s"))
 
     def _search_filter(self, username: str) -> tuple[str, str]:
-        """``(filter, name)`` for what the user typed; raises UnknownUser for names never found."""
-        if self._config.active_directory:
-            return ad.search_filter(username, self._config.user_filter, self._config.ad_domain)
-        if not username:
-            raise UnknownUser()
-        escaped = escape_filter_chars(username)
-        return self._config.user_filter.replace("{username}", escaped), username
+        return search_filter(self._config, username)
 
     # --- Logins and workers -----------------------------------------------------------------------
 
@@ -241,7 +251,7 @@ class _Login:
 class _WorkerProcess(ProcessProtocol):
     """One worker process, started again whenever it ends until the directory stops."""
 
-    def __init__(self, directory: LdapDirectory):
+    def __init__(self, directory: Ldap3Directory):
         self._directory = directory
         self._reactor = directory._reactor
         self.logins: set[int] = set()  # ids sent to this process and not answered

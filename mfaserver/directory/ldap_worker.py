@@ -1,6 +1,6 @@
 """The LDAP worker process: ldap3's blocking work, away from the daemon's GIL.
 
-`mfaserver.directory.ldap.LdapDirectory` runs ``python -m
+`mfaserver.directory.ldap.Ldap3Directory` runs ``python -m
 mfaserver.directory.ldap_worker`` and talks to it over the child's stdin and
 stdout, one JSON object per line (UTF-8; JSON escapes every control
 character, so a line never holds a newline of its data). ldap3 is pure
@@ -374,13 +374,20 @@ class Logins:
         return frozenset(found)
 
     def _canonical_name(self, entry: dict, typed: str) -> str:
-        """The entry's own spelling of the name: the value the user typed, or else the first."""
-        names = _values(entry, self._config.username_attribute)
-        if not names:
-            raise DirectoryUnavailable(
-                f"the entry has no readable {self._config.username_attribute!r}")
-        folded = typed.casefold()
-        return next((n for n in names if n.casefold() == folded), names[0])
+        return canonical_name(entry, self._config.username_attribute, typed)
+
+
+def canonical_name(entry: dict, attribute: str, typed: str) -> str:
+    """The entry's own spelling of the name: the value the user typed, or else the first.
+
+    ``entry`` maps attribute names to lists of raw values (ldap3's
+    raw_attributes and python-ldap's entries alike).
+    """
+    names = _values(entry, attribute)
+    if not names:
+        raise DirectoryUnavailable(f"the entry has no readable {attribute!r}")
+    folded = typed.casefold()
+    return next((n for n in names if n.casefold() == folded), names[0])
 
 
 def _values(raw_attributes: dict, name: str) -> list[str]:

@@ -31,6 +31,7 @@ class LdapConfig:
     pool_size: int = 8
     retry_dead_after: float = 30.0
     processes: int = 0                # LDAP worker processes; 0 = automatic
+    client: str = "libldap"           # "libldap" (python-ldap, on the reactor) or "ldap3"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from twisted.internet import defer
 from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, UnknownUser
 from mfaserver.auth.model import Reason
 from mfaserver.config import LdapConfig
-from mfaserver.directory.ldap import LdapDirectory
+from mfaserver.directory.libldap import LibldapDirectory as LdapDirectory
 
 # tests/ is on sys.path: pytest's default "prepend" import mode inserts the folder above
 # the "integration" package (tests/ itself has no __init__.py).

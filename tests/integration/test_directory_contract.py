@@ -24,7 +24,7 @@ from directory_contract import (
 from freeradius_server import free_udp_port, running_freeradius
 from mfaserver.auth.interfaces import InvalidCredentials
 from mfaserver.config import LdapConfig, UpstreamRadiusConfig
-from mfaserver.directory.ldap import LdapDirectory
+from mfaserver.directory.libldap import LibldapDirectory as LdapDirectory
 from mfaserver.directory.radius import RadiusDirectory
 
 pytestmark = pytest.mark.integration

@@ -33,7 +33,8 @@ from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, 
 from mfaserver.auth.model import Reason
 from mfaserver.config import LdapConfig
 from mfaserver.directory import ldap_worker
-from mfaserver.directory.ldap import LdapDirectory
+from mfaserver.directory.ldap import Ldap3Directory
+from mfaserver.directory.libldap import LibldapDirectory
 
 pytestmark = pytest.mark.integration
 
@@ -60,9 +61,12 @@ async def directory():
     """Makes started LdapDirectory objects on the real reactor; stops them afterwards."""
     started = []
 
-    async def make(servers, groups=(), processes=None, **overrides) -> LdapDirectory:
-        made = LdapDirectory(config(servers, **overrides), real_reactor, groups=groups,
-                             processes=processes)
+    async def make(servers, groups=(), processes=None, client="libldap",
+                   **overrides) -> LibldapDirectory:
+        # processes: the ldap3 worker processes (client = "ldap3"); libldap has none.
+        kind = Ldap3Directory if client == "ldap3" else LibldapDirectory
+        made = kind(config(servers, **overrides), real_reactor, groups=groups,
+                    processes=processes)
         started.append(made)
         await made.start()
         return made
@@ -269,7 +273,7 @@ async def test_hung_first_server_costs_one_timeout_then_fails_over(slapd, hung_l
 
 # --- The worker processes ------------------------------------------------------------------------
 
-def worker_pids(ldap: LdapDirectory) -> list[int]:
+def worker_pids(ldap: Ldap3Directory) -> list[int]:
     return [w.pid for w in ldap._workers if w.running]
 
 
@@ -312,7 +316,7 @@ def test_worker_process_speaks_json_lines_and_exits_at_end_of_input(slapd):
 
 @pytest_twisted.ensureDeferred
 async def test_service_password_is_in_neither_argv_nor_environment(slapd, directory):
-    ldap = await directory([slapd.url], processes=2)
+    ldap = await directory([slapd.url], processes=2, client="ldap3")
     pids = worker_pids(ldap)
     assert len(pids) == 2
     for pid in pids:
@@ -323,7 +327,7 @@ async def test_service_password_is_in_neither_argv_nor_environment(slapd, direct
 
 @pytest_twisted.ensureDeferred
 async def test_two_worker_processes_share_the_logins(slapd, directory):
-    ldap = await directory([slapd.url], groups=[ADMINS_GROUP], processes=2)
+    ldap = await directory([slapd.url], groups=[ADMINS_GROUP], processes=2, client="ldap3")
     principals = await defer.gatherResults(
         [ldap.authenticate(f"user{i:03d}", user_password(i)) for i in range(40)])
     assert [p.username for p in principals] == [f"user{i:03d}" for i in range(40)]
@@ -332,7 +336,7 @@ async def test_two_worker_processes_share_the_logins(slapd, directory):
 
 @pytest_twisted.ensureDeferred
 async def test_worker_that_dies_fails_its_logins_at_once(hung_ldap, directory):
-    ldap = await directory([hung_ldap.url], processes=1)
+    ldap = await directory([hung_ldap.url], processes=1, client="ldap3")
     start = time.monotonic()
     d = ldap.authenticate("user000", PW0)
     await until(lambda: hung_ldap.connections > 0)
@@ -344,7 +348,7 @@ async def test_worker_that_dies_fails_its_logins_at_once(hung_ldap, directory):
 
 @pytest_twisted.ensureDeferred
 async def test_worker_that_dies_is_replaced(slapd, directory):
-    ldap = await directory([slapd.url], processes=1)
+    ldap = await directory([slapd.url], processes=1, client="ldap3")
     await ldap.authenticate("user000", PW0)
     [first] = worker_pids(ldap)
     os.kill(first, signal.SIGKILL)
@@ -357,7 +361,7 @@ async def test_worker_that_dies_is_replaced(slapd, directory):
 @pytest_twisted.ensureDeferred
 async def test_stuck_worker_fails_logins_at_the_deadline_and_is_killed_on_stop(
         slapd, directory):
-    ldap = await directory([slapd.url], processes=1)
+    ldap = await directory([slapd.url], processes=1, client="ldap3")
     [pid] = worker_pids(ldap)
     os.kill(pid, signal.SIGSTOP)
     try:
@@ -378,7 +382,7 @@ async def test_stuck_worker_fails_logins_at_the_deadline_and_is_killed_on_stop(
 
 @pytest_twisted.ensureDeferred
 async def test_stop_ends_the_workers_cleanly(slapd):
-    ldap = LdapDirectory(config([slapd.url]), real_reactor, processes=2)
+    ldap = Ldap3Directory(config([slapd.url]), real_reactor, processes=2)
     await ldap.start()
     pending = ldap.authenticate("user000", PW0)
     pids = worker_pids(ldap)
@@ -389,13 +393,14 @@ async def test_stop_ends_the_workers_cleanly(slapd):
     assert (await pending).username == "user000"  # a login in progress finishes
 
 
+@pytest.mark.parametrize("client", ["ldap3", "libldap"])
 @pytest_twisted.ensureDeferred
-async def test_worker_log_events_reach_the_daemon_log(slapd, directory):
+async def test_worker_log_events_reach_the_daemon_log(client, slapd, directory):
     events = []
     globalLogPublisher.addObserver(events.append)
     try:
         dead = ldap_server.dead_url()
-        ldap = await directory([dead, slapd.url], processes=1)
+        ldap = await directory([dead, slapd.url], processes=1, client=client)
         assert (await ldap.authenticate("user000", PW0)).username == "user000"
     finally:
         globalLogPublisher.removeObserver(events.append)
@@ -465,3 +470,43 @@ async def test_ad_mode_strips_the_domain_and_reports_the_canonical_name(slapd, d
     await failure(ldap.authenticate("OTHER\\user000", PW0), UnknownUser)
     e = await failure(ldap.authenticate("EXAMPLE\\user000", "wrong"), InvalidCredentials)
     assert e.reason is Reason.BAD_PASSWORD
+
+
+# --- libldap specifics ----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_ldaps_server_that_never_answers_the_handshake_fails_in_time_and_stops(
+        slapd, hung_ldap, ldap_certs):
+    # libldap's ldaps:// handshake blocks for ever on a blocking socket: the open
+    # thread must end too, or stop() (which joins the threads) would hang.
+    ldap = LibldapDirectory(config([hung_ldap.url.replace("ldap://", "ldaps://"), slapd.url],
+                                   ca_file=ldap_certs.ca_file), real_reactor)
+    await ldap.start()
+    start = time.monotonic()
+    assert (await ldap.authenticate("user000", PW0)).username == "user000"
+    assert time.monotonic() - start < 1.8  # one timeout, then the next server
+    start = time.monotonic()
+    await ldap.stop()
+    assert time.monotonic() - start < 1.5
+
+
+@pytest.mark.parametrize("kind", ["ldaps", "start_tls"])
+@pytest_twisted.ensureDeferred
+async def test_many_logins_pipelined_over_tls_each_get_their_own_answer(
+        kind, slapd, ldap_certs, directory):
+    # TLS records may carry several responses that libldap buffers: each readable
+    # event is drained, and every login gets its own result (msgid matching).
+    url = slapd.ldaps_url if kind == "ldaps" else slapd.url
+    ldap = await directory([url], groups=[ADMINS_GROUP, VPN_GROUP],
+                           start_tls=kind == "start_tls", ca_file=ldap_certs.ca_file)
+    logins = [ldap.authenticate(f"user{i:03d}", user_password(i) if i % 3 else "wrong")
+              for i in range(60)]
+    results = await defer.DeferredList(logins, consumeErrors=True)
+    for i, (ok, value) in enumerate(results):
+        if i % 3:
+            assert ok and value.username == f"user{i:03d}"
+            expected = ({ADMINS_GROUP} if i < 2 else set()) | ({VPN_GROUP} if i < 100 else set())
+            assert value.groups == expected
+        else:
+            assert not ok and value.check(InvalidCredentials)
+            assert value.value.reason is Reason.BAD_PASSWORD
