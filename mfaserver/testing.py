@@ -597,6 +597,27 @@ class MemoryAccountStore:
         self.audit.append(entry)
         return defer.succeed(None)
 
+    def load_and_use_code(self, name: str, plan) -> defer.Deferred:
+        account = self.accounts.get(name)
+        planned = plan(account)
+        if planned is None:
+            return defer.succeed((account, None))
+        use, entry = planned
+        if use.kind is TokenKind.TOTP:
+            used = self._use(use.token_id, TokenKind.TOTP,
+                             lambda t: t.last_step is None or t.last_step < use.value,
+                             lambda t: dataclasses.replace(t, last_step=use.value,
+                                                           drift=use.drift))
+        else:
+            used = self._use(use.token_id, TokenKind.HOTP, lambda t: t.counter <= use.value,
+                             lambda t: dataclasses.replace(t, counter=use.value + 1))
+        if not used:
+            return defer.succeed((account, None))
+        if account.failures:
+            self._change(account.name, failures=0)
+        self.audit.append(entry)
+        return defer.succeed((account, use))
+
     def _change(self, name: str, **changes) -> Account:
         account = dataclasses.replace(self.accounts[name], **changes)
         self.accounts[name] = account

@@ -79,6 +79,32 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual((decision.outcome, decision.reason), (Outcome.ACCEPT, Reason.OK))
         self.assertEqual(decision.factor, "totp")
 
+    def test_a_right_code_takes_one_trip_to_the_store_with_its_audit_row(self):
+        trips = []
+        self.store._run = lambda f, *a, **kw: trips.append(f.__name__) or run_now(f, *a, **kw)
+        decision = self.decide(password="pw-alice," + totp_code(T0))
+        self.assertEqual((decision.outcome, decision.reason), (Outcome.ACCEPT, Reason.OK))
+        self.assertEqual(trips, ["_load_and_use_code"])
+        [row] = self.db.recent_audit()
+        self.assertEqual((row.user, row.factor, row.outcome, row.reason, row.time),
+                         ("alice", "totp", "accept", "ok", T0))
+        self.assertEqual(self.db.list_tokens("alice")[0].last_step, oath.totp_step(T0))
+        [event] = [e for e in self.events if e.get("audit")]
+        self.assertEqual((event["outcome"], event["factor"]), ("accept", "totp"))
+
+    def test_a_code_used_by_another_login_meanwhile_is_decided_the_ordinary_way(self):
+        code = totp_code(T0)
+        use_and_audit = self.db.use_code_and_audit
+
+        def other_login_first(use, entry, **kw):
+            self.assertTrue(self.db.use_totp_step(use.token_id, use.value, use.drift))
+            return use_and_audit(use, entry, **kw)
+        self.db.use_code_and_audit = other_login_first
+        decision = self.decide(password="pw-alice," + code)
+        self.assertEqual((decision.outcome, decision.reason), (Outcome.REJECT, Reason.CODE_REUSED))
+        [row] = self.db.recent_audit()
+        self.assertEqual((row.outcome, row.reason), ("reject", "code_reused"))
+
     def test_code_from_two_steps_ago_is_rejected(self):
         self.assertEqual(self.decide(password="pw-alice," + totp_code(T0, offset_steps=-2))
                          .reason, Reason.BAD_CODE)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mfaserver.auth.model import Account, AuditEntry, Token, TokenKind
+from mfaserver.auth.model import Account, AuditEntry, CodeUse, Token, TokenKind
 from mfaserver.store import NewToken, Store
 from mfaserver.store.threaded import ThreadedStore
 from mfaserver.testing import MemoryAccountStore, run_now
@@ -108,6 +108,61 @@ class AccountStoreContract:
         [written] = self.audited()
         self.assertEqual((written.user, written.client, written.outcome, written.reason),
                          ("alice", "vpn", "accept", "ok"))
+
+    # --- a login with a code in one trip (load_and_use_code) ---
+
+    def entry(self, factor="totp"):
+        return AuditEntry(time=NOW, user="alice", client="vpn", nas_ip=None,
+                          calling_station_id=None, factor=factor, outcome="accept",
+                          reason="ok")
+
+    def test_one_trip_records_the_use_clears_the_failures_and_writes_the_row(self):
+        [token] = self.given("alice", kinds=(TokenKind.TOTP,))
+        self.successResultOf(self.store.register_failure("alice", now=NOW, threshold=3,
+                                                         lock_seconds=60))
+        seen = []
+
+        def plan(account):
+            seen.append(account)
+            return CodeUse(token, TokenKind.TOTP, 100, -1), self.entry()
+        account, used = self.successResultOf(self.store.load_and_use_code("alice", plan))
+        self.assertEqual((account, used), (seen[0], CodeUse(token, TokenKind.TOTP, 100, -1)))
+        self.assertEqual(account.failures, 1)  # as loaded, before the use
+        after = self.load("alice")
+        self.assertEqual((after.tokens[0].last_step, after.tokens[0].drift, after.failures),
+                         (100, -1, 0))
+        [row] = self.audited()
+        self.assertEqual((row.user, row.factor, row.outcome), ("alice", "totp", "accept"))
+
+    def test_one_trip_with_a_used_code_writes_nothing(self):
+        [token] = self.given("alice", kinds=(TokenKind.TOTP,))
+        self.assertTrue(self.successResultOf(self.store.use_totp_step(token, 100, 0)))
+        self.successResultOf(self.store.register_failure("alice", now=NOW, threshold=3,
+                                                         lock_seconds=60))
+        account, used = self.successResultOf(self.store.load_and_use_code(
+            "alice", lambda account: (CodeUse(token, TokenKind.TOTP, 100), self.entry())))
+        self.assertIsNone(used)
+        self.assertEqual(account.name, "alice")
+        self.assertEqual(self.load("alice").failures, 1)
+        self.assertEqual(self.audited(), [])
+
+    def test_one_trip_moves_an_hotp_counter_forward_only(self):
+        [token] = self.given("alice", kinds=(TokenKind.HOTP,))
+        plan = lambda account: (CodeUse(token, TokenKind.HOTP, 3), self.entry("hotp"))
+        self.assertIsNotNone(self.successResultOf(self.store.load_and_use_code("alice", plan))[1])
+        self.assertEqual(self.load("alice").tokens[0].counter, 4)
+        self.assertIsNone(self.successResultOf(self.store.load_and_use_code("alice", plan))[1])
+        self.assertEqual(len(self.audited()), 1)
+
+    def test_one_trip_without_a_plan_only_loads(self):
+        self.given("alice", kinds=(TokenKind.TOTP,))
+        seen = []
+        account, used = self.successResultOf(self.store.load_and_use_code(
+            "alice", lambda account: seen.append(account)))
+        self.assertEqual((account.name, used, seen), ("alice", None, [account]))
+        self.assertEqual(self.audited(), [])
+        self.assertEqual(self.successResultOf(self.store.load_and_use_code(
+            "nobody", lambda account: None)), (None, None))
 
 
 class MemoryAccountStoreTests(AccountStoreContract, SynchronousTestCase):

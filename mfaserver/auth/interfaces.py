@@ -20,12 +20,12 @@ core never imports the factors, the gateways or the store.
 
 from __future__ import annotations
 
-from typing import Hashable, Protocol, runtime_checkable
+from typing import Callable, Hashable, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from mfaserver.auth.model import (Account, AuditEntry, CodeCheck, Login, Method, Principal,
-                                  Reason, Verdict)
+from mfaserver.auth.model import (Account, AuditEntry, CodeCheck, CodeUse, Login, Method,
+                                  Principal, Reason, Verdict)
 
 
 class InvalidCredentials(Exception):
@@ -102,6 +102,17 @@ class AccountStore(Protocol):
 
     def record_audit(self, entry: AuditEntry) -> Deferred[None]: ...
 
+    def load_and_use_code(
+        self, name: str, plan: Callable[[Account | None], tuple[CodeUse, AuditEntry] | None],
+    ) -> Deferred[tuple[Account | None, CodeUse | None]]:
+        """A login with a typed code in one trip to the store: load the account, ask
+        ``plan`` (pure: it runs where the store does, on its thread) for the code use
+        it makes an Accept of and that Accept's audit row; record the use (the replay
+        guard, atomic as ever), clear the failures and append the row in one
+        transaction. Fires with the account as loaded and the use if it was
+        recorded (None: nothing was planned, or another login used the code first,
+        and nothing was written)."""
+
 
 class AlertSink(Protocol):
     """Where alerts for the administrators go (fraud reports)."""
@@ -174,6 +185,17 @@ class CodeFactor(Protocol):
         against (no token), or WRONG; a code is never accepted for an account
         that cannot use the factor. Never fails for odd input.
         """
+
+
+@runtime_checkable
+class StoredCodeFactor(CodeFactor, Protocol):
+    """A `CodeFactor` whose codes are checked against the account alone (the user's
+    TOTP and HOTP tokens): the core may then match the code where the store runs
+    and record it in the same trip as the account read (`AccountStore.load_and_use_code`)."""
+
+    def match(self, account: Account, code: str, now: float) -> CodeUse | None:
+        """The use ``check`` would try to record first for ``code`` at ``now``, or None.
+        Pure: no I/O, safe on any thread."""
 
 
 @runtime_checkable

@@ -287,6 +287,17 @@ class CodeCheck:
 
 
 @dataclass(frozen=True)
+class CodeUse:
+    """A typed code matched to one of the user's tokens, for the store to record:
+    the TOTP step it was (with the clock drift it shows) or the HOTP counter."""
+
+    token_id: int
+    kind: TokenKind
+    value: int
+    drift: int = 0
+
+
+@dataclass(frozen=True)
 class Device:
     """An enrolled push device (see docs/device-api.rst)."""
 

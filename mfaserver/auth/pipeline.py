@@ -46,11 +46,12 @@ from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
     AccountStore, AlertSink, ApprovalFactor, ApprovalWithdrawn, CodeFactor,
     ConfirmedApprovalFactor, DeliveryFailed, Directory, DirectoryUnavailable, FactorRefused,
-    InvalidCredentials, MsChapNotConfigured, SeedIntegrityError, UnknownApproval, UnknownUser, WrongConfirmation,
+    InvalidCredentials, MsChapNotConfigured, SeedIntegrityError, StoredCodeFactor, UnknownApproval,
+    UnknownUser, WrongConfirmation,
 )
 from mfaserver.auth.model import (
-    Account, AuditEntry, AuthRequest, CodeResult, Decision, Login, Method, Outcome, Principal,
-    Reason, Verdict,
+    Account, AuditEntry, AuthRequest, CodeResult, CodeUse, Decision, Login, Method, Outcome,
+    Principal, Reason, Verdict,
 )
 
 log = Logger(namespace="mfaserver.auth")
@@ -94,6 +95,16 @@ CODE_LENGTHS = range(6, 9)
 
 # How each kind of factor is started; computed once per set of factors.
 _CODE, _HELD, _CONFIRMED = "code", "held", "confirmed"
+
+
+class _Audited:
+    """A Decision whose audit row the store has written already (with the code use
+    that made it: `AccountStore.load_and_use_code`); `_authenticate` only logs it."""
+
+    __slots__ = ("decision",)
+
+    def __init__(self, decision: Decision):
+        self.decision = decision
 
 
 async def _decided(decision: Decision) -> Decision:
@@ -180,6 +191,11 @@ class Authenticator:
         self._kinds = {name: _kind(factor) for name, factor in self.factors.items()}
         self._code_factors = [factor for name, factor in self.factors.items()
                               if self._kinds[name] == _CODE]
+        # A typed code is tried against the code factors in order; when the first
+        # checks codes against the account alone (tokens), the account read, the
+        # code's use and the audit row of the Accept take one trip to the store.
+        first = self._code_factors[0] if self._code_factors else None
+        self._stored_code = first if isinstance(first, StoredCodeFactor) else None
         self._confirmed = [factor for name, factor in self.factors.items()
                            if self._kinds[name] == _CONFIRMED]
 
@@ -194,6 +210,10 @@ class Authenticator:
     async def _authenticate(self, request: AuthRequest) -> Decision:
         try:
             decision = await self._decide(request)
+            if isinstance(decision, _Audited):
+                decision = decision.decision
+                self._log_decision(request, self._audit_entry(request, decision))
+                return decision
         except defer.CancelledError:
             raise  # shutdown, or the NAS's copy was dropped: no decision, no audit row
         except SeedIntegrityError:
@@ -236,8 +256,9 @@ class Authenticator:
         if not password:
             return Decision.reject(Reason.EMPTY_PASSWORD, MSG_FAILED, factor="password")
         known = await self._known_user(
-            request, self.directory.authenticate(request.username, password))
-        if isinstance(known, Decision):
+            request, self.directory.authenticate(request.username, password),
+            code=code if code is not None and code not in self._keywords else None)
+        if isinstance(known, (Decision, _Audited)):
             return known
         account, grants = known
         methods = self._usable(account)
@@ -252,11 +273,15 @@ class Authenticator:
         return await self._start_method(self._preferred(account, methods), request, account,
                                         grants)
 
-    async def _known_user(self, request: AuthRequest,
-                          checked: defer.Deferred) -> Decision | tuple[Account | None, tuple]:
+    async def _known_user(self, request: AuthRequest, checked: defer.Deferred,
+                          code: str | None = None,
+                          ) -> Decision | _Audited | tuple[Account | None, tuple]:
         """After the first factor: the Decision when the directory refused, the
         account is blocked or locked, or a bypass lets the user in; else the
-        account (None: not in the store) and the reply attributes granted."""
+        account (None: not in the store) and the reply attributes granted.
+
+        With the ``code`` typed after the password, the account read also tries
+        the code (`_plan_code`): a right one comes back as the Accept, audited."""
         try:
             principal = await checked
         except InvalidCredentials as e:
@@ -270,7 +295,17 @@ class Authenticator:
         # The store knows users by the directory's canonical name.
         name = principal.username
         grants = self._grants(principal)
-        account = await self.store.load_account(name)
+        factor = self._stored_code
+        if code is not None and factor is not None:
+            now = self._clock.seconds()
+            account, used = await self.store.load_and_use_code(
+                name, lambda account: self._plan_code(factor, request, account, code, now))
+            if used is not None:
+                return _Audited(Decision.accept(Reason.OK, factor=used.kind.value,
+                                                attributes=grants))
+            # Not planned, or the code was used meanwhile: the ordinary path decides.
+        else:
+            account = await self.store.load_account(name)
         refusal = self._refuse_account(account)
         if refusal is not None:
             return refusal
@@ -283,6 +318,25 @@ class Authenticator:
             return Decision.accept(Reason.BYPASS, factor="bypass", message=MSG_BYPASS,
                                    attributes=grants)
         return account, grants
+
+    def _plan_code(self, factor: StoredCodeFactor, request: AuthRequest,
+                   account: Account | None, code: str,
+                   now: float) -> tuple[CodeUse, AuditEntry] | None:
+        """On the store's thread (pure): the use of ``code`` that makes this login an
+        Accept, as `_check_code` would find it, and the Accept's audit row; None
+        for every login the ordinary path must decide (no account, blocked or
+        locked, a bypass to consume, no token the code matches)."""
+        if (account is None or account.blocked
+                or (account.locked_until is not None and account.locked_until > now)
+                or (request.bypass and account.bypass_until is not None
+                    and account.bypass_until > now)
+                or not factor.usable(account)):
+            return None
+        use = factor.match(account, code, now)
+        if use is None:
+            return None
+        return use, self._audit_entry(
+            request, Decision.accept(Reason.OK, factor=use.kind.value), now)
 
     def _unenrolled(self, grants: tuple) -> Decision:
         """A user with no usable second factor: per [mfa] unenrolled."""
@@ -627,16 +681,24 @@ class Authenticator:
             await self.store.clear_failures(account.name)
         return Decision.accept(Reason.OK, factor=factor, attributes=grants)
 
-    async def _audit(self, request: AuthRequest, decision: Decision) -> None:
-        entry = AuditEntry(
-            time=self._clock.seconds(), user=request.username, client=request.client_name,
-            nas_ip=request.nas_ip, calling_station_id=request.calling_station_id,
-            factor=decision.factor, outcome=decision.outcome.value,
-            reason=decision.reason.value)
+    def _audit_entry(self, request: AuthRequest, decision: Decision,
+                     now: float | None = None) -> AuditEntry:
+        return AuditEntry(
+            time=self._clock.seconds() if now is None else now, user=request.username,
+            client=request.client_name, nas_ip=request.nas_ip,
+            calling_station_id=request.calling_station_id, factor=decision.factor,
+            outcome=decision.outcome.value, reason=decision.reason.value)
+
+    @staticmethod
+    def _log_decision(request: AuthRequest, entry: AuditEntry) -> None:
         log.info("{outcome} {user} from {client}: {reason}", outcome=entry.outcome,
                  user=entry.user, client=entry.client, reason=entry.reason,
                  nas_ip=entry.nas_ip, calling_station_id=entry.calling_station_id,
                  factor=entry.factor, source=request.source, audit=True)
+
+    async def _audit(self, request: AuthRequest, decision: Decision) -> None:
+        entry = self._audit_entry(request, decision)
+        self._log_decision(request, entry)
         try:
             await self.store.record_audit(entry)
         except Exception:

@@ -13,8 +13,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from mfaserver.auth.interfaces import AccountStore
-from mfaserver.auth.model import (Account, CodeCheck, CodeResult, Login, Method, Reason,
-                                  Token, TokenKind)
+from mfaserver.auth.model import (Account, CodeCheck, CodeResult, CodeUse, Login, Method,
+                                  Reason, Token, TokenKind)
 from mfaserver.factors import oath
 
 TOTP = Method(
@@ -53,6 +53,24 @@ class TokenFactor:
         if not account.tokens:
             return succeed(None)
         return self._check_from(account, code, 0, None)
+
+    def match(self, account: Account, code: str, now: float) -> CodeUse | None:
+        """The use `check` would record first for ``code`` at ``now`` (the first token
+        the code matches), or None. Pure: the core calls it on the database thread
+        (`mfaserver.auth.interfaces.StoredCodeFactor`)."""
+        for token in account.tokens:
+            if oath.normalize_code(code, token.digits) is None:
+                continue
+            if token.kind is TokenKind.TOTP:
+                step = oath.match_totp(token, code, now, window=self.totp_window)
+                if step is not None:
+                    return CodeUse(token.id, TokenKind.TOTP, step,
+                                   step - oath.totp_step(now, token.period))
+            else:
+                counter = oath.match_hotp(token, code, look_ahead=self.hotp_look_ahead)
+                if counter is not None:
+                    return CodeUse(token.id, TokenKind.HOTP, counter)
+        return None
 
     # Callbacks rather than a coroutine: this is every login's hot path, and a
     # match costs one store write whose answer decides.

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from mfaserver.auth.model import (OATH_ALGORITHMS, Account, AuditEntry, Device, Token,
-                                  TokenKind)
+from mfaserver.auth.model import (OATH_ALGORITHMS, Account, AuditEntry, CodeUse, Device,
+                                  Token, TokenKind)
 from mfaserver.phones import is_e164
 from mfaserver.store.crypto import (
     KeyFileError,
@@ -242,6 +242,12 @@ _DEVICE_SQL = """
     FROM devices d JOIN users u ON u.id = d.user_id
 """
 
+
+# The login path's single-statement writes (OTP-07: each judged by its row count).
+_USE_TOTP_STEP = ("UPDATE tokens SET last_step = ?, drift = ?"
+                  " WHERE id = ? AND kind = 'totp' AND (last_step IS NULL OR last_step < ?)")
+_USE_HOTP_COUNTER = "UPDATE tokens SET counter = ? WHERE id = ? AND kind = 'hotp' AND counter <= ?"
+_CLEAR_FAILURES = "UPDATE users SET failures = 0 WHERE name = ? AND failures != 0"
 
 _AUDIT_INSERT = (
     "INSERT INTO audit (time, user, client, nas_ip, calling_station_id, factor,"
@@ -845,21 +851,37 @@ class Store:
         One conditional UPDATE: of two concurrent uses of one step, exactly
         one returns True.
         """
-        cursor = self._conn.execute(
-            "UPDATE tokens SET last_step = ?, drift = ?"
-            " WHERE id = ? AND kind = 'totp' AND (last_step IS NULL OR last_step < ?)",
-            (step, drift, token_id, step),
-        )
+        cursor = self._conn.execute(_USE_TOTP_STEP, (step, drift, token_id, step))
         return cursor.rowcount == 1
 
     @_guarded
     def use_hotp_counter(self, token_id: int, matched_counter: int) -> bool:
         """Advance the HOTP counter past ``matched_counter`` unless already past it."""
-        cursor = self._conn.execute(
-            "UPDATE tokens SET counter = ? WHERE id = ? AND kind = 'hotp' AND counter <= ?",
-            (matched_counter + 1, token_id, matched_counter),
-        )
+        cursor = self._conn.execute(_USE_HOTP_COUNTER,
+                                    (matched_counter + 1, token_id, matched_counter))
         return cursor.rowcount == 1
+
+    @_guarded
+    def use_code_and_audit(self, use: CodeUse, entry: AuditEntry, *,
+                           clear_failures_of: str | None = None) -> bool:
+        """Record ``use`` (as `use_totp_step` or `use_hotp_counter` would) and, if it
+        was recorded, append ``entry`` to the audit log (and reset the user's
+        failure count of user ``clear_failures_of``), in one transaction: a login with
+        a code costs one commit. Nothing is written when the use was not
+        recorded (another login used the code first): returns False."""
+        with self._immediate() as conn:
+            if use.kind is TokenKind.TOTP:
+                cursor = conn.execute(_USE_TOTP_STEP, (use.value, use.drift, use.token_id,
+                                                       use.value))
+            else:
+                cursor = conn.execute(_USE_HOTP_COUNTER, (use.value + 1, use.token_id,
+                                                          use.value))
+            if cursor.rowcount != 1:
+                return False
+            if clear_failures_of is not None:
+                conn.execute(_CLEAR_FAILURES, (clear_failures_of,))
+            conn.execute(_AUDIT_INSERT, _audit_row(entry))
+        return True
 
     @_guarded
     def register_failure(
@@ -891,9 +913,7 @@ class Store:
     @_guarded
     def clear_failures(self, name: str) -> None:
         """Reset the failure count after a successful login (no write if already 0)."""
-        self._conn.execute(
-            "UPDATE users SET failures = 0 WHERE name = ? AND failures != 0", (name,)
-        )
+        self._conn.execute(_CLEAR_FAILURES, (name,))
 
     @_guarded
     def consume_bypass(self, name: str, *, now: float) -> bool:

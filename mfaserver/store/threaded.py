@@ -14,7 +14,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from mfaserver.auth.model import Account, AuditEntry, Device
+from mfaserver.auth.model import Account, AuditEntry, CodeUse, Device
 
 
 MAX_CACHED_DEVICES = 100_000
@@ -36,6 +36,24 @@ class ThreadedStore:
 
     def load_account(self, name: str) -> Deferred[Account | None]:
         return self._run(self._store.load_account, name)
+
+    def load_and_use_code(
+        self, name: str, plan: Callable[[Account | None], tuple[CodeUse, AuditEntry] | None],
+    ) -> Deferred[tuple[Account | None, CodeUse | None]]:
+        """One database thread call for a login with a code (`AccountStore`): each
+        hop costs more CPU than the SQL it carries, and adds its wake-ups."""
+        return self._run(self._load_and_use_code, name, plan)
+
+    def _load_and_use_code(self, name, plan):
+        # On the database thread.
+        account = self._store.load_account(name)
+        planned = plan(account)
+        if planned is None:
+            return account, None
+        use, entry = planned
+        used = self._store.use_code_and_audit(
+            use, entry, clear_failures_of=account.name if account.failures else None)
+        return account, (use if used else None)
 
     def use_totp_step(self, token_id: int, step: int, drift: int) -> Deferred[bool]:
         return self._run(self._store.use_totp_step, token_id, step, drift)
