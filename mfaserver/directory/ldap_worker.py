@@ -284,12 +284,7 @@ class Logins:
         except LDAPException as e:
             server.failed()
             raise _ServerDown(f"{type(e).__name__}: {e}") from None
-        if self._config.required_group and self._config.required_group not in groups:
-            raise InvalidCredentials(Reason.NOT_IN_GROUP,
-                                     f"not a member of {self._config.required_group}")
-        phones = _values(entry, self._config.phone_attribute)
-        return Principal(username=self._canonical_name(entry, name),
-                         phone=phones[0] if phones else None, groups=groups)
+        return bound_principal(self._config, entry, name, groups)
 
     def _open(self, server: _Server) -> ldap3.Connection:
         """An open connection, not bound (or anonymous)."""
@@ -373,8 +368,17 @@ class Logins:
                 found.add(group)
         return frozenset(found)
 
-    def _canonical_name(self, entry: dict, typed: str) -> str:
-        return canonical_name(entry, self._config.username_attribute, typed)
+def bound_principal(config: LdapConfig, entry: dict, typed: str, groups) -> Principal:
+    """The user found as ``entry`` (typed as ``typed``), once their password bound;
+    InvalidCredentials if [directory.ldap] required_group is not among ``groups``.
+
+    Shared by both LDAP clients (ldap3's and libldap's entries alike).
+    """
+    if config.required_group and config.required_group not in groups:
+        raise InvalidCredentials(Reason.NOT_IN_GROUP, f"not a member of {config.required_group}")
+    phones = _values(entry, config.phone_attribute)
+    return Principal(username=canonical_name(entry, config.username_attribute, typed),
+                     phone=phones[0] if phones else None, groups=groups)
 
 
 def canonical_name(entry: dict, attribute: str, typed: str) -> str:

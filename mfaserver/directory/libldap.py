@@ -63,7 +63,7 @@ from mfaserver.auth.interfaces import DirectoryUnavailable, InvalidCredentials, 
 from mfaserver.auth.model import Principal, Reason
 from mfaserver.directory import ad
 from mfaserver.directory.ldap import check_password, search_filter
-from mfaserver.directory.ldap_worker import canonical_name
+from mfaserver.directory.ldap_worker import bound_principal
 from mfaserver.directory.settings import LdapConfig
 
 log = Logger()
@@ -451,12 +451,7 @@ class LdapLogins:
         except ldap.LDAPError as e:
             server.failed()
             raise ServerDown(describe(e)) from None
-        if self._config.required_group and self._config.required_group not in groups:
-            raise InvalidCredentials(Reason.NOT_IN_GROUP,
-                                     f"not a member of {self._config.required_group}")
-        phones = _values(entry, self._config.phone_attribute)
-        return Principal(username=self._canonical_name(entry, name),
-                         phone=phones[0] if phones else None, groups=groups)
+        return bound_principal(self._config, entry, name, groups)
 
     async def _search(self, server: ServerPool, base: str, scope: int, query: str,
                       attributes: list[str], size_limit: int = 0) -> list:
@@ -525,21 +520,9 @@ class LdapLogins:
         except ldap.LDAPError as e:
             raise ServerDown(f"group search failed: {describe(e)}") from None
 
-    def _canonical_name(self, entry: dict, typed: str) -> str:
-        return canonical_name(entry, self._config.username_attribute, typed)
-
     def close(self) -> None:
         for server in self.servers:
             server.close()
-
-
-def _values(attributes: dict, name: str) -> list[str]:
-    """The values of attribute ``name`` (matched case-insensitively), as text."""
-    values = attributes.get(name)
-    if values is None:
-        lowered = name.lower()
-        values = next((v for k, v in attributes.items() if k.lower() == lowered), [])
-    return [v.decode("utf-8", "replace") for v in values]
 
 
 class LibldapDirectory:
