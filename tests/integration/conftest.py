@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import ldap_server
+import postgres_server
 from mfaserver.radius import codec
 from mfaserver.testing import status_server
 
@@ -202,6 +204,34 @@ def daemon(tmp_path_factory):
     d = start_daemon(tmp_path_factory.mktemp("daemon"))
     yield d
     stop_daemon(d)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL cluster (`postgres_server`) for the whole session;
+    tests take a database of their own from it with `postgres_database`."""
+    if not postgres_server.available():
+        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
+    # Not under pytest's tmp_path: when the tests run as root the server runs as the
+    # postgres user, who cannot enter pytest's 0700 directories.
+    directory = Path(tempfile.mkdtemp(prefix="mfaserver-pg-"))
+    server = postgres_server.PostgresServer(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_database(postgres, request):
+    """The DSN of a new, empty database in the session's PostgreSQL."""
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40] + "_" + \
+        os.urandom(3).hex()
+    return postgres.create_database(name)
 
 
 # --- slapd, certificates, and LDAP servers that misbehave ----------------------------------------
