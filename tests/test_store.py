@@ -42,6 +42,12 @@ def store(paths):
     s.close()
 
 
+@pytest.fixture
+def open_store(paths):
+    """Opens another Store on the fixture store's database (another process, or node)."""
+    return lambda: Store.open(*paths)
+
+
 def raw(paths) -> sqlite3.Connection:
     """A plain connection for inspecting what the store wrote."""
     return sqlite3.connect(paths[0], isolation_level=None)
@@ -496,9 +502,9 @@ def test_use_hotp_counter(store):
     assert store.use_hotp_counter(t.id, 100) is False
 
 
-def _race(paths, rounds, attempt):
+def _race(open_store, rounds, attempt):
     """Run ``attempt(store, round)`` in two threads on two Stores; return both results."""
-    stores = [Store.open(*paths), Store.open(*paths)]
+    stores = [open_store(), open_store()]
     barrier = threading.Barrier(2)
     results = [[None] * rounds, [None] * rounds]
     errors = []
@@ -523,25 +529,25 @@ def _race(paths, rounds, attempt):
     return list(zip(*results))
 
 
-def test_concurrent_use_of_same_totp_step_succeeds_exactly_once(store, paths):
+def test_concurrent_use_of_same_totp_step_succeeds_exactly_once(store, open_store):
     add_alice(store)
     token_id = store.add_token("alice", totp(), now=NOW).id
-    outcomes = _race(paths, 200, lambda s, r: s.use_totp_step(token_id, 5000 + r, 0))
+    outcomes = _race(open_store, 200, lambda s, r: s.use_totp_step(token_id, 5000 + r, 0))
     assert all(sorted(pair) == [False, True] for pair in outcomes), outcomes
 
 
-def test_concurrent_use_of_same_hotp_counter_succeeds_exactly_once(store, paths):
+def test_concurrent_use_of_same_hotp_counter_succeeds_exactly_once(store, open_store):
     add_alice(store)
     token_id = store.add_token("alice", hotp(), now=NOW).id
-    outcomes = _race(paths, 200, lambda s, r: s.use_hotp_counter(token_id, r))
+    outcomes = _race(open_store, 200, lambda s, r: s.use_hotp_counter(token_id, r))
     assert all(sorted(pair) == [False, True] for pair in outcomes), outcomes
 
 
-def test_concurrent_bypass_is_consumed_once(store, paths):
+def test_concurrent_bypass_is_consumed_once(store, open_store):
     add_alice(store)
     # The fixture store re-arms the bypass between rounds, like the CLI would.
     rounds = 50
-    stores = [Store.open(*paths), Store.open(*paths)]
+    stores = [open_store(), open_store()]
     barrier = threading.Barrier(3)
     results = [[], []]
 
@@ -584,9 +590,9 @@ def test_register_failure_unknown_user_and_bad_threshold(store):
         store.register_failure("ghost", now=NOW, threshold=0, lock_seconds=1)
 
 
-def test_concurrent_failures_are_all_counted(store, paths):
+def test_concurrent_failures_are_all_counted(store, open_store):
     add_alice(store)
-    _race(paths, 100, lambda s, r: s.register_failure(
+    _race(open_store, 100, lambda s, r: s.register_failure(
         "alice", now=NOW, threshold=1000, lock_seconds=1))
     assert store.get_user("alice").failures == 200
 

@@ -1,4 +1,8 @@
-"""Persistent state: the SQLite store and encryption of OATH seeds at rest."""
+"""Persistent state: the SQLite store and encryption of OATH seeds at rest.
+
+The same store on PostgreSQL is `mfaserver.store.pg.PgStore`, imported from there
+only, so that a node on SQLite never loads psycopg.
+"""
 
 from mfaserver.store.crypto import (
     KeyFileError,

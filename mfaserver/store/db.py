@@ -36,7 +36,7 @@ import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from mfaserver.auth.model import (OATH_ALGORITHMS, Account, AuditEntry, CodeUse, Device,
                                   Token, TokenKind)
@@ -49,7 +49,8 @@ from mfaserver.store.crypto import (
 )
 from mfaserver.store.migrations import MigrationError, migrate
 
-__all__ = ["NewToken", "Store", "StoreError", "SyncResult", "UserInfo", "check_user_name"]
+__all__ = ["Dialect", "NewToken", "Store", "StoreError", "SyncResult", "UserInfo",
+           "check_user_name"]
 
 BUSY_TIMEOUT_MS = 5000
 MAX_NAME_BYTES = 253          # the longest User-Name a RADIUS attribute can carry
@@ -135,8 +136,40 @@ class NewToken:
     serial: str | None = None
 
 
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the engines in `Store`'s statements, beyond placeholders.
+
+    The statements are written once, in SQL both engines accept, with SQLite's
+    ``?`` and ``:name`` placeholders; `mfaserver.store.pg` rewrites those (and
+    ``BEGIN IMMEDIATE``) for psycopg. What cannot be written alike is here.
+    """
+
+    error: type[Exception]            # any database error: becomes StoreError
+    integrity_error: type[Exception]  # a constraint refused a write
+    temp_schema: str                  # the connection's private schema
+    # A row lock to append to a SELECT that is followed by a write of the rows read,
+    # formatted with the table alias. SQLite needs none: BEGIN IMMEDIATE holds the
+    # database's write lock from the first statement.
+    lock_rows: str
+    # Whether an integrity error is a duplicate in the unique index on table.column.
+    is_duplicate: Callable[[Exception, str, str], bool]
+    # Run first in a directory sync's write transaction so that two syncs (two
+    # nodes) run one after the other; None where BEGIN IMMEDIATE does it already.
+    serialise_sync: str | None = None
+
+
+SQLITE = Dialect(
+    error=sqlite3.Error,
+    integrity_error=sqlite3.IntegrityError,
+    temp_schema="temp",
+    lock_rows="",
+    is_duplicate=lambda e, table, column: f"{table}.{column}" in str(e),
+)
+
+
 def _guarded(method):
-    """Serialise use of the connection and turn sqlite3 errors into StoreError."""
+    """Serialise use of the connection and turn database errors into StoreError."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
@@ -145,8 +178,8 @@ def _guarded(method):
                 raise StoreError("the store is closed")
             try:
                 return method(self, *args, **kwargs)
-            except sqlite3.Error as e:
-                raise StoreError(f"database {self._path}: {e}") from e
+            except self._dialect.error as e:  # looked up only when something failed
+                raise self._failure(e) from e
 
     return wrapper
 
@@ -222,7 +255,7 @@ _TOKEN_SQL = """
 # One statement reads the user and all their tokens from one snapshot.
 # A user disabled by the directory sync is reported as blocked.
 _ACCOUNT_SQL = """
-    SELECT u.name, u.phone, u.blocked OR u.disabled_since IS NOT NULL,
+    SELECT u.name, u.phone, u.blocked != 0 OR u.disabled_since IS NOT NULL,
            u.failures, u.locked_until,
            u.password_hash IS NOT NULL,
            t.id, t.serial, t.kind, t.secret, t.digits, t.period, t.algorithm,
@@ -250,7 +283,7 @@ _USE_HOTP_COUNTER = "UPDATE tokens SET counter = ? WHERE id = ? AND kind = 'hotp
 _CLEAR_FAILURES = "UPDATE users SET failures = 0 WHERE name = ? AND failures != 0"
 
 _AUDIT_INSERT = (
-    "INSERT INTO audit (time, user, client, nas_ip, calling_station_id, factor,"
+    "INSERT INTO audit (time, \"user\", client, nas_ip, calling_station_id, factor,"
     " outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
@@ -274,7 +307,12 @@ class Store:
     Calls on one instance are serialised by a lock, but the daemon should
     still make them from one dedicated thread. Seeds are decrypted only when
     a ``Token`` is built; encrypted blobs never leave this class.
+
+    `mfaserver.store.pg.PgStore` is the same class on PostgreSQL: the
+    statements are shared, what differs goes through ``_dialect``.
     """
+
+    _dialect = SQLITE
 
     def __init__(self, conn: sqlite3.Connection, cipher: SeedCipher, path: Path):
         """Use ``Store.open``; this takes an already configured connection."""
@@ -315,20 +353,39 @@ class Store:
             )
         except sqlite3.Error as e:
             raise StoreError(f"cannot open database {database_path}: {e}") from e
-        try:
+
+        def prepare(conn):
             _configure(conn, database_path)
             migrate(conn)
+        return cls._opened(conn, database_path, key_path, prepare, create=create)
+
+    @classmethod
+    def _opened(cls, conn, label, key_path: Path, prepare: Callable, *, create: bool):
+        """The store on ``conn`` once ``prepare(conn)`` configured and migrated it and
+        the seed key is loaded; closes ``conn`` and raises StoreError or KeyFileError
+        if any of that fails."""
+        try:
+            prepare(conn)
             cipher = _load_cipher(conn, key_path, create=create)
         except MigrationError as e:
             conn.close()
-            raise StoreError(f"database {database_path}: {e}") from None
-        except sqlite3.Error as e:
+            raise StoreError(f"database {label}: {e}") from None
+        except cls._dialect.error as e:
             conn.close()
-            raise StoreError(f"cannot open database {database_path}: {e}") from e
+            raise StoreError(f"cannot open database {label}: {cls._message(e)}") from e
         except BaseException:
             conn.close()
             raise
-        return cls(conn, cipher, database_path)
+        return cls(conn, cipher, label)
+
+    @staticmethod
+    def _message(error: Exception) -> str:
+        """A database error's message, for StoreError."""
+        return str(error)
+
+    def _failure(self, error: Exception) -> StoreError:
+        """The StoreError for a database error raised by a method."""
+        return StoreError(f"database {self._path}: {self._message(error)}")
 
     def close(self) -> None:
         """Close the connection; later calls raise StoreError. Idempotent."""
@@ -397,7 +454,7 @@ class Store:
                 " VALUES (?, ?, ?, 0, 0, ?)",
                 (name, password_hash, phone, now),
             )
-        except sqlite3.IntegrityError:
+        except self._dialect.integrity_error:
             raise StoreError(f"user {name!r} already exists") from None
         return UserInfo(
             name=name, phone=phone, blocked=False, failures=0, locked_until=None,
@@ -498,21 +555,25 @@ class Store:
         if keep_days < 0:
             raise StoreError(f"keep_days must not be negative, not {keep_days}")
         conn = self._conn
+        entries_table = f"{self._dialect.temp_schema}.sync_entries"
         # The temp table is private to this connection: filling it before
         # BEGIN IMMEDIATE keeps the write lock (which logins wait on) short.
-        conn.execute("DROP TABLE IF EXISTS temp.sync_entries")
+        conn.execute(f"DROP TABLE IF EXISTS {entries_table}")
         conn.execute("CREATE TEMP TABLE sync_entries (name TEXT PRIMARY KEY NOT NULL, phone TEXT)")
         try:
             conn.execute("BEGIN")
-            conn.executemany("INSERT INTO temp.sync_entries VALUES (?, ?)", rows)
+            conn.executemany(f"INSERT INTO {entries_table} VALUES (?, ?)", rows)
             conn.execute("COMMIT")
             conn.execute("BEGIN IMMEDIATE")
-            result = _apply_sync(conn, now=now, cutoff=now - keep_days * 86400.0)
+            if self._dialect.serialise_sync is not None:
+                conn.execute(self._dialect.serialise_sync)
+            result = _apply_sync(conn, now=now, cutoff=now - keep_days * 86400.0,
+                                 entries=entries_table)
             conn.execute("ROLLBACK" if dry_run else "COMMIT")
         finally:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            conn.execute("DROP TABLE IF EXISTS temp.sync_entries")
+            conn.execute(f"DROP TABLE IF EXISTS {entries_table}")
         return result
 
     # --- tokens (CLI) ---
@@ -529,10 +590,9 @@ class Store:
         """
         kind, algorithm = _check_new_token(token)
         secret = bytes(token.secret)
-        columns = (
-            "serial, user_id, kind, secret, digits, period, algorithm,"
-            " counter, last_step, drift, created, active"
-        )
+        # last_step and drift take their defaults (NULL, 0).
+        columns = ("serial, user_id, kind, secret, digits, period, algorithm, counter,"
+                   " created, active")
         for _attempt in range(20):
             serial = token.serial or f"{kind.value.upper()}-{secrets.token_hex(4).upper()}"
             values = (
@@ -541,28 +601,29 @@ class Store:
             )
             try:
                 if user is None:
-                    cursor = self._conn.execute(
+                    rows = self._conn.execute(
                         f"INSERT INTO tokens ({columns})"
-                        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ?)",
+                        " VALUES (?, NULL, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                         (serial,) + values,
-                    )
+                    ).fetchall()
                 else:
                     # INSERT ... SELECT: the user lookup and insert are one statement.
-                    cursor = self._conn.execute(
+                    rows = self._conn.execute(
                         f"INSERT INTO tokens ({columns})"
-                        " SELECT ?, id, ?, ?, ?, ?, ?, ?, NULL, 0, ?, ? FROM users WHERE name = ?",
+                        " SELECT ?, id, ?, ?, ?, ?, ?, ?, ?, ? FROM users WHERE name = ?"
+                        " RETURNING id",
                         (serial,) + values + (user,),
-                    )
-            except sqlite3.IntegrityError as e:
-                if "tokens.serial" not in str(e):
+                    ).fetchall()
+            except self._dialect.integrity_error as e:
+                if not self._dialect.is_duplicate(e, "tokens", "serial"):
                     raise
                 if token.serial is not None:
                     raise StoreError(f"token serial {serial!r} already exists") from None
                 continue
-            if cursor.rowcount != 1:
+            if not rows:
                 raise StoreError(f"no such user {user!r}")
             return Token(
-                id=cursor.lastrowid, serial=serial, user=user, kind=kind, secret=secret,
+                id=rows[0][0], serial=serial, user=user, kind=kind, secret=secret,
                 digits=token.digits, period=token.period, algorithm=algorithm,
                 counter=token.counter, last_step=None, drift=0, active=active,
             )
@@ -590,7 +651,7 @@ class Store:
             user_id = self._require_user_id(user)
             row = conn.execute(
                 "SELECT t.user_id, u.name FROM tokens t LEFT JOIN users u ON u.id = t.user_id"
-                " WHERE t.serial = ?",
+                " WHERE t.serial = ?" + self._dialect.lock_rows.format("t"),
                 (serial,),
             ).fetchone()
             if row is None:
@@ -725,7 +786,8 @@ class Store:
         with self._immediate() as conn:
             row = conn.execute(
                 "SELECT e.user_id, e.expires, e.device_id, u.name FROM enrollments e"
-                " JOIN users u ON u.id = e.user_id WHERE e.digest = ?", (digest,)).fetchone()
+                " JOIN users u ON u.id = e.user_id WHERE e.digest = ?"
+                + self._dialect.lock_rows.format("e"), (digest,)).fetchone()
             if row is None:
                 raise UnknownEnrollment("no such enrollment")
             user_id, expires, used_by, name = row
@@ -941,10 +1003,10 @@ class Store:
                      outcomes: tuple[str, ...] = ()) -> list[AuditEntry]:
         """Return up to ``limit`` audit rows, newest first, optionally for one user
         and only with one of ``outcomes`` (e.g. the sign-ins: accept, reject)."""
-        columns = "id, time, user, client, nas_ip, calling_station_id, factor, outcome, reason"
+        columns = 'id, time, "user", client, nas_ip, calling_station_id, factor, outcome, reason'
         where, params = [], []
         if user is not None:
-            where.append("user = ?")
+            where.append('"user" = ?')
             params.append(user)
         if outcomes:
             where.append(f"outcome IN ({', '.join('?' * len(outcomes))})")
@@ -981,15 +1043,17 @@ class Store:
                 return total
 
 
-def _apply_sync(conn: sqlite3.Connection, *, now: float, cutoff: float) -> SyncResult:
-    """The statements of `Store.sync_users`, inside its transaction."""
+def _apply_sync(conn, *, now: float, cutoff: float,
+                entries: str = "temp.sync_entries") -> SyncResult:
+    """The statements of `Store.sync_users`, inside its transaction; ``entries`` is the
+    temp table with the directory's users."""
     conflicts = tuple(name for (name,) in conn.execute(
-        "SELECT e.name FROM temp.sync_entries e JOIN users u ON u.name = e.name"
+        f"SELECT e.name FROM {entries} e JOIN users u ON u.name = e.name"
         " WHERE u.source != 'ldap' ORDER BY e.name"))
     (present,) = conn.execute(
-        "SELECT count(*) FROM temp.sync_entries e JOIN users u ON u.name = e.name"
+        f"SELECT count(*) FROM {entries} e JOIN users u ON u.name = e.name"
         " WHERE u.source = 'ldap'").fetchone()
-    absent = "source = 'ldap' AND name NOT IN (SELECT name FROM temp.sync_entries)"
+    absent = f"source = 'ldap' AND name NOT IN (SELECT name FROM {entries})"
     # Removal first, so that users disabled by this run are never removed by it.
     removed = conn.execute(
         f"DELETE FROM users WHERE {absent} AND disabled_since <= ?", (cutoff,)).rowcount
@@ -997,16 +1061,16 @@ def _apply_sync(conn: sqlite3.Connection, *, now: float, cutoff: float) -> SyncR
         f"UPDATE users SET disabled_since = ? WHERE {absent} AND disabled_since IS NULL",
         (now,)).rowcount
     reenabled = conn.execute(
-        "UPDATE users SET disabled_since = NULL, phone = e.phone FROM temp.sync_entries e"
+        f"UPDATE users SET disabled_since = NULL, phone = e.phone FROM {entries} e"
         " WHERE users.name = e.name AND users.source = 'ldap'"
         " AND users.disabled_since IS NOT NULL").rowcount
     updated = conn.execute(
-        "UPDATE users SET phone = e.phone FROM temp.sync_entries e"
+        f"UPDATE users SET phone = e.phone FROM {entries} e"
         " WHERE users.name = e.name AND users.source = 'ldap'"
-        " AND users.phone IS NOT e.phone").rowcount
+        " AND users.phone IS DISTINCT FROM e.phone").rowcount
     added = conn.execute(
         "INSERT INTO users (name, phone, source, blocked, failures, created)"
-        " SELECT name, phone, 'ldap', 0, 0, ? FROM temp.sync_entries e"
+        f" SELECT name, phone, 'ldap', 0, 0, ? FROM {entries} e"
         " WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.name = e.name)",
         (now,)).rowcount
     return SyncResult(
@@ -1028,7 +1092,7 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
-def _load_cipher(conn: sqlite3.Connection, key_path: Path, *, create: bool) -> SeedCipher:
+def _load_cipher(conn, key_path: Path, *, create: bool) -> SeedCipher:
     """Load the seed key and check it is the one this database was sealed with."""
     row = conn.execute("SELECT value FROM meta WHERE name = 'key_check'").fetchone()
     # Once a database has a key, a missing key file must never be replaced
@@ -1036,7 +1100,7 @@ def _load_cipher(conn: sqlite3.Connection, key_path: Path, *, create: bool) -> S
     cipher = SeedCipher(load_or_create_key(key_path, create=create and row is None))
     if row is None:
         conn.execute(
-            "INSERT OR IGNORE INTO meta (name, value) VALUES ('key_check', ?)",
+            "INSERT INTO meta (name, value) VALUES ('key_check', ?) ON CONFLICT DO NOTHING",
             (cipher.encrypt(_KEY_CHECK_PLAINTEXT, serial=_KEY_CHECK_AAD),),
         )
         # Another process may have won the insert with its own key; verify below.

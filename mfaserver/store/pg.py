@@ -1,0 +1,204 @@
+"""The store on PostgreSQL (issue #12): `PgStore`, the `Store` of several nodes.
+
+`PgStore` is `Store` with another connection underneath: every method, its
+SQL text and its row mapping are `Store`'s. The statements are written in SQL
+both engines accept, with SQLite's ``?`` and ``:name`` placeholders;
+`PgConnection` rewrites each statement once to psycopg's ``%s`` and
+``%(name)s`` and then caches it. What cannot be written alike goes through
+`PG` (a `mfaserver.store.db.Dialect`): the error classes, the temp schema and
+the row locks.
+
+Concurrency across nodes follows from the shared statements: the TOTP and
+HOTP replay guards are single conditional UPDATEs (under READ COMMITTED a
+second writer waits for the first's row lock, then re-checks the condition
+on the committed row, so a step is accepted at most once); failures, bypass
+and invite use are single ``UPDATE``/``DELETE ... RETURNING`` statements;
+``BEGIN IMMEDIATE`` (SQLite's database-wide write lock) becomes ``BEGIN``,
+and the two read-then-write transactions (token assignment, device
+enrollment) lock the rows they read with ``FOR UPDATE``. Every write is
+committed before its method returns (autocommit, or an explicit transaction
+committed inside the method).
+
+One psycopg connection per store, in autocommit, used by one thread at a time
+like `Store`'s. A dropped connection (server restart, failover,
+``pg_terminate_backend``) fails the call in progress with StoreError (fail
+closed) and is discarded; the next call opens a new one, so a node recovers
+without a restart. A pool (psycopg_pool, min_size 1) would add a background
+thread and a check-out per call for nothing while one thread owns the store;
+it fits when several threads share one store.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import psycopg
+from psycopg import conninfo as _conninfo
+from psycopg.pq import TransactionStatus
+
+from mfaserver.store.db import BUSY_TIMEOUT_MS, Dialect, Store, StoreError, _guarded
+from mfaserver.store.pg_migrations import migrate
+
+__all__ = ["PG", "PgConnection", "PgStore"]
+
+CONNECT_TIMEOUT = 5  # seconds; unless the DSN says otherwise
+# A statement that waits longer for a row lock fails with StoreError, as a SQLite
+# write fails after its busy timeout: the login path rejects rather than hangs.
+LOCK_TIMEOUT_MS = BUSY_TIMEOUT_MS
+# pg_advisory_xact_lock key serialising directory syncs: "mfa" "syn".
+SYNC_LOCK = 0x6D6661_73796E
+
+
+def _is_duplicate(error: Exception, table: str, column: str) -> bool:
+    # The unique indexes are named table_column (users_name, tokens_serial).
+    return (isinstance(error, psycopg.errors.UniqueViolation)
+            and error.diag.constraint_name == f"{table}_{column}")
+
+
+PG = Dialect(
+    error=psycopg.Error,
+    integrity_error=psycopg.errors.IntegrityError,
+    temp_schema="pg_temp",
+    lock_rows=" FOR UPDATE OF {}",
+    is_duplicate=_is_duplicate,
+    serialise_sync=f"SELECT pg_advisory_xact_lock({SYNC_LOCK:d})",
+)
+
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=512)
+def to_postgresql(sql: str) -> str:
+    """A shared statement in psycopg's placeholder style (the statements hold no ``%``)."""
+    if sql == "BEGIN IMMEDIATE":
+        # Row locks (FOR UPDATE) and single-statement writes do what SQLite's
+        # database-wide write lock did.
+        return "BEGIN"
+    return _NAMED.sub(r"%(\1)s", sql.replace("?", "%s"))
+
+
+def describe(dsn: str) -> str:
+    """The DSN for messages: host, port and database, never the password."""
+    try:
+        params = _conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "PostgreSQL (unparsable DSN)"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    return f"postgresql://{host}:{port}/{params.get('dbname') or ''}"
+
+
+class PgConnection:
+    """The part of sqlite3.Connection's interface `Store` uses, over psycopg.
+
+    Connects on first use and again after `discard_if_broken` found the
+    connection dead.
+    """
+
+    def __init__(self, dsn: str):
+        params = _conninfo.conninfo_to_dict(dsn)
+        params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        self._conninfo = _conninfo.make_conninfo(**params)
+        self._raw: psycopg.Connection | None = None
+
+    def connection(self) -> psycopg.Connection:
+        """The open psycopg connection (autocommit), connecting if there is none."""
+        raw = self._raw
+        if raw is None:
+            raw = psycopg.connect(self._conninfo, autocommit=True)
+            try:
+                raw.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS:d}")
+            except BaseException:
+                raw.close()
+                raise
+            self._raw = raw
+        return raw
+
+    def execute(self, sql: str, params=None) -> psycopg.Cursor:
+        """Run one shared statement; the cursor holds its rows and rowcount."""
+        return self.connection().execute(to_postgresql(sql), params or None)
+
+    def executemany(self, sql: str, params_seq) -> None:
+        """Run one shared statement once per parameter set."""
+        with self.connection().cursor() as cursor:
+            cursor.executemany(to_postgresql(sql), params_seq)
+
+    @property
+    def in_transaction(self) -> bool:
+        """A transaction is open (or failed and awaits ROLLBACK) on a live connection."""
+        raw = self._raw
+        return raw is not None and raw.info.transaction_status in (
+            TransactionStatus.INTRANS, TransactionStatus.INERROR)
+
+    def discard_if_broken(self) -> None:
+        """After an error: forget a dead connection (the next call opens a new one)
+        and end a failed transaction left open."""
+        raw = self._raw
+        if raw is None:
+            return
+        if raw.broken or raw.closed:
+            self._raw = None
+            raw.close()
+        elif self.in_transaction:
+            try:
+                raw.execute("ROLLBACK")
+            except psycopg.Error:
+                self._raw = None
+                raw.close()
+
+    def close(self) -> None:
+        """Close the connection if open; the next use would open a new one."""
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.close()
+
+
+class PgStore(Store):
+    """`Store` on PostgreSQL; see the module docstring. Open with `PgStore.open`."""
+
+    _dialect = PG
+
+    @classmethod
+    def open(cls, dsn: str, key_path: Path, *, create: bool = True) -> "PgStore":
+        """Connect to ``dsn`` (libpq syntax), apply migrations and load the seed key.
+
+        As `Store.open`: StoreError for database problems, KeyFileError for key
+        problems, including a key that does not match the database; with
+        ``create``, a key file is created only for a database that never had
+        one. The database itself must exist.
+        """
+        label = describe(dsn)
+        try:
+            conn = PgConnection(dsn)
+        except psycopg.Error as e:
+            raise StoreError(f"bad PostgreSQL DSN: {cls._message(e)}") from None
+        return cls._opened(conn, label, Path(key_path), lambda conn: migrate(conn.connection()),
+                           create=create)
+
+    @staticmethod
+    def _message(error: Exception) -> str:
+        # psycopg's messages may carry DETAIL/HINT lines; StoreError's is one line.
+        text = str(error).strip()
+        return text.splitlines()[0] if text else type(error).__name__
+
+    def _failure(self, error: Exception) -> StoreError:
+        self._conn.discard_if_broken()
+        return super()._failure(error)
+
+    def close(self) -> None:
+        """Close the connection; later calls raise StoreError. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    @_guarded
+    def data_version(self) -> str:
+        """Changes when a transaction that wrote commits (PostgreSQL has no
+        data_version): the current snapshot lists the transactions in progress,
+        so a commit always changes it. Own commits and other databases' count
+        too, which only costs the device cache a refill."""
+        # pg_current_snapshot: PostgreSQL 13 or later.
+        return self._conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
