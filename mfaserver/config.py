@@ -15,6 +15,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ except ModuleNotFoundError:  # Python 3.10
 DEFAULT_CONFIG_PATH = Path("/etc/mfaserver/mfaserver.toml")
 CONFIG_ENV_VAR = "MFASERVER_CONFIG"
 
+# Names accepted in [store] backend.
+STORE_BACKENDS = ("sqlite", "postgresql")
 # Names accepted in [directory] backend; a new backend is one more entry here.
 DIRECTORY_BACKENDS = ("local", "ldap", "radius")
 
@@ -63,6 +66,21 @@ class ServerConfig:
 
     state_dir: Path
     log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """[store]: the durable store's engine. ``dsn`` (libpq syntax) for PostgreSQL."""
+
+    backend: str = "sqlite"
+    dsn: str | None = field(default=None, repr=False)  # may hold a password
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: this node's name in logs and metrics (default: the host name)."""
+
+    node_name: str
 
 
 @dataclass(frozen=True)
@@ -190,6 +208,8 @@ class Config:
     push: PushConfig = PushConfig()
     alerts: AlertsConfig = AlertsConfig()
     portal: Any = None                # mfaserver.web.portal.PortalSettings; None: no portal
+    store: StoreConfig = StoreConfig()
+    cluster: ClusterConfig = field(default_factory=lambda: ClusterConfig(socket.gethostname()))
 
     @property
     def database_path(self) -> Path:
@@ -525,6 +545,14 @@ SCHEMA = Table({
     "server": Table({
         "state_dir": string("var"),
         "log_format": one_of("text", "text", "json"),
+    }),
+    "store": Table({
+        "backend": one_of("sqlite", *STORE_BACKENDS),
+        "dsn": string(None),            # or dsn_file; checked in _build_store
+        "dsn_file": string(None),
+    }),
+    "cluster": Table({
+        "node_name": text(""),
     }),
     "radius": Table({
         "listen": string("127.0.0.1", _ip_address),
@@ -901,6 +929,7 @@ def _build(values: dict[str, Any], path: Path) -> Config:
         raise _Problem("alerts.gateway", f"[gateways.{alerts.gateway}] is not configured")
     if alerts.gateway == "smtp" and not alerts.to:
         raise _Problem("alerts.to", "name at least one recipient for smtp alerts")
+    store = _build_store(values["store"], base)
     return Config(
         path=path,
         server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
@@ -916,10 +945,64 @@ def _build(values: dict[str, Any], path: Path) -> Config:
         push=push,
         alerts=alerts,
         portal=portal,
+        store=store,
+        cluster=ClusterConfig(node_name=values["cluster"]["node_name"]
+                              or socket.gethostname()),
     )
 
 
+def _build_store(values: dict[str, Any], base: Path) -> StoreConfig:
+    backend = values["backend"]
+    if backend == "sqlite":
+        for name in ("dsn", "dsn_file"):
+            if values[name] is not None:
+                raise _Problem(f"store.{name}", 'is for backend = "postgresql"')
+        return StoreConfig()
+    key, data = _secret(values, "store", base, name="dsn")
+    try:
+        dsn = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Problem(key, "is not UTF-8 text") from None
+    return StoreConfig(backend=backend, dsn=_check_dsn(dsn, key))
+
+
+def _check_dsn(dsn: str, key: str) -> str:
+    """A libpq connection string (``key=value ...`` or a ``postgresql://`` URI), checked
+    by libpq's own parser so that a typo fails at load, not at the first login. The
+    message never repeats the string: it may hold a password."""
+    from psycopg import ProgrammingError, conninfo
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except ProgrammingError as e:
+        reason = (str(e).splitlines() or ["cannot be parsed"])[0]
+        # libpq quotes the text before a missing "=", which may be part of a password;
+        # an unknown option's name is worth showing.
+        reason = re.sub(r'after "[^"]*"', "after a value", reason)
+        raise _Problem(key, f"not a libpq connection string: {reason}") from None
+    if not params:
+        raise _Problem(key, "is empty")
+    return dsn
+
+
 # --- Public functions -----------------------------------------------------------------------
+
+def open_store(config: Config, *, create: bool = True):
+    """The durable store ``config`` names ([store]): the SQLite file in state_dir, or
+    PostgreSQL at ``dsn``; the seed key file is in state_dir either way.
+
+    ``create``: a SQLite database, the state directory and a key file may be
+    created (a PostgreSQL database must exist already). Raises the store's
+    StoreError or KeyFileError.
+    """
+    if config.store.backend == "postgresql":
+        from mfaserver.store.pg import PgStore
+        if create:
+            config.server.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return PgStore.open(config.store.dsn, config.key_path, create=create)
+    from mfaserver.store import Store
+    return Store.open(config.database_path, config.key_path, create=create)
+
+
 
 def resolve_config_path(explicit: str | os.PathLike | None,
                         environ: Mapping[str, str] = os.environ) -> Path:

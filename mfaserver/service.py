@@ -31,7 +31,7 @@ from mfaserver.addresses import is_loopback
 from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import Directory, MsChapNotConfigured
 from mfaserver.auth.pipeline import Authenticator
-from mfaserver.config import ClientIndex, Config, ConfigError, load_config
+from mfaserver.config import ClientIndex, Config, ConfigError, load_config, open_store
 from mfaserver.directory.chain import DirectoryChain
 from mfaserver.directory.local import LocalDirectory
 from mfaserver.factors import METHODS
@@ -40,7 +40,6 @@ from mfaserver.factors.push import (NumberMatchingPushFactor, PushFactor, PushTr
 from mfaserver.factors.token import TokenFactor
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
-from mfaserver.store import Store
 from mfaserver.store.threaded import ThreadedStore
 from mfaserver.workers import WorkerThreads
 
@@ -51,8 +50,9 @@ log = Logger(namespace="mfaserver.service")
 # ("voice" is [voice] being added or removed; its own keys apply live).
 NEEDS_RESTART = ("server.state_dir", "server.log_format", "radius.listen", "radius.port",
                  "voice")
-# Sections none of whose keys a reload can apply: the HTTP listener.
-NEEDS_RESTART_SECTIONS = ("web",)
+# Sections none of whose keys a reload can apply: the HTTP listener, the store's
+# engine and connection, the node's name.
+NEEDS_RESTART_SECTIONS = ("web", "store", "cluster")
 
 # Seconds after which replaced gateways and wake-up senders are closed: longer
 # than any request of theirs may take (SMTP's timeout is at most 120 s).
@@ -301,7 +301,7 @@ class PeriodicSync:
 
 def _sync_in_thread(config: Config, started_with: Config, now: float):
     from mfaserver.directory.sync import run_sync
-    with Store.open(started_with.database_path, started_with.key_path, create=False) as store:
+    with open_store(started_with, create=False) as store:
         return run_sync(config, store, now)
 
 
@@ -319,7 +319,7 @@ class MfaDaemon(tservice.MultiService):
         # What the keys in NEEDS_RESTART are compared with on every reload.
         self.started_with = config
         self._reactor = reactor
-        self.store = Store.open(config.database_path, config.key_path)
+        self.store = open_store(config)
         # One database thread: SQLite calls are short, and one connection must
         # not be used by two threads at once. Hashing gets one thread per core.
         db_thread = threads(reactor, 1, "mfaserver-db")

@@ -594,3 +594,47 @@ def test_web_push_and_the_portal_need_the_web_listener(tmp_path):
 ])
 def test_bad_phone_side_values_are_named(tmp_path, text, key):
     assert error(tmp_path, CLIENT + WEB + text).key == key
+
+
+# --- [store], [cluster] (issue #12) ------------------------------------------
+
+def test_store_defaults_to_sqlite_and_node_name_to_the_host_name(tmp_path):
+    import socket
+    cfg = load(tmp_path, CLIENT)
+    assert cfg.store == config.StoreConfig(backend="sqlite", dsn=None)
+    assert cfg.cluster.node_name == socket.gethostname()
+
+
+def test_postgresql_store_with_a_dsn_several_hosts_and_node_name(tmp_path):
+    dsn = ("host=db1,db2 port=5432,5432 dbname=mfa user=mfa password=pw"
+           " target_session_attrs=read-write")
+    cfg = load(tmp_path, CLIENT + f'[store]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
+               '[cluster]\nnode_name = "radius-a"\n')
+    assert cfg.store.backend == "postgresql"
+    assert cfg.store.dsn == dsn
+    assert "pw" not in repr(cfg.store)  # the password stays out of reprs and logs
+    assert cfg.cluster.node_name == "radius-a"
+
+
+def test_dsn_file_holds_the_dsn_and_a_uri_is_accepted(tmp_path):
+    (tmp_path / "dsn").write_text("postgresql://mfa:pw@db1,db2/mfa"
+                                  "?target_session_attrs=read-write\n")
+    cfg = load(tmp_path, CLIENT + '[store]\nbackend = "postgresql"\ndsn_file = "dsn"\n')
+    assert cfg.store.dsn == "postgresql://mfa:pw@db1,db2/mfa?target_session_attrs=read-write"
+
+
+@pytest.mark.parametrize("extra, key, message", [
+    ('[store]\nbackend = "postgresql"\n', "store", "dsn or dsn_file is required"),
+    ('[store]\nbackend = "postgresql"\ndsn = "host=a"\ndsn_file = "f"\n', "store",
+     "not both"),
+    ('[store]\nbackend = "postgresql"\ndsn = "garbage s3cret-that-must-never-leak"\n',
+     "store.dsn", "not a libpq connection string"),
+    ('[store]\nbackend = "postgresql"\ndsn = "host=a passwrd=x"\n', "store.dsn",
+     'invalid connection option "passwrd"'),
+    ('[store]\ndsn = "host=a"\n', "store.dsn", 'is for backend = "postgresql"'),
+    ('[store]\nbackend = "mysql"\n', "store.backend", "not one of: sqlite, postgresql"),
+])
+def test_store_and_workers_errors(tmp_path, extra, key, message):
+    e = error(tmp_path, CLIENT + extra)
+    assert e.key == key
+    assert message in e.message

@@ -550,7 +550,8 @@ def test_changed_keys_names_keys_not_values(tmp_path):
 
 def test_which_keys_need_a_restart():
     for key in ("server.state_dir", "server.log_format", "radius.port", "radius.listen", "web",
-                "web.port", "web.tls_key", "voice"):
+                "web.port", "web.tls_key", "voice", "store.dsn", "store.backend",
+                "cluster.node_name"):
         assert needs_restart(key), key
     for key in ("radius.clients", "radius.reply", "directory.ldap.servers", "voice.pin",
                 "gateways.twilio.auth_token", "mfa.timeout", "push.notify", "sms", "alerts.to",

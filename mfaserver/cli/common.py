@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Sequence
 import click
 
 from mfaserver import phones
-from mfaserver.config import Config, ConfigError, load_config, resolve_config_path
+from mfaserver.config import Config, ConfigError, load_config, open_store, resolve_config_path
 from mfaserver.store import KeyFileError, SeedIntegrityError, Store, StoreError, UserInfo
 from mfaserver.tokens.importers import TokenImportError
 
@@ -109,7 +109,7 @@ class CliState:
         if self._store is None:
             config = self.config()
             fresh = [p for p in _state_files(config) if not p.exists()]
-            self._store = Store.open(config.database_path, config.key_path, create=create)
+            self._store = open_store(config, create=create)
             click.get_current_context().find_root().call_on_close(self._close_store)
             if fresh:
                 give_to_state_dir_owner(config.server.state_dir,

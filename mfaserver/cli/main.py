@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from mfaserver.cli import authenticator, devices, tokens, users
+from mfaserver.cli import authenticator, devices, store, tokens, users
 from mfaserver.cli.common import (
     CliError,
     CliState,
@@ -44,6 +44,8 @@ cli.add_command(users.user)
 cli.add_command(tokens.token)
 cli.add_command(devices.device)
 cli.add_command(authenticator.authenticator)
+cli.add_command(store.migrate)
+cli.add_command(store.store)
 
 
 @cli.command("check-config")

@@ -157,6 +157,11 @@ class Dialect:
     # Run first in a directory sync's write transaction so that two syncs (two
     # nodes) run one after the other; None where BEGIN IMMEDIATE does it already.
     serialise_sync: str | None = None
+    # Starts a read-only transaction that sees one snapshot (`mfaserver store copy`).
+    begin_snapshot: str = "BEGIN"
+    # Run per table (formatted with ``table``) after rows were inserted with their
+    # ids, so that the next generated id follows them; None where that is automatic.
+    after_explicit_ids: str | None = None
 
 
 SQLITE = Dialect(

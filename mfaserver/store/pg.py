@@ -64,6 +64,9 @@ PG = Dialect(
     lock_rows=" FOR UPDATE OF {}",
     is_duplicate=_is_duplicate,
     serialise_sync=f"SELECT pg_advisory_xact_lock({SYNC_LOCK:d})",
+    begin_snapshot="BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    after_explicit_ids=("SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                        " coalesce(max(id), 0) + 1, false) FROM {table}"),
 )
 
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
