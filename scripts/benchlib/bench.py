@@ -763,7 +763,7 @@ def wait_for_step_room(seconds: float, lookback_steps: int) -> None:
     """
     room = 30 - time.time() % 30 + 30 * lookback_steps
     if seconds < 29 + 30 * lookback_steps and room < seconds:
-        progress(f"ldap: waiting {room - 30 * lookback_steps:.1f} s for the next TOTP step")
+        progress(f"waiting {room - 30 * lookback_steps:.1f} s for the next TOTP step")
         time.sleep(room - 30 * lookback_steps + 0.2)
 
 
@@ -1340,9 +1340,9 @@ def parse_args(argv=None):
                         help="ldap: one more mfaserver run under py-spy (--gil), its samples "
                              "summarized by component as table rows; py-spy from PATH, $PYSPY "
                              "(pip install --target /tmp/pyspy py-spy)")
-    parser.add_argument("--ad-logins", type=int, default=1000,
+    parser.add_argument("--ad-logins", type=int, default=500,
                         help="ad: logins per run, one distinct user each; a run must fit in "
-                             "a TOTP step, FreeRADIUS checks the current one only (default 1000)")
+                             "a TOTP step, FreeRADIUS checks the current one only (default 500)")
     parser.add_argument("--ad-runs", type=int, default=3,
                         help="ad: runs per target, interleaved; the median is reported "
                              "(default 3)")
