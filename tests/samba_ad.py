@@ -343,8 +343,12 @@ def _ldaps_ready(ca_file: Path) -> bool:
 
 
 def start_dc(template: Template, directory: Path, timeout: float = 60,
-             winbind: bool = False) -> DomainController:
-    """Copy ``template`` into ``directory`` and start Samba there; wait until LDAPS answers."""
+             winbind: bool = False, model: str = "single") -> DomainController:
+    """Copy ``template`` into ``directory`` and start Samba there; wait until LDAPS answers.
+
+    ``model``: Samba's process model; "single" (one process, the tests' choice) or
+    "prefork" (a pool of LDAP server processes, as a production DC runs).
+    """
     began = time.monotonic()
     busy = {port: holder for port in PORTS if (holder := port_holder(port))}
     if busy:
@@ -360,7 +364,7 @@ def start_dc(template: Template, directory: Path, timeout: float = 60,
     log_path = directory / "samba.log"
     with open(log_path, "w") as log:
         # stdin is a pipe we hold: "samba -i" exits when it closes, even if we are killed.
-        proc = subprocess.Popen([samba_binary(), "--interactive", "--model=single",
+        proc = subprocess.Popen([samba_binary(), "--interactive", f"--model={model}",
                                  "--debug-stdout", "-s", str(conf)],
                                 stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
     controller = DomainController(dc, proc, log_path, ca_file, 0.0)

@@ -18,6 +18,9 @@ Sections (``--only``, comma separated):
               side by side with the raw ldap3 search+bind rate of one Python process and
               FreeRADIUS 3 (rlm_ldap + rlm_totp); p50/p99 latency at a fixed 200 logins/s
               from an open-loop generator (benchlib/ldap_bench.py, benchlib/loadgen.py)
+  ad          issue #11: the same logins against a Samba AD DC over LDAPS (mfaserver with
+              active_directory = true, FreeRADIUS rlm_ldap + rlm_totp), p50/p99 at a fixed
+              100 logins/s (benchlib/ad_bench.py; needs Samba, root, ports 389/636 free)
   push        issue #4: 10,000 logins held pending a push in one daemon, then approved
               through the device API: memory per pending login, Status-Server p99 while
               pending, approvals/s end to end, lost/duplicate wake-ups (scripts/push_load.py)
@@ -60,6 +63,7 @@ import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +71,7 @@ VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"  # the only address this script ever talks to
 SECRET = "bench-shared-secret-0123456789"
 LOGIN_PASSWORD = "bench-password"
-SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "push", "webapp")
+SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "ad", "push", "webapp")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -743,7 +747,7 @@ class LdapRun:
     accepted: int
     failed: int          # rejected + lost (radclient) or refused (raw ldap3)
     server_cpu: float    # mfaserver / FreeRADIUS, or the raw ldap3 process
-    slapd_cpu: float
+    directory_cpu: float  # slapd, or the Samba DC and its LDAP processes
     client_cpu: float    # radclient (0 for the raw ldap3 run: it is its own client)
 
     @property
@@ -759,7 +763,7 @@ def wait_for_step_room(seconds: float, lookback_steps: int) -> None:
     """
     room = 30 - time.time() % 30 + 30 * lookback_steps
     if seconds < 29 + 30 * lookback_steps and room < seconds:
-        progress(f"ldap: waiting {room - 30 * lookback_steps:.1f} s for the next TOTP step")
+        progress(f"waiting {room - 30 * lookback_steps:.1f} s for the next TOTP step")
         time.sleep(room - 30 * lookback_steps + 0.2)
 
 
@@ -774,13 +778,16 @@ def ldap_login_file(path: Path, names: list[str], password: str) -> Path:
     return path
 
 
-def ldap_radclient_run(server: Server, slapd_pid: int, path: Path, args, sent: int) -> LdapRun:
-    """One radclient run; the server's CPU includes its child processes (LDAP workers)."""
-    s0, c0 = pid_cpu_seconds(slapd_pid), tree_cpu_seconds(server.proc.pid)
+def ldap_radclient_run(server: Server, directory_cpu, path: Path, args, sent: int) -> LdapRun:
+    """One radclient run; the server's CPU includes its child processes (LDAP workers).
+
+    ``directory_cpu()``: CPU seconds so far of the directory server (slapd, the DC).
+    """
+    s0, c0 = directory_cpu(), tree_cpu_seconds(server.proc.pid)
     r = run_radclient(server, path, "auth", parallel=args.ldap_inflight, count=1, sent=sent,
                       timeout=args.run_timeout, retries=1, reply_timeout=10)
     return LdapRun(r.wall, sent, r.accepted, r.rejected + r.lost,
-                   tree_cpu_seconds(server.proc.pid) - c0, pid_cpu_seconds(slapd_pid) - s0,
+                   tree_cpu_seconds(server.proc.pid) - c0, directory_cpu() - s0,
                    r.client_cpu)
 
 
@@ -840,7 +847,8 @@ def profile_ldap(report: Report, args, directory: Path, lb, ours: Server, slapd,
     try:
         time.sleep(1.0)  # py-spy attaches
         path = ldap_login_file(directory / "run-profile", names, password)
-        run = ldap_radclient_run(ours, slapd.process.pid, path, args, len(names))
+        run = ldap_radclient_run(ours, lambda: pid_cpu_seconds(slapd.process.pid), path,
+                                 args, len(names))
     finally:
         spy_proc.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
         try:
@@ -871,9 +879,8 @@ def idle_share(seconds: float = 1.0) -> float:
     return (idle1 - idle0) / max(1, total1 - total0)
 
 
-def bench_ldap(report: Report, args, workdir: Path) -> None:
-    """Issue #3: password,code logins against slapd; raw ldap3 and FreeRADIUS side by side."""
-    section = "ldap"
+def directory_section_start(report: Report, section: str) -> None:
+    """The "cores idle" row, and NotAvailable if radclient or mfaserver is missing."""
     idle = idle_share()
     report.add(section, "machine", "cores idle before the section", f"{100 * idle:.0f} %",
                f"load average {open('/proc/loadavg').read().split()[0]}; < 95 %: "
@@ -881,56 +888,71 @@ def bench_ldap(report: Report, args, workdir: Path) -> None:
     require("radclient", "freeradius-utils")
     mfaserver_command()
     import_store_api()
-    try:
-        import ldap_bench as lb
-        from loadgen import open_loop
-    except Exception as e:  # ldap3 or mfaserver not importable
-        raise NotAvailable(f"{type(e).__name__}: {e}") from None
-    n, runs = args.ldap_logins, args.ldap_runs
-    warm = min(n, 512)
-    latency_count = max(1, int(args.ldap_rate * args.ldap_latency_seconds))
-    # Every mfaserver login needs its own user (a TOTP code counts once per token);
-    # FreeRADIUS and the raw client get the same users again.
-    extra = n if args.ldap_profile else 0
-    names = [lb.ldap_name(i) for i in range(warm + runs * n + latency_count + 3 + extra)]
-    warm_names, names = names[:warm], names[warm:]
-    run_names = [names[r * n:(r + 1) * n] for r in range(runs)]
-    latency_names = names[runs * n:runs * n + latency_count]
-    probes = names[runs * n + latency_count:runs * n + latency_count + 3]
-    profile_names = names[runs * n + latency_count + 3:]
-    all_names = warm_names + names
-    directory = workdir / "ldap"
-    directory.mkdir(parents=True)
-    t0 = time.perf_counter()
-    try:
-        ls, slapd = lb.start_slapd(directory / "slapd", all_names, seed_for)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-        raise NotAvailable(f"slapd: {e}") from None
-    try:
-        slapd_s = time.perf_counter() - t0
-        progress(f"ldap: slapd with {len(all_names):,} bench users in {slapd_s:.1f} s; "
-                 "building the mfaserver store")
-        build_s, created = build_store(directory, [(x, None) for x in all_names],
-                                       len(all_names), None, args.build_timeout)
-        if created < len(all_names):
-            raise NotAvailable(f"store build reached only {created:,} users in {build_s:.0f} s")
-        report.add(section, "setup", "users in slapd and the store", f"{len(all_names):,}",
-                   f"slapadd + start {slapd_s:.1f} s; store build {build_s:.1f} s")
-        _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_names,
-                            latency_names, probes, profile_names, open_loop)
-    finally:
-        slapd.stop()
 
 
-def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_names,
-                        latency_names, probes, profile_names, open_loop) -> None:
-    section = "ldap"
-    password = lb.LDAP_PASSWORD
+@dataclass
+class DirectoryUsers:
+    """The bench users of a directory section, split by use. Every mfaserver login
+    needs its own user (a TOTP code counts once per token); FreeRADIUS and the raw
+    client get the same users again."""
+    all: list[str]
+    warm: list[str]
+    runs: list[list[str]]
+    latency: list[str]
+    probes: list[str]     # right, wrong code, wrong password
+    extra: list[str]      # the profiled run's
+
+
+def directory_users(name, per_run: int, runs: int, warm: int, latency: int,
+                    extra: int = 0) -> DirectoryUsers:
+    names = [name(i) for i in range(warm + runs * per_run + latency + 3 + extra)]
+    rest = names[warm:]
+    end = runs * per_run
+    return DirectoryUsers(names, names[:warm],
+                          [rest[r * per_run:(r + 1) * per_run] for r in range(runs)],
+                          rest[end:end + latency], rest[end + latency:end + latency + 3],
+                          rest[end + latency + 3:])
+
+
+def directory_store(report: Report, args, section: str, directory: Path, names: list[str],
+                    where: str, setup_note: str) -> None:
+    """mfaserver's store with the same users (seeds from seed_for); a "setup" row."""
+    progress(f"{section}: {where} with {len(names):,} bench users; building the mfaserver store")
+    build_s, created = build_store(directory, [(x, None) for x in names], len(names), None,
+                                   args.build_timeout)
+    if created < len(names):
+        raise NotAvailable(f"store build reached only {created:,} users in {build_s:.0f} s")
+    report.add(section, "setup", f"users in {where} and the store", f"{len(names):,}",
+               f"{setup_note}; store build {build_s:.1f} s")
+
+
+@dataclass
+class DirectoryBench:
+    """What the ldap and ad sections differ in; `run_directory_logins` does the rest."""
+    section: str                # "ldap", "ad": the table's section and progress prefix
+    directory_name: str         # "slapd", "DC": whose CPU the notes show
+    password: str               # every bench user's directory password
+    mfaserver_section: str      # the [directory] tables of mfaserver's config
+    write_freeradius: Callable[[Path, int], Path]  # (folder, port) -> radiusd.conf folder
+    directory_cpu: Callable[[], float]  # CPU seconds so far of the directory server
+    rate: float                 # logins/s of the open-loop latency run
+    raw: Callable[[list[str]], LdapRun] | None = None  # the raw ldap3 client, per round
+    profile: Callable[[Server], None] | None = None     # an extra profiled mfaserver run
+    target_rate: int = 0        # a "mfaserver logins/s >= N" row, if set
+
+
+def run_directory_logins(report: Report, args, directory: Path, d: DirectoryBench,
+                         users: DirectoryUsers, open_loop) -> None:
+    """mfaserver and FreeRADIUS (rlm_ldap + rlm_totp) against a running directory: checks,
+    interleaved throughput rounds of distinct users, then latency at ``d.rate``; adds rows."""
+    section = d.section
+    password = d.password
+    warm_names, run_names, probes = users.warm, users.runs, users.probes
     fr_label = f"FreeRADIUS {freeradius_version()} rlm_ldap+rlm_totp".replace("  ", " ")
     port = free_udp_port()
     config = ours_config(directory, port)
     with open(config, "a") as f:
-        f.write("\n" + lb.mfaserver_ldap_section(ls, slapd.url))
+        f.write("\n" + d.mfaserver_section)
     check = subprocess.run(mfaserver_command() + ["-c", str(config), "check-config"],
                            capture_output=True, text=True, timeout=60)
     if check.returncode != 0:
@@ -947,9 +969,7 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
             if not Path("/usr/lib/freeradius/rlm_ldap.so").exists():
                 raise NotAvailable("rlm_ldap not installed (apt package freeradius-ldap)")
             fr_port = free_udp_port()
-            fr_dir = lb.write_freeradius_config(directory / "freeradius", ls, host=HOST,
-                                                port=fr_port, secret=SECRET,
-                                                ldap_port=slapd.port)
+            fr_dir = d.write_freeradius(directory / "freeradius", fr_port)
             chk = subprocess.run([binary, "-C", "-d", str(fr_dir)], capture_output=True,
                                  text=True, timeout=60)
             if chk.returncode != 0:
@@ -979,26 +999,26 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
         for key, label, server, lookback in targets:
             wait_for_step_room(10, lookback)
             path = ldap_login_file(directory / f"warm-{key}", warm_names, password)
-            w = ldap_radclient_run(server, slapd.process.pid, path, args, len(warm_names))
+            w = ldap_radclient_run(server, d.directory_cpu, path, args, len(warm_names))
             estimate[key] = max(w.rate, 50.0)
             if w.accepted == 0:
                 report.na(section, label, f"no login accepted in the warm-up "
                                           f"({w.failed} failed); see {server.log_path.name}")
                 targets = [t for t in targets if t[0] != key]
 
-        progress(f"ldap: {len(run_names)} rounds of {len(run_names[0]):,} logins, "
-                 f"{args.ldap_inflight} in flight: raw ldap3, "
+        progress(f"{section}: {len(run_names)} rounds of {len(run_names[0]):,} logins, "
+                 f"{args.ldap_inflight} in flight: " + ("raw ldap3, " if d.raw else "")
                  + ", ".join(label for _, label, _, _ in targets))
         results: dict[str, list[LdapRun]] = {"raw": []}
         for key, *_ in targets:
             results[key] = []
         for chunk in run_names:
-            results["raw"].append(ldap_raw_run(lb, ls, slapd.url, slapd.process.pid,
-                                               directory, chunk, args))
+            if d.raw:
+                results["raw"].append(d.raw(chunk))
             for key, label, server, lookback in targets:
                 wait_for_step_room(1.5 * len(chunk) / estimate[key] + 1, lookback)
                 path = ldap_login_file(directory / f"run-{key}-{chunk[0]}", chunk, password)
-                results[key].append(ldap_radclient_run(server, slapd.process.pid, path, args,
+                results[key].append(ldap_radclient_run(server, d.directory_cpu, path, args,
                                                        len(chunk)))
 
         labels = {"raw": "raw ldap3, 1 process, 8 threads"}
@@ -1019,10 +1039,10 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
                 note += f"; all {sum(r.accepted for r in runs):,} accepted"
             report.add(section, labels[key], "logins/s (median)", f"{median:,.0f}", note)
             per = 1e3 / mid.accepted if mid.accepted else float("nan")
-            cpu_note = f"slapd {mid.slapd_cpu * per:.2f} ms"
+            cpu_note = f"{d.directory_name} {mid.directory_cpu * per:.2f} ms"
             if key != "raw":
                 cpu_note += f", radclient {mid.client_cpu * per:.2f} ms"
-            busy = (mid.server_cpu + mid.slapd_cpu + mid.client_cpu) / mid.wall
+            busy = (mid.server_cpu + mid.directory_cpu + mid.client_cpu) / mid.wall
             cpu_note += f"; cores busy {busy:.2f} of {os.cpu_count()}"
             report.add(section, labels[key],
                        "CPU per login: " + ("client" if key == "raw" else "server"),
@@ -1034,22 +1054,22 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
             report.add(section, "ratio", "mfaserver / FreeRADIUS",
                        f"{medians['ours'] / medians['freeradius']:.2f}",
                        "[explain if < 0.5: README, Benchmarks]")
-        if medians.get("ours"):
-            report.add(section, "target", "mfaserver logins/s >= 1,000",
-                       "yes" if medians["ours"] >= 1000 else "no")
+        if d.target_rate and medians.get("ours"):
+            report.add(section, "target", f"mfaserver logins/s >= {d.target_rate:,}",
+                       "yes" if medians["ours"] >= d.target_rate else "no")
 
-        if profile_names:
-            profile_ldap(report, args, directory, lb, ours, slapd, profile_names, password)
+        if d.profile:
+            d.profile(ours)
 
         # Latency: open loop at a fixed rate, fresh users for mfaserver, the same for FreeRADIUS.
-        duration = len(latency_names) / args.ldap_rate
-        progress(f"ldap: latency at {args.ldap_rate:,.0f} logins/s for {duration:.0f} s against "
+        duration = len(users.latency) / d.rate
+        progress(f"{section}: latency at {d.rate:,.0f} logins/s for {duration:.0f} s against "
                  + ", ".join(label for _, label, _, _ in targets))
         for key, label, server, _ in targets:
-            s0, c0 = pid_cpu_seconds(slapd.process.pid), tree_cpu_seconds(server.proc.pid)
-            res = open_loop(HOST, server.port, SECRET.encode(), latency_names,
+            s0, c0 = d.directory_cpu(), tree_cpu_seconds(server.proc.pid)
+            res = open_loop(HOST, server.port, SECRET.encode(), users.latency,
                             lambda name, now: f"{password},{totp(seed_for(name), now)}",
-                            rate=args.ldap_rate, timeout=5.0)
+                            rate=d.rate, timeout=5.0)
             server.check_alive()
             answered = len(res.latencies)
             worst = max(res.latencies or [0])
@@ -1063,11 +1083,50 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
                 note += f"; {res.late_sends} sent > 5 ms late"
             if answered:
                 server_cpu = tree_cpu_seconds(server.proc.pid) - c0
-                slapd_cpu = pid_cpu_seconds(slapd.process.pid) - s0
+                directory_cpu = d.directory_cpu() - s0
                 note += (f"; server CPU {1e3 * server_cpu / answered:.2f} ms/login, "
-                         f"slapd {1e3 * slapd_cpu / answered:.2f}")
-            report.add(section, label, f"p99 latency at {args.ldap_rate:,.0f}/s",
+                         f"{d.directory_name} {1e3 * directory_cpu / answered:.2f}")
+            report.add(section, label, f"p99 latency at {d.rate:,.0f}/s",
                        f"{1e3 * res.percentile(99):.1f} ms", note)
+
+
+def bench_ldap(report: Report, args, workdir: Path) -> None:
+    """Issue #3: password,code logins against slapd; raw ldap3 and FreeRADIUS side by side."""
+    section = "ldap"
+    directory_section_start(report, section)
+    try:
+        import ldap_bench as lb
+        from loadgen import open_loop
+    except Exception as e:  # ldap3 or mfaserver not importable
+        raise NotAvailable(f"{type(e).__name__}: {e}") from None
+    n = args.ldap_logins
+    users = directory_users(lb.ldap_name, n, args.ldap_runs, min(n, 512),
+                            max(1, int(args.ldap_rate * args.ldap_latency_seconds)),
+                            n if args.ldap_profile else 0)
+    directory = workdir / "ldap"
+    directory.mkdir(parents=True)
+    t0 = time.perf_counter()
+    try:
+        ls, slapd = lb.start_slapd(directory / "slapd", users.all, seed_for)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raise NotAvailable(f"slapd: {e}") from None
+    try:
+        directory_store(report, args, section, directory, users.all, "slapd",
+                        f"slapadd + start {time.perf_counter() - t0:.1f} s")
+        run_directory_logins(report, args, directory, DirectoryBench(
+            section=section, directory_name="slapd", password=lb.LDAP_PASSWORD,
+            mfaserver_section=lb.mfaserver_ldap_section(ls, slapd.url),
+            write_freeradius=lambda folder, port: lb.write_freeradius_config(
+                folder, ls, host=HOST, port=port, secret=SECRET, ldap_port=slapd.port),
+            directory_cpu=lambda: pid_cpu_seconds(slapd.process.pid), rate=args.ldap_rate,
+            raw=lambda chunk: ldap_raw_run(lb, ls, slapd.url, slapd.process.pid, directory,
+                                           chunk, args),
+            profile=(lambda ours: profile_ldap(report, args, directory, lb, ours, slapd,
+                                               users.extra, lb.LDAP_PASSWORD))
+            if users.extra else None,
+            target_rate=1000), users, open_loop)
+    finally:
+        slapd.stop()
     report.notes.append(
         f"LDAP logins (issue #3): slapd (tests/ldap_server.py config, 8 threads, mdb) holds "
         f"the bench users; every mfaserver login is a distinct user with the current TOTP code, "
@@ -1084,6 +1143,67 @@ def _bench_ldap_running(report, args, directory, lb, ls, slapd, warm_names, run_
         "and the server share the cores, so 'cores busy' shows who had them. Latency: "
         "benchlib/loadgen.py sends at a fixed rate (open loop, 8 sockets), fresh users; "
         "nearest-rank percentiles over answered requests.")
+
+
+# --- section: ad (issue #11) ---------------------------------------------------------------
+
+def bench_ad(report: Report, args, workdir: Path) -> None:
+    """Issue #11: password,code logins against a Samba AD DC over LDAPS, mfaserver and
+    FreeRADIUS side by side."""
+    section = "ad"
+    directory_section_start(report, section)
+    try:
+        import ad_bench as ab
+        from loadgen import open_loop
+        sa = ab.samba_ad()
+        sa.samba_tool()
+    except Exception as e:  # Samba, its Python or mfaserver missing
+        raise NotAvailable(f"{type(e).__name__}: {e}") from None
+    n = args.ad_logins
+    users = directory_users(ab.ad_name, n, args.ad_runs, min(n, 256),
+                            max(1, int(args.ad_rate * args.ad_latency_seconds)))
+    directory = workdir / "ad"
+    directory.mkdir(parents=True)
+    try:
+        _, dc, dc_s = ab.start_dc(directory / "samba", users.all, seed_for)
+    except (sa.SambaUnavailable, OSError, subprocess.SubprocessError) as e:
+        raise NotAvailable(f"Samba AD DC: {e}"[:600]) from None
+    try:
+        directory_store(report, args, section, directory, users.all, "the DC",
+                        f"provision + users + start {dc_s:.1f} s")
+        run_directory_logins(report, args, directory, DirectoryBench(
+            section=section, directory_name="DC", password=ab.AD_PASSWORD,
+            mfaserver_section=ab.mfaserver_ad_section(sa, dc),
+            write_freeradius=lambda folder, port: ab.write_freeradius_config(
+                folder, sa, dc, host=HOST, port=port, secret=SECRET),
+            # samba -> prefork master -> LDAP workers (each behind a "tfork" helper)
+            directory_cpu=lambda: tree_cpu_seconds(dc.proc.pid, depth=6),
+            rate=args.ad_rate), users, open_loop)
+    finally:
+        dc.stop()
+    report.notes.append(
+        f"Active Directory logins (issue #11): a Samba {samba_version()} AD DC "
+        "(tests/samba_ad.py domain, prefork process model, LDAPS on 127.0.0.1:636 with a CA "
+        "made for the run) holds the bench users (NT hash and pwdLastSet set offline, the "
+        "TOTP seed in description); every mfaserver login is a distinct user with the "
+        "current code, \"password,code\", radclient -p "
+        f"{args.ldap_inflight} over a file of {args.ad_logins:,} logins, {args.ad_runs} "
+        "interleaved rounds after a warm-up, medians. mfaserver: [directory] backend = "
+        "\"ldap\", active_directory = true, ldaps:// with ca_file (certificate verified), "
+        "service account search by sAMAccountName then a bind as the user's DN; pool_size 8; "
+        "TOTP from its store with replay guard and audit row. FreeRADIUS: the ldap section's "
+        "config pointed at ldaps://127.0.0.1 with tls { ca_file, require_cert = demand }, "
+        "filter sAMAccountName, seed from description, bind as the user, rlm_totp. The DC, "
+        "radclient and the server share the cores. Latency: open loop at a fixed rate, fresh "
+        "users for mfaserver, the same ones for FreeRADIUS.")
+
+
+def samba_version() -> str:
+    try:
+        out = subprocess.run(["samba", "-V"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.replace("Version", "").strip()
 
 
 # --- section: push (issue #4) -------------------------------------------------------------
@@ -1181,6 +1301,7 @@ def parse_args(argv=None):
         epilog="sections: ours, freeradius, bare (Status-Server req/s); logins (password,code "
                "logins/s, hash share, RSS); scale (100,000 users and tokens); ldap (logins "
                "against slapd vs raw ldap3 and FreeRADIUS rlm_ldap+rlm_totp, latency); "
+               "ad (the same against a Samba AD DC over LDAPS); "
                "push (10,000 logins pending a push, approved through the device API)")
     parser.add_argument("--only", metavar="LIST", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: all)")
@@ -1210,7 +1331,7 @@ def parse_args(argv=None):
                         help="ldap: runs per target, interleaved; the median is reported "
                              "(default 3)")
     parser.add_argument("--ldap-inflight", type=int, default=64,
-                        help="ldap: logins in flight from radclient -p (default 64)")
+                        help="ldap and ad: logins in flight from radclient -p (default 64)")
     parser.add_argument("--ldap-rate", type=float, default=200,
                         help="ldap: logins/s of the open-loop latency run (default 200)")
     parser.add_argument("--ldap-latency-seconds", type=float, default=10,
@@ -1219,6 +1340,16 @@ def parse_args(argv=None):
                         help="ldap: one more mfaserver run under py-spy (--gil), its samples "
                              "summarized by component as table rows; py-spy from PATH, $PYSPY "
                              "(pip install --target /tmp/pyspy py-spy)")
+    parser.add_argument("--ad-logins", type=int, default=500,
+                        help="ad: logins per run, one distinct user each; a run must fit in "
+                             "a TOTP step, FreeRADIUS checks the current one only (default 500)")
+    parser.add_argument("--ad-runs", type=int, default=3,
+                        help="ad: runs per target, interleaved; the median is reported "
+                             "(default 3)")
+    parser.add_argument("--ad-rate", type=float, default=100,
+                        help="ad: logins/s of the open-loop latency run (default 100)")
+    parser.add_argument("--ad-latency-seconds", type=float, default=10,
+                        help="ad: length of the latency run per server (default 10)")
     parser.add_argument("--push-logins", type=int, default=10_000,
                         help="push: logins held pending at once (default 10000)")
     parser.add_argument("--push-timeout", type=float, default=1200,
@@ -1237,7 +1368,8 @@ def parse_args(argv=None):
                      f"choose from {', '.join(SECTIONS)}")
     for name in ("count", "inflight", "repeat", "login_runs", "logins", "login_inflight",
                  "scale_users", "ldap_logins", "ldap_runs", "ldap_inflight", "ldap_rate",
-                 "ldap_latency_seconds", "push_logins", "webapp_logins", "webapp_pages"):
+                 "ldap_latency_seconds", "ad_logins", "ad_runs", "ad_rate",
+                 "ad_latency_seconds", "push_logins", "webapp_logins", "webapp_pages"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.inflight > 255 or args.login_inflight > 255 or args.ldap_inflight > 255:
@@ -1293,6 +1425,13 @@ def main(argv=None) -> int:
                 report.na("ldap", "all", str(e))
             except Exception as e:  # a piece under construction must not stop the table
                 report.na("ldap", "all", f"error: {type(e).__name__}: {e}")
+        if "ad" in args.sections:
+            try:
+                bench_ad(report, args, workdir)
+            except NotAvailable as e:
+                report.na("ad", "all", str(e))
+            except Exception as e:  # a piece under construction must not stop the table
+                report.na("ad", "all", f"error: {type(e).__name__}: {e}")
         if "push" in args.sections:
             try:
                 bench_push(report, args)

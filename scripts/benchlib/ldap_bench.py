@@ -38,10 +38,15 @@ SEED_ATTRIBUTE = "description"  # readable by the service account, free text in 
 
 def test_ldap_server():
     """The test suite's ``tests/ldap_server.py`` module (slapd config and test data)."""
-    name = "mfaserver_bench_ldap_server"
+    return suite_helper("ldap_server")
+
+
+def suite_helper(stem: str):
+    """The test suite's ``tests/<stem>.py`` helper module, loaded once."""
+    name = f"mfaserver_bench_{stem}"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "ldap_server.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is made
     try:
@@ -121,8 +126,8 @@ def mfaserver_ldap_section(ls, url: str) -> str:
 from freeradius_conf import FREERADIUS_PRELUDE  # noqa: E402 (next to its one use)
 
 FREERADIUS_LDAP_CONF = """\
-# FreeRADIUS 3 config written by scripts/bench (section "ldap"): password,code
-# logins against slapd. One auth listener on {host}:{port}, one client.
+# FreeRADIUS 3 config written by scripts/bench (section "{section}"): password,code
+# logins against {directory}. One auth listener on {host}:{port}, one client.
 """ + FREERADIUS_PRELUDE + """\
 thread pool {{
 	start_servers = {threads}
@@ -135,7 +140,7 @@ modules {{
 	# Finds the user with the service account and copies the base32 seed from
 	# the entry to control:TOTP-Secret; in authenticate, binds as the user.
 	ldap {{
-		server = "127.0.0.1"
+		server = "{ldap_server}"
 		port = {ldap_port}
 		identity = "{service_dn}"
 		password = "{service_password}"
@@ -145,7 +150,7 @@ modules {{
 		}}
 		user {{
 			base_dn = "${{..base_dn}}"
-			filter = "(uid=%{{%{{Stripped-User-Name}}:-%{{User-Name}}}})"
+			filter = "({user_attribute}=%{{%{{Stripped-User-Name}}:-%{{User-Name}}}})"
 			scope = "sub"
 		}}
 		options {{
@@ -155,7 +160,7 @@ modules {{
 			srv_timelimit = 5
 			net_timeout = 5
 		}}
-		pool {{
+{tls}		pool {{
 			start = {threads}
 			min = {threads}
 			max = {threads}
@@ -226,12 +231,18 @@ server default {{
 
 
 def write_freeradius_config(directory: Path, ls, *, host: str, port: int, secret: str,
-                            ldap_port: int, threads: int = 32) -> Path:
+                            ldap_port: int, threads: int = 32, ldap_server: str = "127.0.0.1",
+                            user_attribute: str = "uid", tls: str = "",
+                            section: str = "ldap", name: str = "slapd") -> Path:
+    """radiusd.conf in ``directory`` for the directory described by ``ls`` (a module
+    with SERVICE_DN, SERVICE_PASSWORD, BASE_DN); ``tls`` is rlm_ldap's tls block."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "radiusd.conf").write_text(FREERADIUS_LDAP_CONF.format(
         dir=directory, host=host, port=port, secret=secret, threads=threads,
-        ldap_port=ldap_port, service_dn=ls.SERVICE_DN, service_password=ls.SERVICE_PASSWORD,
-        base_dn=ls.BASE_DN, seed_attribute=SEED_ATTRIBUTE))
+        ldap_server=ldap_server, ldap_port=ldap_port, user_attribute=user_attribute, tls=tls,
+        section=section, directory=name, service_dn=ls.SERVICE_DN,
+        service_password=ls.SERVICE_PASSWORD, base_dn=ls.BASE_DN,
+        seed_attribute=SEED_ATTRIBUTE))
     return directory
 
 
