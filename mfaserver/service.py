@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from mfaserver.addresses import is_loopback
 from mfaserver.auth.challenges import ChallengeRegistry
-from mfaserver.auth.interfaces import Directory, MsChapNotConfigured
+from mfaserver.auth.interfaces import Directory, MsChapNotConfigured, StoreUnavailable
 from mfaserver.auth.pipeline import Authenticator
 from mfaserver.config import ClientIndex, Config, ConfigError, load_config, open_store
 from mfaserver.directory.chain import DirectoryChain
@@ -40,7 +40,7 @@ from mfaserver.factors.push import (NumberMatchingPushFactor, PushFactor, PushTr
 from mfaserver.factors.token import TokenFactor
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
-from mfaserver.store.threaded import ThreadedStore
+from mfaserver.store.threaded import PerThreadStore, ThreadedStore
 from mfaserver.workers import WorkerThreads
 
 log = Logger(namespace="mfaserver.service")
@@ -53,6 +53,10 @@ NEEDS_RESTART = ("server.state_dir", "server.log_format", "radius.listen", "radi
 # Sections none of whose keys a reload can apply: the HTTP listener, the store's
 # engine and connection, the node's name.
 NEEDS_RESTART_SECTIONS = ("web", "store", "cluster")
+
+# Database threads (and connections) per node on PostgreSQL: logins/s is flat from
+# 2 to 8 on two cores (scripts/benchlib/pg_access_bench.py), so this is a budget.
+POSTGRESQL_THREADS = 4
 
 # Seconds after which replaced gateways and wake-up senders are closed: longer
 # than any request of theirs may take (SMTP's timeout is at most 120 s).
@@ -320,13 +324,23 @@ class MfaDaemon(tservice.MultiService):
         self.started_with = config
         self._reactor = reactor
         self.store = open_store(config)
-        # One database thread: SQLite calls are short, and one connection must
-        # not be used by two threads at once. Hashing gets one thread per core.
-        db_thread = threads(reactor, 1, "mfaserver-db")
+        # SQLite: one database thread; its calls are short, and one connection must
+        # not be used by two threads at once. PostgreSQL: a few threads with a
+        # connection each, as its calls wait for the network (sync psycopg in
+        # threads, not async psycopg: scripts/benchlib/pg_access_bench.py).
+        # Hashing gets one thread per core.
+        if config.store.backend == "postgresql":
+            db_thread = threads(reactor, POSTGRESQL_THREADS, "mfaserver-db")
+            self._per_thread = PerThreadStore(self.store.another)
+            threaded_over = self._per_thread
+        else:
+            db_thread = threads(reactor, 1, "mfaserver-db")
+            self._per_thread = None
+            threaded_over = self.store
         self.hash_threads = threads(reactor, max(2, os.cpu_count() or 2), "mfaserver-hash")
         for workers in (db_thread, self.hash_threads):
             LifecycleService(workers).setServiceParent(self)
-        self.threaded = ThreadedStore(self.store, db_thread.run)
+        self.threaded = ThreadedStore(threaded_over, db_thread.run)
         timer = internet.TimerService(1.0, self._check_outside_changes)
         timer.clock = reactor
         timer.setServiceParent(self)
@@ -369,7 +383,7 @@ class MfaDaemon(tservice.MultiService):
     def _check_outside_changes(self):
         """Drop what the store caches if an admin command changed the file."""
         d = self.threaded.check_outside_changes()
-        d.addErrback(lambda f: log.failure("could not check the store for changes", f))
+        d.addErrback(_unless_store_unavailable, "could not check the store for changes")
         return d
 
     # --- building the parts ----------------------------------------------------------------
@@ -611,8 +625,15 @@ class MfaDaemon(tservice.MultiService):
 
     def stopService(self):
         d = super().stopService()
-        d.addBoth(lambda result: (self.store.close(), result)[1])
+        d.addBoth(self._close_stores)
         return d
+
+    def _close_stores(self, result):
+        # After the database threads have stopped.
+        if self._per_thread is not None:
+            self._per_thread.close()
+        self.store.close()
+        return result
 
     # --- reload ----------------------------------------------------------------------------
 
@@ -721,6 +742,13 @@ class MfaDaemon(tservice.MultiService):
 def _on_loopback(public_url: str | None) -> bool:
     """True for a web listener reached on this host only (tests, a demo)."""
     return bool(public_url) and is_loopback(urlsplit(public_url).hostname or "")
+
+
+def _unless_store_unavailable(failure, message: str) -> None:
+    """Log ``failure`` with its traceback, unless it is the store's outage, which
+    `ThreadedStore` has reported once already."""
+    if not failure.check(StoreUnavailable):
+        log.failure(message, failure)
 
 
 def audit_late_call(threaded: ThreadedStore, clock, user: str) -> None:

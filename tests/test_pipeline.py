@@ -92,6 +92,21 @@ class PipelineTests(SynchronousTestCase):
         [event] = [e for e in self.events if e.get("audit")]
         self.assertEqual((event["outcome"], event["factor"]), ("accept", "totp"))
 
+    def test_the_store_out_of_reach_rejects_with_try_later_and_no_traceback(self):
+        from mfaserver.auth.pipeline import MSG_TRY_LATER
+        from mfaserver.store.db import StoreUnavailableError
+
+        def down(*args, **kwargs):
+            raise StoreUnavailableError("database postgresql://db:5432/mfa: connection refused")
+        self.db.load_account = down
+        self.db.record_audits = down
+        decision = self.decide(password="pw-alice," + totp_code(T0))
+        self.assertEqual((decision.outcome, decision.reason, decision.reply_message),
+                         (Outcome.REJECT, Reason.STORE_UNAVAILABLE, MSG_TRY_LATER))
+        self.assertEqual([e for e in self.events if e.get("log_failure")], [])
+        [event] = [e for e in self.events if e.get("audit")]  # the decision is still logged
+        self.assertEqual(event["reason"], "store_unavailable")
+
     def test_a_code_used_by_another_login_meanwhile_is_decided_the_ordinary_way(self):
         code = totp_code(T0)
         use_and_audit = self.db.use_code_and_audit

@@ -48,6 +48,13 @@ class DirectoryUnavailable(Exception):
     """The directory could not answer (down, timed out): fail closed."""
 
 
+class StoreUnavailable(Exception):
+    """The store's database cannot be reached (down, failing over): fail closed.
+
+    The store reports the outage once; logins that need the store are
+    rejected with "try later" meanwhile, without a traceback each."""
+
+
 class MsChapNotConfigured(Exception):
     """No directory here can check an MS-CHAPv2 response."""
 

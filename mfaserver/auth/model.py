@@ -63,6 +63,7 @@ class Reason(str, enum.Enum):
     # MS-CHAPv2: the user has no approval factor the VPN can wait for.
     NO_APPROVAL_FACTOR = "no_approval_factor"
     MSCHAP_NOT_CONFIGURED = "mschap_not_configured"
+    STORE_UNAVAILABLE = "store_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 

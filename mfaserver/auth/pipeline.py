@@ -46,8 +46,8 @@ from mfaserver.auth.challenges import ChallengeRegistry
 from mfaserver.auth.interfaces import (
     AccountStore, AlertSink, ApprovalFactor, ApprovalWithdrawn, CodeFactor,
     ConfirmedApprovalFactor, DeliveryFailed, Directory, DirectoryUnavailable, FactorRefused,
-    InvalidCredentials, MsChapNotConfigured, SeedIntegrityError, StoredCodeFactor, UnknownApproval,
-    UnknownUser, WrongConfirmation,
+    InvalidCredentials, MsChapNotConfigured, SeedIntegrityError, StoreUnavailable,
+    StoredCodeFactor, UnknownApproval, UnknownUser, WrongConfirmation,
 )
 from mfaserver.auth.model import (
     Account, AuditEntry, AuthRequest, CodeResult, CodeUse, Decision, Login, Method, Outcome,
@@ -216,6 +216,8 @@ class Authenticator:
                 return decision
         except defer.CancelledError:
             raise  # shutdown, or the NAS's copy was dropped: no decision, no audit row
+        except StoreUnavailable:
+            decision = Decision.reject(Reason.STORE_UNAVAILABLE, MSG_TRY_LATER)
         except SeedIntegrityError:
             log.critical("token seed failed its integrity check for user {user}: "
                          "the store was tampered with or the key file is wrong",
@@ -701,6 +703,8 @@ class Authenticator:
         self._log_decision(request, entry)
         try:
             await self.store.record_audit(entry)
+        except StoreUnavailable:
+            pass  # the outage is logged once by the store; the decision's log line stays
         except Exception:
             # The decision stands; losing the audit row is logged loudly instead.
             log.failure("could not write the audit row for {user}", user=request.username)

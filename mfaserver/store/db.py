@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from mfaserver.auth.interfaces import StoreUnavailable
 from mfaserver.auth.model import (OATH_ALGORITHMS, Account, AuditEntry, CodeUse, Device,
                                   Token, TokenKind)
 from mfaserver.phones import is_e164
@@ -64,6 +65,11 @@ _PURGE_BATCH = 5000
 
 class StoreError(Exception):
     """A store operation failed; the message is one line fit for an operator."""
+
+
+class StoreUnavailableError(StoreError, StoreUnavailable):
+    """The database cannot be reached (connection refused or lost, failing over):
+    the login path fails closed and the daemon reports the outage once."""
 
 
 class EnrollmentRefused(StoreError):

@@ -31,19 +31,25 @@ it fits when several threads share one store.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import psycopg
 from psycopg import conninfo as _conninfo
 from psycopg.pq import TransactionStatus
 
-from mfaserver.store.db import BUSY_TIMEOUT_MS, Dialect, Store, StoreError, _guarded
+from mfaserver.store.db import (BUSY_TIMEOUT_MS, Dialect, Store, StoreError,
+                                StoreUnavailableError, _guarded)
 from mfaserver.store.pg_migrations import migrate
 
 __all__ = ["PG", "PgConnection", "PgStore"]
 
 CONNECT_TIMEOUT = 5  # seconds; unless the DSN says otherwise
+RECONNECT_MIN = 0.25  # seconds without a new connect attempt after one failed ...
+RECONNECT_MAX = 2.0   # ... doubling up to this
 # A statement that waits longer for a row lock fails with StoreError, as a SQLite
 # write fails after its busy timeout: the login path rejects rather than hangs.
 LOCK_TIMEOUT_MS = BUSY_TIMEOUT_MS
@@ -93,24 +99,81 @@ def describe(dsn: str) -> str:
     return f"postgresql://{host}:{port}/{params.get('dbname') or ''}"
 
 
+class _Server:
+    """What the connections to one server (one node's database threads) share.
+
+    After a failed connect, every call fails at once until ``retry_at``
+    (RECONNECT_MIN doubling up to RECONNECT_MAX seconds) instead of each trying,
+    and perhaps waiting connect_timeout for, an unreachable server. A lost
+    connection moves ``generation`` on: the others, idle meanwhile, are likely
+    dead too (a restart or failover drops them all), so each is replaced before
+    its next statement rather than failing a login on it.
+    """
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.generation = 0
+        self.backoff = 0.0
+        self.retry_at = 0.0
+        self.last_error = ""
+
+    def connect_failed(self, error: Exception) -> None:
+        with self.lock:
+            self.backoff = min(RECONNECT_MAX, max(RECONNECT_MIN, 2 * self.backoff))
+            self.retry_at = self.clock() + self.backoff
+            self.last_error = (str(error).strip().splitlines() or ["connect failed"])[0]
+
+    def connected(self) -> None:
+        with self.lock:
+            self.backoff = 0.0
+            self.retry_at = 0.0
+
+    def connection_lost(self) -> None:
+        with self.lock:
+            self.generation += 1
+
+
 class PgConnection:
     """The part of sqlite3.Connection's interface `Store` uses, over psycopg.
 
     Connects on first use and again after `discard_if_broken` found the
-    connection dead.
+    connection dead (see `_Server` for the back-off and the generation).
     """
 
-    def __init__(self, dsn: str):
+    def __init__(self, dsn: str, clock: Callable[[], float] = time.monotonic,
+                 server: _Server | None = None):
+        self._dsn = dsn
         params = _conninfo.conninfo_to_dict(dsn)
         params.setdefault("connect_timeout", CONNECT_TIMEOUT)
         self._conninfo = _conninfo.make_conninfo(**params)
         self._raw: psycopg.Connection | None = None
+        self._server = server or _Server(clock)
+        self._generation = -1
 
     def connection(self) -> psycopg.Connection:
-        """The open psycopg connection (autocommit), connecting if there is none."""
+        """The open psycopg connection (autocommit), connecting if there is none.
+
+        Raises psycopg.OperationalError without trying while the back-off of a
+        failed connect runs."""
         raw = self._raw
+        server = self._server
+        if (raw is not None and self._generation != server.generation
+                and raw.info.transaction_status == TransactionStatus.IDLE):
+            self._raw = None
+            raw.close()
+            raw = None
         if raw is None:
-            raw = psycopg.connect(self._conninfo, autocommit=True)
+            if server.clock() < server.retry_at:
+                raise psycopg.OperationalError(f"not connected ({server.last_error})")
+            generation = server.generation
+            try:
+                raw = psycopg.connect(self._conninfo, autocommit=True)
+            except psycopg.OperationalError as e:
+                server.connect_failed(e)
+                raise
+            server.connected()
+            self._generation = generation
             try:
                 raw.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS:d}")
             except BaseException:
@@ -144,12 +207,17 @@ class PgConnection:
         if raw.broken or raw.closed:
             self._raw = None
             raw.close()
+            self._server.connection_lost()
         elif self.in_transaction:
             try:
                 raw.execute("ROLLBACK")
             except psycopg.Error:
                 self._raw = None
                 raw.close()
+
+    def another(self) -> "PgConnection":
+        """A new connection to the same server (made on its first use)."""
+        return PgConnection(self._dsn, server=self._server)
 
     def close(self) -> None:
         """Close the connection if open; the next use would open a new one."""
@@ -180,6 +248,14 @@ class PgStore(Store):
         return cls._opened(conn, label, Path(key_path), lambda conn: migrate(conn.connection()),
                            create=create)
 
+    def another(self) -> "PgStore":
+        """The same store on a connection of its own (for another database thread),
+        with this one's schema check and seed key: nothing is opened until it is used."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the store is closed")
+            return type(self)(self._conn.another(), self._cipher, self._path)
+
     @staticmethod
     def _message(error: Exception) -> str:
         # psycopg's messages may carry DETAIL/HINT lines; StoreError's is one line.
@@ -188,6 +264,9 @@ class PgStore(Store):
 
     def _failure(self, error: Exception) -> StoreError:
         self._conn.discard_if_broken()
+        if isinstance(error, psycopg.OperationalError):
+            # Connection refused, lost, or not taken yet: the server, not the request.
+            return StoreUnavailableError(f"database {self._path}: {self._message(error)}")
         return super()._failure(error)
 
     def close(self) -> None:

@@ -12,9 +12,13 @@ import threading
 from typing import Callable
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mfaserver.auth.interfaces import StoreUnavailable
 from mfaserver.auth.model import Account, AuditEntry, CodeUse, Device
+
+log = Logger(namespace="mfaserver.store")
 
 
 MAX_CACHED_DEVICES = 100_000
@@ -25,11 +29,33 @@ class ThreadedStore:
 
     def __init__(self, store, run: Callable[..., Deferred]):
         self._store = store
-        self._run = run
+        self._run_on_thread = run
+        # While the database is unreachable (StoreUnavailable): said once, not per call.
+        self.unavailable = False
         self._audit_lock = threading.Lock()
         self._devices: dict[str, Device] = {}
         self._data_version: int | None = None
         self._audit_queue: list[tuple[AuditEntry, Deferred]] = []
+
+    def _run(self, f, *args, **kwargs) -> Deferred:
+        d = self._run_on_thread(f, *args, **kwargs)
+        if self.unavailable:
+            d.addCallback(self._available_again)
+        d.addErrback(self._maybe_unavailable)
+        return d
+
+    def _maybe_unavailable(self, failure: Failure) -> Failure:
+        if failure.check(StoreUnavailable) and not self.unavailable:
+            self.unavailable = True
+            log.error("store unavailable: {error}; logins that need it are rejected "
+                      "(\"try later\") until it is back", error=failure.getErrorMessage())
+        return failure
+
+    def _available_again(self, result):
+        if self.unavailable:
+            self.unavailable = False
+            log.info("store available again")
+        return result
 
     def lookup_password(self, name: str) -> Deferred[tuple[str | None, str | None] | None]:
         return self._run(self._store.get_password, name)
@@ -115,7 +141,7 @@ class ThreadedStore:
         For the rarer operations (the portal's). As one of them may delete or
         change a device, the device cache is emptied when it returns.
         """
-        d = self._run(f, self._store, *args, **kwargs)
+        d = self._run(_call_with_store, self._store, f, args, kwargs)
         d.addBoth(self._forget_devices)
         return d
 
@@ -126,7 +152,7 @@ class ThreadedStore:
         read through here, so they cannot make every device poll go to the
         database thread.
         """
-        return self._run(f, self._store, *args, **kwargs)
+        return self._run(_call_with_store, self._store, f, args, kwargs)
 
     def _forget_devices(self, result):
         self._devices.clear()
@@ -150,7 +176,9 @@ class ThreadedStore:
             self._audit_queue.append((entry, d))
             start = len(self._audit_queue) == 1
         if start:
-            self._run(self._write_audit_batch).addBoth(self._audit_written)
+            # Not through _run: the batch fires with each row's outcome, which
+            # _audit_written reads for the outage state itself.
+            self._run_on_thread(self._write_audit_batch).addBoth(self._audit_written)
         return d
 
     def _write_audit_batch(self) -> list[Deferred]:
@@ -169,8 +197,59 @@ class ThreadedStore:
             with self._audit_lock:
                 batch, self._audit_queue = self._audit_queue, []
             results = [(d, results) for _, d in batch]
+        failures = [failure for _, failure in results if failure is not None]
+        if failures:
+            self._maybe_unavailable(failures[0])
+        elif self.unavailable:
+            self._available_again(None)
         for d, failure in results:
             if failure is None:
                 d.callback(None)
             else:
                 d.errback(failure)
+
+
+class PerThreadStore:
+    """One store per database thread, opened on its first call there (PostgreSQL:
+    one connection per thread, so the threads' calls run side by side).
+
+    Stands in for a store in `ThreadedStore`: ``proxy.method(...)``, called on a
+    database thread, runs that thread's store's ``method``.
+    """
+
+    def __init__(self, open_store: Callable[[], object]):
+        self._open = open_store
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._stores: list = []
+
+    def current(self):
+        """This thread's store, opened now if it has none."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._open()
+            self._local.store = store
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def on_this_thread(*args, **kwargs):
+            return getattr(self.current(), name)(*args, **kwargs)
+        return on_this_thread
+
+    def close(self) -> None:
+        with self._lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            store.close()
+
+
+def _call_with_store(store, f, args, kwargs):
+    # On a database thread: ``f(store, ...)`` with this thread's own store.
+    if isinstance(store, PerThreadStore):
+        store = store.current()
+    return f(store, *args, **kwargs)
