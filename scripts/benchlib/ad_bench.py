@@ -41,6 +41,9 @@ def ad_name(i: int) -> str:
 # cleartext password (~30 ms a user); a simple LDAP bind needs only the NT hash, so
 # the hash goes in as is (the "bypass password hash" control, as upgrades use) with
 # pwdLastSet = now (the "bypass last set" control; 0 would mean "must change").
+# lastLogonTimestamp = now, as for users who signed in recently (a morning of VPN
+# logins): a DC writes it at a user's first logon in 9-14 days, and without it the
+# first server to log the users in would pay for writes the second one does not.
 _ADD_USERS = r'''
 import json, sys, time
 from samba import unix2nttime
@@ -67,7 +70,8 @@ try:
         db.add({"dn": "CN=%s,CN=Users,%s" % (name, base), "objectClass": "user",
                 "sAMAccountName": name, "userPrincipalName": "%s@%s" % (name, spec["realm"]),
                 spec["seed_attribute"]: seed, "unicodePwd": nt_hash,
-                "userAccountControl": "512", "pwdLastSet": last_set}, controls=controls)
+                "userAccountControl": "512", "pwdLastSet": last_set,
+                "lastLogonTimestamp": last_set}, controls=controls)
 except BaseException:
     db.transaction_cancel()
     raise
