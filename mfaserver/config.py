@@ -967,20 +967,13 @@ def _build_store(values: dict[str, Any], base: Path) -> StoreConfig:
 
 
 def _check_dsn(dsn: str, key: str) -> str:
-    """A libpq connection string (``key=value ...`` or a ``postgresql://`` URI), checked
-    by libpq's own parser so that a typo fails at load, not at the first login. The
-    message never repeats the string: it may hold a password."""
-    from psycopg import ProgrammingError, conninfo
+    """A libpq connection string, checked by libpq's own parser so that a typo fails
+    at load, not at the first login (`mfaserver.store.pg.check_dsn`)."""
+    from mfaserver.store.pg import check_dsn
     try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except ProgrammingError as e:
-        reason = (str(e).splitlines() or ["cannot be parsed"])[0]
-        # libpq quotes the text before a missing "=", which may be part of a password;
-        # an unknown option's name is worth showing.
-        reason = re.sub(r'after "[^"]*"', "after a value", reason)
-        raise _Problem(key, f"not a libpq connection string: {reason}") from None
-    if not params:
-        raise _Problem(key, "is empty")
+        check_dsn(dsn)
+    except ValueError as e:
+        raise _Problem(key, str(e)) from None
     return dsn
 
 

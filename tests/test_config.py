@@ -630,7 +630,14 @@ def test_dsn_file_holds_the_dsn_and_a_uri_is_accepted(tmp_path):
     ('[store]\nbackend = "postgresql"\ndsn = "garbage s3cret-that-must-never-leak"\n',
      "store.dsn", "not a libpq connection string"),
     ('[store]\nbackend = "postgresql"\ndsn = "host=a passwrd=x"\n', "store.dsn",
-     'invalid connection option "passwrd"'),
+     "not a libpq connection string"),
+    # libpq's own messages quote parts of the string: none of it is repeated.
+    ('[store]\nbackend = "postgresql"\n'
+     'dsn = "postgresql://mfa:50%s3cret-that-must-never-leak@db/mfa"\n', "store.dsn",
+     "not a libpq connection string"),
+    ('[store]\nbackend = "postgresql"\n'
+     'dsn = "host=db password=s3cret-that-must-never-leak secret=x"\n', "store.dsn",
+     "not a libpq connection string"),
     ('[store]\ndsn = "host=a"\n', "store.dsn", 'is for backend = "postgresql"'),
     ('[store]\nbackend = "mysql"\n', "store.backend", "not one of: sqlite, postgresql"),
 ])

@@ -107,6 +107,22 @@ class PipelineTests(SynchronousTestCase):
         [event] = [e for e in self.events if e.get("audit")]  # the decision is still logged
         self.assertEqual(event["reason"], "store_unavailable")
 
+    def test_an_accept_whose_audit_row_cannot_be_written_becomes_a_reject(self):
+        from mfaserver.auth.pipeline import MSG_TRY_LATER
+        from mfaserver.store.db import StoreUnavailableError
+        challenge = self.decide(password="pw-alice")
+        self.assertIs(challenge.outcome, Outcome.CHALLENGE)
+
+        def down(*args, **kwargs):
+            raise StoreUnavailableError("database postgresql://db:5432/mfa: connection lost")
+        self.db.record_audits = down
+        decision = self.decide(password=totp_code(T0), state=challenge.state)
+        self.assertEqual((decision.outcome, decision.reason, decision.reply_message),
+                         (Outcome.REJECT, Reason.STORE_UNAVAILABLE, MSG_TRY_LATER))
+        [logged] = [e for e in self.events if e.get("audit")][-1:]
+        self.assertEqual(logged["outcome"], "reject")
+        self.assertTrue(any("not written" in e.get("log_format", "") for e in self.events))
+
     def test_a_code_used_by_another_login_meanwhile_is_decided_the_ordinary_way(self):
         code = totp_code(T0)
         use_and_audit = self.db.use_code_and_audit

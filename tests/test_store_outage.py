@@ -137,10 +137,27 @@ def test_a_failed_connect_is_not_retried_before_its_back_off(monkeypatch):
     with pytest.raises(psycopg.OperationalError, match="connection refused"):
         sibling.connection()
     assert len(attempts) == 2
-    # Doubling, up to RECONNECT_MAX.
-    for _ in range(10):
-        now[0] += RECONNECT_MAX
-        with pytest.raises(psycopg.OperationalError):
+    # Each wait doubles, up to RECONNECT_MAX: a connection tried a moment before the
+    # wait ends does not try.
+    waits = []
+    for _ in range(5):
+        wait = conn._server.retry_at - now[0]
+        waits.append(wait)
+        now[0] += wait - 0.01
+        with pytest.raises(psycopg.OperationalError, match="not connected"):
             conn.connection()
-    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
-    assert max(gaps) == RECONNECT_MAX
+        now[0] += 0.01
+        with pytest.raises(psycopg.OperationalError, match="connection refused"):
+            conn.connection()
+    assert waits == [2 * RECONNECT_MIN, 4 * RECONNECT_MIN, RECONNECT_MAX, RECONNECT_MAX,
+                     RECONNECT_MAX]
+
+
+def test_an_unparsable_dsn_is_refused_without_repeating_it(tmp_path):
+    from mfaserver.store import StoreError
+    from mfaserver.store.pg import PgStore
+    for dsn in ("host=db password=s3cret-pw secret=x", "postgresql://mfa:50%s3cret-pw@db/m"):
+        with pytest.raises(StoreError) as info:
+            PgStore.open(dsn, tmp_path / "seed.key")
+        assert "s3cret" not in str(info.value)
+        assert "not a libpq connection string" in str(info.value)

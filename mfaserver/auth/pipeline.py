@@ -227,8 +227,7 @@ class Authenticator:
             log.failure("could not decide a request from {client} for {user}",
                         client=request.client_name, user=request.username)
             decision = Decision.reject(Reason.INTERNAL_ERROR, MSG_TRY_LATER)
-        await self._audit(request, decision)
-        return decision
+        return await self._audit(request, decision)
 
     def _decide(self, request: AuthRequest) -> Awaitable[Decision]:
         # Not a coroutine itself, nor is _start_method: each hands back the
@@ -698,16 +697,27 @@ class Authenticator:
                  nas_ip=entry.nas_ip, calling_station_id=entry.calling_station_id,
                  factor=entry.factor, source=request.source, audit=True)
 
-    async def _audit(self, request: AuthRequest, decision: Decision) -> None:
+    async def _audit(self, request: AuthRequest, decision: Decision) -> Decision:
+        """Commit ``decision``'s audit row, then log it; the decision to send.
+
+        An Accept whose row cannot be committed because the store is out of
+        reach becomes a Reject ("try later"): nobody gets in unaudited, and a
+        node that lost its database fails closed. Otherwise a lost row is
+        logged loudly and the decision stands."""
         entry = self._audit_entry(request, decision)
-        self._log_decision(request, entry)
         try:
             await self.store.record_audit(entry)
         except StoreUnavailable:
-            pass  # the outage is logged once by the store; the decision's log line stays
+            log.error("audit row of a {outcome} for {user} not written: the store is out "
+                      "of reach", outcome=entry.outcome, user=entry.user)
+            if decision.outcome is Outcome.ACCEPT:
+                decision = Decision.reject(Reason.STORE_UNAVAILABLE, MSG_TRY_LATER,
+                                           factor=decision.factor)
+                entry = self._audit_entry(request, decision)
         except Exception:
-            # The decision stands; losing the audit row is logged loudly instead.
             log.failure("could not write the audit row for {user}", user=request.username)
+        self._log_decision(request, entry)
+        return decision
 
 
 def _with_grants(decision: Decision, grants: tuple) -> Decision:

@@ -1078,7 +1078,9 @@ def _apply_sync(conn, *, now: float, cutoff: float,
     updated = conn.execute(
         f"UPDATE users SET phone = e.phone FROM {entries} e"
         " WHERE users.name = e.name AND users.source = 'ldap'"
-        " AND users.phone IS DISTINCT FROM e.phone").rowcount
+        # Null-safe "differs", in SQL every supported engine takes (SQLite has
+        # IS DISTINCT FROM only since 3.39; Ubuntu 22.04 ships 3.37).
+        " AND (users.phone <> e.phone OR (users.phone IS NULL) <> (e.phone IS NULL))").rowcount
     added = conn.execute(
         "INSERT INTO users (name, phone, source, blocked, failures, created)"
         f" SELECT name, phone, 'ldap', 0, 0, ? FROM {entries} e"

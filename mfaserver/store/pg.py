@@ -47,7 +47,18 @@ from mfaserver.store.pg_migrations import migrate
 
 __all__ = ["PG", "PgConnection", "PgStore"]
 
+# pg_current_snapshot() (data_version) is new in PostgreSQL 13.
+MIN_SERVER_VERSION = 130000
 CONNECT_TIMEOUT = 5  # seconds; unless the DSN says otherwise
+CONNECTION_DEFAULTS = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,  # ms: sent data unacknowledged this long ends the connection
+}
+# Server-side bounds on one statement and on a transaction left idle (a node that
+# died inside one must not hold its row locks).
+STATEMENT_TIMEOUT_MS = 60_000
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 30_000
 RECONNECT_MIN = 0.25  # seconds without a new connect attempt after one failed ...
 RECONNECT_MAX = 2.0   # ... doubling up to this
 # A statement that waits longer for a row lock fails with StoreError, as a SQLite
@@ -86,6 +97,36 @@ def to_postgresql(sql: str) -> str:
         # database-wide write lock did.
         return "BEGIN"
     return _NAMED.sub(r"%(\1)s", sql.replace("?", "%s"))
+
+
+DSN_HELP = ("not a libpq connection string (key=value pairs, values with spaces in "
+            "single quotes, or a postgresql:// URI with % written %25)")
+
+
+def check_dsn(dsn: str) -> dict:
+    """The parameters of the libpq connection string ``dsn``; ValueError with a fixed
+    message if it does not parse. libpq's own messages quote parts of the string,
+    which may be the password, so they are never repeated."""
+    try:
+        params = _conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        raise ValueError(DSN_HELP) from None
+    if not params:
+        raise ValueError("is empty")
+    return params
+
+
+def _out_of_reach(error: Exception) -> bool:
+    """Whether ``error`` says the server cannot be used now (no connection, shutting
+    down, starting, read-only standby after a failover) rather than this statement
+    failed (a lock wait, a serialization failure, a full disk: OperationalErrors too)."""
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = getattr(getattr(error, "diag", None), "sqlstate", None) or ""
+    # None: raised by the client (refused, not connected); 08: connection exception;
+    # 57P01-57P03: admin/crash shutdown, cannot connect now; 25006: read-only.
+    return (not state or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+            or state == "25006")
 
 
 def describe(dsn: str) -> str:
@@ -145,7 +186,12 @@ class PgConnection:
                  server: _Server | None = None):
         self._dsn = dsn
         params = _conninfo.conninfo_to_dict(dsn)
-        params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        # Unless the DSN says otherwise: a server that vanishes without closing the
+        # connection (powered off, partitioned, a failover leaving half-open sockets)
+        # is noticed within seconds, not after the kernel's ~15 minutes of retries,
+        # so calls fail over to "try later" and to the next host.
+        for name, value in CONNECTION_DEFAULTS.items():
+            params.setdefault(name, value)
         self._conninfo = _conninfo.make_conninfo(**params)
         self._raw: psycopg.Connection | None = None
         self._server = server or _Server(clock)
@@ -176,6 +222,9 @@ class PgConnection:
             self._generation = generation
             try:
                 raw.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS:d}")
+                raw.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS:d}")
+                raw.execute("SET idle_in_transaction_session_timeout = "
+                            f"{IDLE_IN_TRANSACTION_TIMEOUT_MS:d}")
             except BaseException:
                 raw.close()
                 raise
@@ -198,22 +247,25 @@ class PgConnection:
         return raw is not None and raw.info.transaction_status in (
             TransactionStatus.INTRANS, TransactionStatus.INERROR)
 
-    def discard_if_broken(self) -> None:
-        """After an error: forget a dead connection (the next call opens a new one)
-        and end a failed transaction left open."""
+    def discard_if_broken(self, error: Exception | None = None) -> bool:
+        """After ``error``: forget a dead connection, or one to a server that cannot
+        serve now (the next call opens a new one, to the next host of the DSN after
+        a failover), and end a failed transaction left open. True if it was dropped."""
         raw = self._raw
         if raw is None:
-            return
-        if raw.broken or raw.closed:
+            return False
+        if raw.broken or raw.closed or (error is not None and _out_of_reach(error)):
             self._raw = None
             raw.close()
             self._server.connection_lost()
-        elif self.in_transaction:
+            return True
+        if self.in_transaction:
             try:
                 raw.execute("ROLLBACK")
             except psycopg.Error:
                 self._raw = None
                 raw.close()
+        return False
 
     def another(self) -> "PgConnection":
         """A new connection to the same server (made on its first use)."""
@@ -240,13 +292,19 @@ class PgStore(Store):
         ``create``, a key file is created only for a database that never had
         one. The database itself must exist.
         """
-        label = describe(dsn)
         try:
-            conn = PgConnection(dsn)
-        except psycopg.Error as e:
-            raise StoreError(f"bad PostgreSQL DSN: {cls._message(e)}") from None
-        return cls._opened(conn, label, Path(key_path), lambda conn: migrate(conn.connection()),
-                           create=create)
+            check_dsn(dsn)
+        except ValueError as e:
+            raise StoreError(f"PostgreSQL DSN: {e}") from None
+        label = describe(dsn)
+        conn = PgConnection(dsn)
+        def prepare(conn: PgConnection) -> None:
+            raw = conn.connection()
+            if raw.info.server_version < MIN_SERVER_VERSION:
+                raise StoreError(f"database {label}: PostgreSQL 13 or newer is needed "
+                                 f"(this server is {raw.info.server_version // 10000})")
+            migrate(raw)
+        return cls._opened(conn, label, Path(key_path), prepare, create=create)
 
     def another(self) -> "PgStore":
         """The same store on a connection of its own (for another database thread),
@@ -263,9 +321,8 @@ class PgStore(Store):
         return text.splitlines()[0] if text else type(error).__name__
 
     def _failure(self, error: Exception) -> StoreError:
-        self._conn.discard_if_broken()
-        if isinstance(error, psycopg.OperationalError):
-            # Connection refused, lost, or not taken yet: the server, not the request.
+        lost = self._conn.discard_if_broken(error)
+        if lost or _out_of_reach(error):
             return StoreUnavailableError(f"database {self._path}: {self._message(error)}")
         return super()._failure(error)
 

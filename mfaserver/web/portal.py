@@ -31,6 +31,7 @@ from typing import Awaitable, Callable
 from twisted.logger import Logger
 
 from mfaserver import phones
+from mfaserver.auth.interfaces import StoreUnavailable
 from mfaserver.auth.model import Account, AuditEntry, TokenKind
 from mfaserver.factors import oath
 from mfaserver.factors.push_protocol import new_enrollment_token, token_digest
@@ -169,7 +170,12 @@ class Portal:
                 if signed_in and (session is None or session.user is None):
                     response = self._to_sign_in(visit, ended=sent is not None and session is None)
                 else:
-                    response = await handler(visit)
+                    try:
+                        response = await handler(visit)
+                    except StoreUnavailable:
+                        # Logged once by the store; nothing was changed.
+                        raise Refused(503, "Try again later",
+                                      "The sign-in service is unavailable.") from None
             except Refused as e:
                 response = self.page(visit, "portal/message.html", status=e.status,
                                      title=e.title, text=e.text, link=e.link,
@@ -384,6 +390,8 @@ class Portal:
     async def _delete(self, visit: Visit, delete, what: str, reason: str, factor: str) -> None:
         try:
             await self.context.store.run(delete, visit.user, what)
+        except StoreUnavailable:
+            raise
         except StoreError:
             raise Refused(404, "Not found", "This was removed already, or is not yours.")
         await self.audit(visit, visit.user, reason, factor=factor)
