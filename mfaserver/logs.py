@@ -132,7 +132,8 @@ def text_observer(writer: BufferedWriter):
     return observe
 
 
-def json_observer(writer: BufferedWriter):
+def json_observer(writer: BufferedWriter, node: str | None = None):
+    """JSON lines; with ``node`` ([cluster] node_name), every line says which node wrote it."""
     formats = _FormatCache()
     writable: dict[str, bool] = {}  # field name -> may it be written (names are few)
 
@@ -152,6 +153,8 @@ def json_observer(writer: BufferedWriter):
             "namespace": event.get("log_namespace"),
             "message": formats.format(event),
         }
+        if node is not None:
+            record["node"] = node
         for name, value in event.items():
             if name in record or not may_write(name):
                 continue
@@ -164,14 +167,16 @@ def json_observer(writer: BufferedWriter):
 
 
 def start_logging(log_format: str = "text", out: TextIO = sys.stderr, clock=None,
-                  level: LogLevel = LogLevel.info) -> BufferedWriter:
+                  level: LogLevel = LogLevel.info, node: str | None = None) -> BufferedWriter:
     """Send Twisted's global log to ``out`` as text or JSON lines, from ``level`` up.
 
     With a ``clock`` (the reactor), info lines are batched; call the returned
-    writer's ``flush()`` at shutdown.
+    writer's ``flush()`` at shutdown. JSON lines carry ``node``; text lines do not
+    (journald and syslog stamp the host already).
     """
     writer = BufferedWriter(out, clock)
-    observer = json_observer(writer) if log_format == "json" else text_observer(writer)
+    observer = (json_observer(writer, node) if log_format == "json"
+                else text_observer(writer))
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [MinimumLevel(level)])],
                                      redirectStandardIO=False)
     return writer

@@ -805,7 +805,8 @@ def run_daemon(config: Config, log_format: str | None = None) -> int:
 
     from mfaserver.logs import start_logging
 
-    log_writer = start_logging(log_format or config.server.log_format, clock=reactor)
+    log_writer = start_logging(log_format or config.server.log_format, clock=reactor,
+                               node=config.cluster.node_name)
     return_large_buffers_to_the_os()
     for warning in config.warnings:
         log.warn("{config}: {warning}", config=str(config.path), warning=warning)

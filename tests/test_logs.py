@@ -53,6 +53,17 @@ def test_json_lines_carry_fields_but_never_secret_named_ones():
     assert not {"password", "auth_token", "totp_code"} & set(record)
 
 
+def test_json_lines_name_the_node_that_wrote_them():
+    out = io.StringIO()
+    observe = json_observer(BufferedWriter(out), node="radius-a")
+    # An event field of the same name does not replace it.
+    observe(event("{user} ok", user="alice", node="spoofed"))
+    assert json.loads(out.getvalue())["node"] == "radius-a"
+    out = io.StringIO()
+    json_observer(BufferedWriter(out))(event("no node"))
+    assert "node" not in json.loads(out.getvalue())
+
+
 def test_minimum_level_passes_the_level_and_above_only():
     from twisted.logger import LogLevel, PredicateResult
     from mfaserver.logs import MinimumLevel

@@ -10,6 +10,7 @@ SQLite store there and back with its seeds.
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -52,7 +53,8 @@ def node_b(tmp_path, postgres_database, node_a):
     state = tmp_path / "b" / "state"
     state.mkdir(parents=True, mode=0o700)
     shutil.copy2(tmp_path / "a" / "state" / "seed.key", state / "seed.key")
-    daemon = start_daemon(tmp_path / "b", store_config(postgres_database))
+    daemon = start_daemon(tmp_path / "b", store_config(postgres_database)
+                          + '[cluster]\nnode_name = "node-b"\n')
     yield daemon
     stop_daemon(daemon)
 
@@ -92,6 +94,9 @@ def test_a_user_added_on_one_node_logs_in_on_the_other(node_a, node_b):
     add_user(node_b, "bob")
     reply = node_a.login("bob", f"pw-bob,{code_at(oath.totp_step(time.time()))}")
     assert reply.code == "Access-Accept", reply.output
+    # Each node's JSON log lines name it ([cluster] node_name, else the host name).
+    assert '"node": "node-b"' in node_b.log_text()
+    assert f'"node": "{socket.gethostname()}"' in node_a.log_text()
 
 
 def test_database_down_fails_closed_and_recovers_without_a_restart(node_a, postgres):
