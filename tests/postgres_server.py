@@ -24,10 +24,11 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from ldap_server import free_tcp_port
 
 HOST = "127.0.0.1"
 USER = "mfaserver"
@@ -67,19 +68,13 @@ def _system_user():
         return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 class PostgresServer:
     """One throw-away cluster under ``directory``; `dsn` connects as the superuser."""
 
     def __init__(self, directory: Path, port: int | None = None):
         self.directory = Path(directory)
         self.data = self.directory / "data"
-        self.port = port or free_port()
+        self.port = port or free_tcp_port()
         self.log_path = self.directory / "postgres.log"
         self.process: subprocess.Popen | None = None
         self._bin = bin_dir()
