@@ -200,7 +200,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from tests.postgres_server import PostgresServer
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers import each other by name
+    from postgres_server import PostgresServer
     directory = tempfile.mkdtemp(prefix="pg-access-bench-", dir="/tmp")
     os.chmod(directory, 0o755)
     server = PostgresServer(Path(directory) / "pg").start()
