@@ -57,6 +57,10 @@ NEEDS_RESTART_SECTIONS = ("web", "store", "cluster")
 # Database threads (and connections) per node on PostgreSQL: logins/s is flat from
 # 2 to 8 on two cores (scripts/benchlib/pg_access_bench.py), so this is a budget.
 POSTGRESQL_THREADS = 4
+# A cluster node asks the database what notifications may have missed this often
+# (issue #12: "a poll every 2-3 s"), and sweeps expired rows every few polls.
+CLUSTER_POLL_SECONDS = 2.5
+SWEEP_EVERY_TICKS = 4
 
 # Seconds after which replaced gateways and wake-up senders are closed: longer
 # than any request of theirs may take (SMTP's timeout is at most 120 s).
@@ -347,7 +351,14 @@ class MfaDaemon(tservice.MultiService):
         self.local = LocalDirectory(self.threaded.lookup_password, self.hash_threads.run)
         self.directories = Directories(self._directories, config)
         LifecycleService(self.directories).setServiceParent(self)
-        self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
+        self._cluster = config.store.backend == "postgresql"
+        if self._cluster:
+            # Every node on this database is one cluster: States are answered on any.
+            from mfaserver.store.shared import SharedChallenges
+            self.challenges = SharedChallenges(self.threaded.run_state, reactor,
+                                               ttl=config.mfa.challenge_timeout)
+        else:
+            self.challenges = ChallengeRegistry(reactor, ttl=config.mfa.challenge_timeout)
         self.gateways = self._gateways(config)
         # Replaced gateways and wake-up senders, closed once their requests have
         # ended: (the timer, the parts).
@@ -355,7 +366,10 @@ class MfaDaemon(tservice.MultiService):
         CallOnStop(self._close_gateways).setServiceParent(self)
         self.vapid = None
         self.wake = self._wake_notifier(config)
-        self.push = PushTransactions(reactor, wake=self.wake)
+        if self._cluster:
+            self.push = self._shared_push(config, db_thread)
+        else:
+            self.push = PushTransactions(reactor, wake=self.wake)
         CallOnStop(self._stop_push).setServiceParent(self)
         self.push_limit = push_limit(reactor, config.push.max_per_user_per_hour)
         self.sms = self._sms(config, self.gateways)
@@ -468,6 +482,37 @@ class MfaDaemon(tservice.MultiService):
             return None
         return self._vapid_key().public_key
 
+    def _shared_push(self, config: Config, db_thread):
+        """The cluster's push registry, its LISTEN connection and the one timer that
+        polls (the safety net behind notifications) and sweeps what expired."""
+        from mfaserver.factors.push_shared import SharedPushTransactions
+        from mfaserver.store.listen import Listener
+        push = SharedPushTransactions(
+            self.threaded.run_state, self._reactor, node=config.cluster.node_name,
+            limits=lambda: (self.config.mfa.max_pending_per_user, self.config.mfa.max_pending),
+            wake=self.wake)
+        listener = Listener(config.store.dsn, self._reactor, db_thread.run,
+                            deliver=push.notified, reconnected=push.poll)
+        LifecycleService(listener).setServiceParent(self)
+        self._cluster_ticks = 0
+        timer = internet.TimerService(CLUSTER_POLL_SECONDS, self._cluster_tick)
+        timer.clock = self._reactor
+        timer.setServiceParent(self)
+        return push
+
+    def _cluster_tick(self) -> Deferred[None]:
+        """Every CLUSTER_POLL_SECONDS: what notifications missed; now and then, remove
+        expired challenges and pushes (any node may, whichever comes first)."""
+        from mfaserver.store.cluster import ClusterState
+        self._cluster_ticks += 1
+        work = [self.push.poll()]
+        if self._cluster_ticks % SWEEP_EVERY_TICKS == 0:
+            swept = self.threaded.run_state(ClusterState.sweep, self._reactor.seconds())
+            swept.addErrback(lambda f: log.debug("cluster sweep failed: {error}",
+                                                 error=f.getErrorMessage()))
+            work.append(swept)
+        return defer.gatherResults(work).addCallback(lambda _: None)
+
     def _stop_push(self) -> Deferred[None]:
         """Close the pending pushes (their logins get no reply) and drop queued wake-ups."""
         self.push.close_all()
@@ -516,8 +561,7 @@ class MfaDaemon(tservice.MultiService):
             "totp": TokenFactor(self.threaded, self._reactor,
                                 totp_window=config.mfa.totp_window,
                                 hotp_look_ahead=config.mfa.hotp_look_ahead),
-            "push": (NumberMatchingPushFactor if config.push.number_matching else PushFactor)(
-                self.push, self.push_limit),
+            "push": self._push_factor(config),
         }
         if sms is not None:
             factors["sms"] = sms
@@ -525,6 +569,16 @@ class MfaDaemon(tservice.MultiService):
             factors["phone"] = VoiceFactor(self.voice, self._reactor,
                                            report_fraud=self._report_phone_fraud)
         return factors
+
+    def _push_factor(self, config: Config):
+        if self._cluster:
+            from mfaserver.factors.push_shared import (SharedNumberMatchingPushFactor,
+                                                       SharedPushFactor)
+            kind = (SharedNumberMatchingPushFactor if config.push.number_matching
+                    else SharedPushFactor)
+        else:
+            kind = NumberMatchingPushFactor if config.push.number_matching else PushFactor
+        return kind(self.push, self.push_limit)
 
     def _report_phone_fraud(self, user: str, client: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self.authenticator.report_fraud(user, client, "phone"))

@@ -539,11 +539,11 @@ class PollTests(DeviceApiCase):
         device_id, key = self.enroll()
         d = self.poll(device_id, key, wait=None)
         self.assertPending(d)
-        self.assertIn("alice", self.push._pollers)
+        self.assertIn("alice", self.push._polls.users())
         d.cancel()          # the client closes the connection
         self.http.flush()
         self.failureResultOf(d)
-        self.assertEqual(self.push._pollers, {})
+        self.assertEqual(self.push._polls.users(), [])
         self.assertEqual(self.api._device_polls, {})
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -308,7 +308,7 @@ class LongPollTests(Registry):
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.open()     # must not touch the cancelled poll
-        self.assertEqual(self.push._pollers, {})
+        self.assertEqual(self.push._polls.users(), [])
 
     def test_polls_with_different_deadlines_share_one_timer_and_each_fires_on_time(self):
         first = self.push.wait_for_new("alice", 30)
@@ -331,12 +331,12 @@ class LongPollTests(Registry):
         late = self.push.wait_for_new("bob", 30)
         self.open()                                  # answers alice's poll
         self.successResultOf(early)
-        [timer] = [c for c in self.clock.getDelayedCalls() if c.func == self.push._polls_timed_out]
+        [timer] = [c for c in self.clock.getDelayedCalls() if c.func == self.push._polls._timed_out]
         self.assertEqual(timer.getTime(), START + 30)
         late.cancel()
         self.failureResultOf(late, defer.CancelledError)
         self.assertEqual([c for c in self.clock.getDelayedCalls()
-                          if c.func == self.push._polls_timed_out], [])
+                          if c.func == self.push._polls._timed_out], [])
 
     def test_joining_a_login_does_not_wake_polls(self):
         key = ("alice", "nas", "x")

@@ -270,7 +270,7 @@ class Authenticator:
         if code is not None:
             return _with_grants(await self._check_code(account, code), grants)
         if self.policy.challenge_menu and len(methods) > 1:
-            return self._offer_menu(request, account, grants, methods)
+            return await self._offer_menu(request, account, grants, methods)
         return await self._start_method(self._preferred(account, methods), request, account,
                                         grants)
 
@@ -416,11 +416,11 @@ class Authenticator:
         if kind == _CODE:
             return self._send_code(factor, request, login, grants)
         if kind == _CONFIRMED:
-            return _decided(self._open_confirmed(factor, request, login, grants))
+            return self._open_confirmed(factor, request, login, grants)
         return self._hold(factor, request, login, grants)
 
-    def _offer_menu(self, request: AuthRequest, account: Account, grants: tuple,
-                    methods: list[str]) -> Decision:
+    async def _offer_menu(self, request: AuthRequest, account: Account, grants: tuple,
+                          methods: list[str]) -> Decision:
         """An Access-Challenge that lists the methods to start, and the codes to type."""
         choices = [name for name in methods if self.methods[name].starts]
         typed = [self.methods[name].label for name in methods if not self.methods[name].starts]
@@ -428,10 +428,17 @@ class Authenticator:
                              for i, name in enumerate(choices, 1))
         text = f"Enter {numbered}"
         text += f", or {' or '.join(typed)}." if typed else "."
-        state = self.challenges.issue(request.client_name, request.username,
-                                      {"user": account.name, "attributes": grants,
-                                       "menu": tuple(choices)})
-        return Decision.challenge(state, text, factor="password")
+        return await self._challenge(request, {"user": account.name, "attributes": grants,
+                                               "menu": tuple(choices)}, text, "password")
+
+    async def _challenge(self, request: AuthRequest, context: dict, text: str,
+                         factor: str) -> Decision:
+        """An Access-Challenge with a new State standing for ``context`` (plain values
+        only: a cluster keeps it in the database), bound to the name as typed (the
+        NAS sends it again with the State)."""
+        state = await defer.maybeDeferred(self.challenges.issue, request.client_name,
+                                          request.username, context)
+        return Decision.challenge(state, text, factor=factor)
 
     def _timeout(self, request: AuthRequest) -> float:
         client = self.clients.get(request.client_name)
@@ -460,13 +467,11 @@ class Authenticator:
                 Reason.CODE_MISSING,
                 f"Enter your password followed by '{self.policy.delimiter}' and your code.",
                 factor="password")
-        # Bound to the name as typed (the NAS sends it again with the State);
-        # the canonical name and the grants ride along.
-        state = self.challenges.issue(request.client_name, request.username,
-                                      {"user": login.user, "attributes": grants})
+        # The canonical name and the grants ride along.
+        context = {"user": login.user, "attributes": grants}
         if prompt is None:
-            return Decision.challenge(state, MSG_ENTER_CODE, factor="password")
-        return Decision.challenge(state, prompt, factor=name)
+            return await self._challenge(request, context, MSG_ENTER_CODE, "password")
+        return await self._challenge(request, context, prompt, name)
 
     def _undelivered(self, request: AuthRequest, login: Login, name: str, error: Exception,
                      grants: tuple) -> Decision:
@@ -492,6 +497,11 @@ class Authenticator:
             return self._too_many_pending(e, name, login.user)
         try:
             verdict = await waiter
+        except FactorRefused as e:
+            # A cluster's factor opens in the database, so refuses later.
+            return Decision.reject(e.reason, e.message, factor=name)
+        except TooManyPending as e:
+            return self._too_many_pending(e, name, login.user)
         except defer.TimeoutError:
             return Decision.reject(Reason.FACTOR_TIMEOUT, MSG_TIMEOUT, factor=name)
         except ApprovalWithdrawn:
@@ -501,37 +511,38 @@ class Authenticator:
             return self._undelivered(request, login, name, e, grants)
         return await self._verdict(verdict, login.account, name, grants)
 
-    def _open_confirmed(self, factor: ConfirmedApprovalFactor, request: AuthRequest,
-                        login: Login, grants: tuple) -> Decision:
+    async def _open_confirmed(self, factor: ConfirmedApprovalFactor, request: AuthRequest,
+                              login: Login, grants: tuple) -> Decision:
         """Start (or join) an approval the user also confirms at the NAS, and
         challenge for the confirmation."""
         name = factor.method.name
-        ticket = factor.find(login.key)
+        # A cluster's factor answers from the database (Deferreds); one node's at once.
+        ticket = await defer.maybeDeferred(factor.find, login.key)
         if ticket is None:
             try:
                 self.pending.check_room(login.user)
-                ticket = factor.open(login, self._timeout(request))
+                ticket = await defer.maybeDeferred(factor.open, login, self._timeout(request))
             except TooManyPending as e:
                 return self._too_many_pending(e, name, login.user)
             except FactorRefused as e:
                 return Decision.reject(e.reason, e.message, factor=name)
-        # The factor object rides along: a reload that swaps it does not
-        # strand the user halfway.
-        state = self.challenges.issue(request.client_name, request.username,
-                                      {"user": login.user, "attributes": grants,
-                                       "confirm": (factor, ticket)})
-        return Decision.challenge(state, factor.prompt, factor=name)
+        # The method's name, not the factor object: the State may be answered on
+        # another node. A reload keeps the registry behind the factor, so the
+        # ticket is still known to the new one.
+        return await self._challenge(request, {"user": login.user, "attributes": grants,
+                                               "confirm": (name, ticket)},
+                                     factor.prompt, name)
 
     async def _confirm(self, factor: ConfirmedApprovalFactor, ticket: str, typed: str,
                        account: Account, grants: tuple) -> Decision:
         """The user's answer to a confirmed approval's challenge: the confirmation
         must be right, and a device must approve (before or after)."""
         name = factor.method.name
-        if not factor.known(ticket):
+        if not await defer.maybeDeferred(factor.known, ticket):
             return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor=name)
         if _looks_like_code(typed):
             # A code instead of the confirmation: fine, if it is right.
-            factor.withdraw(ticket)
+            self._withdraw(factor, ticket)
             return _with_grants(await self._check_code(account, typed), grants)
         try:
             verdict = await factor.confirm(ticket, typed)
@@ -544,6 +555,13 @@ class Authenticator:
         except ApprovalWithdrawn:
             return Decision.reject(Reason.FACTOR_DENIED, MSG_DENIED, factor=name)
         return await self._verdict(verdict, account, name, grants)
+
+    @staticmethod
+    def _withdraw(factor: ConfirmedApprovalFactor, ticket: str) -> None:
+        """Close a confirmed approval; not waited for (a cluster's closes in the database)."""
+        d = defer.maybeDeferred(factor.withdraw, ticket)
+        d.addErrback(lambda f: log.error("could not close approval {ticket}: {error}",
+                                         ticket=ticket, error=f.getErrorMessage()))
 
     def _confirmed_pending_for(self, user: str) -> int:
         return sum(factor.pending_count(user) for factor in self._confirmed)
@@ -617,23 +635,31 @@ class Authenticator:
         return tuple(grants)
 
     async def _answer_challenge(self, request: AuthRequest) -> Decision:
-        pending = self.challenges.redeem(request.state, request.client_name, request.username)
+        pending = await defer.maybeDeferred(self.challenges.redeem, request.state,
+                                            request.client_name, request.username)
         if pending is None:
             return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED)
         context = pending.context
+        confirming = None
+        if "confirm" in context:
+            name, ticket = context["confirm"]
+            factor = self.factors.get(name)
+            if self._kinds.get(name) != _CONFIRMED:
+                # Number matching was switched off by a reload meanwhile.
+                return Decision.reject(Reason.BAD_STATE, MSG_SESSION_EXPIRED, factor=name)
+            confirming = factor, ticket
         account = await self.store.load_account(context["user"])
         refusal = self._refuse_account(account)
         if refusal is not None:
-            if "confirm" in context:
-                factor, ticket = context["confirm"]
-                factor.withdraw(ticket)
+            if confirming is not None:
+                self._withdraw(*confirming)
             return refusal
         if account is None:
             return Decision.reject(Reason.NOT_ENROLLED, MSG_NOT_ENROLLED)
         answer = request.password.strip()
         grants = context["attributes"]
-        if "confirm" in context:
-            factor, ticket = context["confirm"]
+        if confirming is not None:
+            factor, ticket = confirming
             return await self._confirm(factor, ticket, answer, account, grants)
         if "menu" in context:
             method = _menu_choice(answer, context["menu"])

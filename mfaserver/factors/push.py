@@ -103,6 +103,101 @@ class PushTransaction:
         }
 
 
+class LongPolls:
+    """Devices' long polls, by user: each fires with None when `wake` is called for
+    its user or when its time is up. One timer for the earliest deadline: a
+    thousand open pages cost no timer each."""
+
+    def __init__(self, clock: IReactorTime):
+        self._clock = clock
+        self._pollers: dict[str, list[Deferred]] = {}
+        # (deadline, sequence, user, Deferred), earliest first.
+        self._deadlines: list[tuple[float, int, str, Deferred]] = []
+        self._sequence = itertools.count()
+        self._timer = None
+
+    def users(self) -> list[str]:
+        """The users with a poll open."""
+        return list(self._pollers)
+
+    def wait(self, user: str, timeout: float) -> Deferred[None]:
+        d = Deferred(functools.partial(self._cancelled, user))
+        self._pollers.setdefault(user, []).append(d)
+        deadline = self._clock.seconds() + timeout
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), user, d))
+        self._arm()
+        return d
+
+    def wake(self, user: str) -> None:
+        pollers = self._pollers.pop(user, ())
+        for poller in pollers:
+            poller.callback(None)
+        if pollers:
+            self._arm()
+
+    def close_all(self) -> None:
+        for pollers in self._pollers.values():
+            for poller in pollers:
+                poller.callback(None)
+        self._pollers.clear()
+        self._deadlines.clear()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _arm(self) -> None:
+        """One timer, for the earliest deadline of a poll still open (none: no timer)."""
+        while self._deadlines and not self._is_polling(*self._deadlines[0][2:]):
+            heapq.heappop(self._deadlines)     # answered or gone before its time
+        timer = self._timer
+        if self._deadlines:
+            deadline = self._deadlines[0][0]
+            if timer is not None and timer.active() and timer.getTime() == deadline:
+                return
+            delay = max(0.0, deadline - self._clock.seconds())
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
+        if self._deadlines:
+            self._timer = self._clock.callLater(delay, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, user, d = heapq.heappop(self._deadlines)
+            if self._is_polling(user, d):
+                self._drop(user, d)
+                d.callback(None)
+        self._arm()
+
+    def _is_polling(self, user: str, d: Deferred) -> bool:
+        return d in self._pollers.get(user, ())
+
+    def _cancelled(self, user: str, d: Deferred) -> None:
+        """The client went away: forget its poll (and the timer, if it was for it alone)."""
+        self._drop(user, d)
+        self._arm()
+
+    def _drop(self, user: str, d: Deferred) -> None:
+        pollers = self._pollers.get(user)
+        if pollers is not None and d in pollers:
+            pollers.remove(d)
+            if not pollers:
+                del self._pollers[user]
+
+
+def wake_devices(polls: LongPolls, wake: Callable[[str], None] | None, user: str) -> None:
+    """A push opened for ``user``: end their devices' long polls here, and send the
+    wake-up notifications (best effort)."""
+    polls.wake(user)
+    if wake is not None:
+        try:
+            wake(user)
+        except Exception:
+            log.failure("could not wake the devices of {user}", user=user)
+
+
 class PushTransactions:
     """The registry of push transactions, their waiters and the devices' long polls.
 
@@ -122,12 +217,7 @@ class PushTransactions:
         self._by_login: dict[Hashable, PushTransaction] = {}
         self._by_user: dict[str, list[PushTransaction]] = {}
         self._done: OrderedDict[str, tuple[PushTransaction, float]] = OrderedDict()
-        self._pollers: dict[str, list[Deferred]] = {}
-        # Long polls by deadline, (deadline, sequence, user, Deferred), and one
-        # timer for the earliest: a thousand open pages cost no timer each.
-        self._poll_deadlines: list[tuple[float, int, str, Deferred]] = []
-        self._poll_sequence = itertools.count()
-        self._poll_timer = None
+        self._polls = LongPolls(clock)
         # user -> pending transactions with a number (number matching holds no
         # login, so these count towards the pending-login limits separately).
         self._numbered: dict[str, int] = {}
@@ -168,16 +258,7 @@ class PushTransactions:
         if number is not None:
             self._numbered[user] = self._numbered.get(user, 0) + 1
             self._numbered_total += 1
-        pollers = self._pollers.pop(user, ())
-        for poller in pollers:
-            poller.callback(None)
-        if pollers:
-            self._arm_poll_timer()
-        if self.wake is not None:
-            try:
-                self.wake(user)
-            except Exception:
-                log.failure("could not wake the devices of {user}", user=user)
+        wake_devices(self._polls, self.wake, user)
         return txn
 
     def find(self, login_key: Hashable) -> PushTransaction | None:
@@ -231,14 +312,7 @@ class PushTransactions:
         """Shutdown: close everything pending; waiters fail with TransactionClosed."""
         for txn in list(self._pending.values()):
             self._finish(txn, CLOSED)
-        for pollers in self._pollers.values():
-            for poller in pollers:
-                poller.callback(None)
-        self._pollers.clear()
-        self._poll_deadlines.clear()
-        if self._poll_timer is not None and self._poll_timer.active():
-            self._poll_timer.cancel()
-        self._poll_timer = None
+        self._polls.close_all()
 
     # --- the device side ---
 
@@ -249,12 +323,7 @@ class PushTransactions:
     def wait_for_new(self, user: str, timeout: float) -> Deferred[None]:
         """A long poll: fire with None when a transaction opens for ``user``, or after
         ``timeout`` seconds, whichever is first."""
-        d = Deferred(functools.partial(self._poll_cancelled, user))
-        self._pollers.setdefault(user, []).append(d)
-        deadline = self._clock.seconds() + timeout
-        heapq.heappush(self._poll_deadlines, (deadline, next(self._poll_sequence), user, d))
-        self._arm_poll_timer()
-        return d
+        return self._polls.wait(user, timeout)
 
     def answer(self, txid: str, device_user: str, decision: str,
                number: str | None = None, device_id: str = "") -> PushTransaction:
@@ -334,47 +403,6 @@ class PushTransactions:
             if until > now and len(self._done) <= self._max_remembered:
                 break
             self._done.popitem(last=False)
-
-    def _arm_poll_timer(self) -> None:
-        """One timer, for the earliest deadline of a poll still open (none: no timer)."""
-        while self._poll_deadlines and not self._is_polling(*self._poll_deadlines[0][2:]):
-            heapq.heappop(self._poll_deadlines)     # answered or gone before its time
-        timer = self._poll_timer
-        if self._poll_deadlines:
-            deadline = self._poll_deadlines[0][0]
-            if timer is not None and timer.active() and timer.getTime() == deadline:
-                return
-            delay = max(0.0, deadline - self._clock.seconds())
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._poll_timer = None
-        if self._poll_deadlines:
-            self._poll_timer = self._clock.callLater(delay, self._polls_timed_out)
-
-    def _polls_timed_out(self) -> None:
-        self._poll_timer = None
-        now = self._clock.seconds()
-        while self._poll_deadlines and self._poll_deadlines[0][0] <= now:
-            _, _, user, d = heapq.heappop(self._poll_deadlines)
-            if self._is_polling(user, d):
-                self._drop_poller(user, d)
-                d.callback(None)
-        self._arm_poll_timer()
-
-    def _is_polling(self, user: str, d: Deferred) -> bool:
-        return d in self._pollers.get(user, ())
-
-    def _poll_cancelled(self, user: str, d: Deferred) -> None:
-        """The client went away: forget its poll (and the timer, if it was for it alone)."""
-        self._drop_poller(user, d)
-        self._arm_poll_timer()
-
-    def _drop_poller(self, user: str, d: Deferred) -> None:
-        pollers = self._pollers.get(user)
-        if pollers is not None and d in pollers:
-            pollers.remove(d)
-            if not pollers:
-                del self._pollers[user]
 
 
 # --- The factors ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import psycopg
 from psycopg import conninfo as _conninfo
 from psycopg.pq import TransactionStatus
 
+from mfaserver.store.cluster import ClusterState
 from mfaserver.store.db import (BUSY_TIMEOUT_MS, Dialect, Store, StoreError,
                                 StoreUnavailableError, _guarded)
 from mfaserver.store.pg_migrations import migrate
@@ -278,7 +279,7 @@ class PgConnection:
             raw.close()
 
 
-class PgStore(Store):
+class PgStore(ClusterState, Store):
     """`Store` on PostgreSQL; see the module docstring. Open with `PgStore.open`."""
 
     _dialect = PG

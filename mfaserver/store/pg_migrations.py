@@ -25,7 +25,7 @@ import time
 
 from mfaserver.store.migrations import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION, MigrationError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "migrate", "schema_version"]
+__all__ = ["CLUSTER_TABLES", "MIGRATIONS", "SCHEMA_VERSION", "migrate", "schema_version"]
 
 # pg_advisory_xact_lock key for migrations: "mfa" "mig" as one 64-bit number.
 MIGRATION_LOCK = 0x6D6661_6D6967
@@ -108,6 +108,48 @@ CREATE TABLE invites (
     used DOUBLE PRECISION);
 """
 
+# Short-lived state a cluster shares (issue #12, `mfaserver.store.cluster`):
+# challenge States, pending pushes, send-rate buckets. Not in the versioned
+# schema, as SQLite (one node) keeps this state in memory; created when
+# missing. They hold nothing that outlives a login, so a future change to them
+# drops and recreates them (logins in flight start again, as after a restart).
+# Logged tables, not UNLOGGED: a PostgreSQL failover to a standby keeps them.
+CLUSTER_TABLES = """
+CREATE TABLE IF NOT EXISTS cluster_challenges (
+    state BYTEA PRIMARY KEY,
+    client TEXT NOT NULL,
+    username TEXT NOT NULL,
+    context TEXT NOT NULL,
+    expires DOUBLE PRECISION NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS cluster_challenges_login
+    ON cluster_challenges (client, username);
+CREATE INDEX IF NOT EXISTS cluster_challenges_expires ON cluster_challenges (expires);
+CREATE TABLE IF NOT EXISTS cluster_push (
+    txid TEXT PRIMARY KEY,
+    login_key TEXT NOT NULL,
+    username TEXT NOT NULL,
+    client TEXT NOT NULL,
+    nas_ip TEXT,
+    calling_station_id TEXT,
+    created DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    number TEXT,
+    state TEXT NOT NULL,
+    verdict TEXT,
+    answered_by TEXT,
+    node TEXT NOT NULL,
+    forget_after DOUBLE PRECISION NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS cluster_push_login
+    ON cluster_push (login_key) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS cluster_push_user ON cluster_push (username)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS cluster_push_forget ON cluster_push (forget_after);
+CREATE TABLE IF NOT EXISTS cluster_rate (
+    key TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL);
+"""
+
 MIGRATIONS: list[str] = [_V1_INITIAL, _V2_DIRECTORY_SYNC, _V3_OUT_OF_BAND, _V4_PHONE_SIDE]
 SCHEMA_VERSION = len(MIGRATIONS)
 if SCHEMA_VERSION != SQLITE_SCHEMA_VERSION:  # a step added to one engine only
@@ -139,6 +181,7 @@ def migrate(conn, *, now: float | None = None) -> int:
     version = schema_version(conn)
     _check_not_newer(version)
     if version == SCHEMA_VERSION:
+        _ensure_cluster_tables(conn)
         return version
     with conn.transaction():
         # Held to the end of the transaction: a second node waits here, then
@@ -152,4 +195,14 @@ def migrate(conn, *, now: float | None = None) -> int:
             conn.execute(MIGRATIONS[number])
             conn.execute("INSERT INTO schema_migrations (version, applied) VALUES (%s, %s)",
                          (number + 1, applied))
+        conn.execute(CLUSTER_TABLES)
     return SCHEMA_VERSION
+
+
+def _ensure_cluster_tables(conn) -> None:
+    """Create the cluster's tables where they are missing (the common start: one query)."""
+    if conn.execute("SELECT to_regclass('cluster_rate')").fetchone()[0] is not None:
+        return
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute(CLUSTER_TABLES)

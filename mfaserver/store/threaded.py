@@ -154,6 +154,12 @@ class ThreadedStore:
         """
         return self._run(_call_with_store, self._store, f, args, kwargs)
 
+    def run_state(self, f: Callable[..., object], *args, **kwargs) -> Deferred:
+        """Run ``f(store, ...)`` on a database thread for the cluster's short-lived
+        state (`mfaserver.store.cluster`): it writes, but never devices, so the
+        device cache stays."""
+        return self._run(_call_with_store, self._store, f, args, kwargs)
+
     def _forget_devices(self, result):
         self._devices.clear()
         return result

@@ -14,6 +14,7 @@ import json
 from typing import Callable
 from urllib.parse import urlsplit
 
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -258,7 +259,11 @@ class DeviceApi:
                 # "removed" and stop polling. A 5xx makes them back off and retry.
                 raise HttpError(503, "busy", "too many requests at once; try again shortly")
             raise _unauthorized()
-        found = self._live(device.user)
+        d = self._live(device.user)
+        d.addCallback(self._at_once_or_wait, device, device_id, wait)
+        return d
+
+    def _at_once_or_wait(self, found: list, device: Device, device_id: str, wait: int):
         if found or wait <= 0:
             return self._transactions(found)
         waiting = self._push.wait_for_new(device.user, wait)
@@ -272,7 +277,8 @@ class DeviceApi:
             polls.pop(0).cancel()
         waiting.addBoth(self._poll_ended, device_id, waiting)
         waiting.addErrback(_ended_early)
-        waiting.addCallback(lambda _: self._transactions(self._live(device.user)))
+        waiting.addCallback(lambda _: self._live(device.user))
+        waiting.addCallback(self._transactions)
         return waiting
 
     def _poll_ended(self, result, device_id: str, waiting: Deferred):
@@ -297,9 +303,15 @@ class DeviceApi:
                             f"wait: must be an integer from 0 to {self._max_poll}")
         return int(text)
 
-    def _live(self, user: str) -> list:
+    def _live(self, user: str) -> Deferred[list]:
+        # One node's registry answers at once, a cluster's from the database.
+        d = defer.maybeDeferred(self._push.pending_for, user)
+        d.addCallback(self._unexpired)
+        return d
+
+    def _unexpired(self, found: list) -> list:
         now = self._clock.seconds()
-        return [txn for txn in self._push.pending_for(user) if txn.expires > now]
+        return [txn for txn in found if txn.expires > now]
 
     # --- POST /v1/transactions/{txid} ---
 
@@ -314,8 +326,9 @@ class DeviceApi:
         if not proto.is_fresh(body["timestamp"], self._clock.seconds(), SKEW_SECONDS):
             raise _stale()
         try:
-            txn = self._push.answer(txid, device.user, body["decision"],
-                                    number=body.get("number"), device_id=device.id)
+            txn = await defer.maybeDeferred(
+                self._push.answer, txid, device.user, body["decision"],
+                number=body.get("number"), device_id=device.id)
         except AnswerRefused as e:
             if not isinstance(e, UnknownTransaction):
                 await self._late(txid, device, body["decision"], e)
@@ -328,7 +341,7 @@ class DeviceApi:
         return {"txid": txid, "decision": txn.verdict.value}
 
     async def _late(self, txid: str, device: Device, decision: str, refusal) -> None:
-        txn = self._push.get(txid)
+        txn = await defer.maybeDeferred(self._push.get, txid)
         log.warn("refused a late {decision} from device {device} for {user} ({txid}):"
                  " {why}", decision=decision, device=device.id, user=device.user,
                  txid=txid, why=_REFUSALS[type(refusal)][1])

@@ -88,6 +88,10 @@ def postgres_schema(conn):
                 " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]"
                 " JOIN pg_attribute ra ON ra.attrelid = c.confrelid AND ra.attnum = c.confkey[1]"
                 " WHERE c.contype = 'f'")}
+    # The cluster's short-lived tables are PostgreSQL's alone (pg_migrations.CLUSTER_TABLES).
+    tables = {t for t in tables if not t.startswith("cluster_")}
+    columns = {k: v for k, v in columns.items() if not k[0].startswith("cluster_")}
+    indexes = {i for i in indexes if not i[1].startswith("cluster_")}
     return tables, columns, indexes, keys
 
 

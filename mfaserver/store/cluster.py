@@ -1,0 +1,348 @@
+"""The short-lived state several nodes share, in PostgreSQL's ``cluster_*`` tables (issue #12).
+
+One node on SQLite keeps this state in memory (`mfaserver.auth.challenges`,
+`mfaserver.factors.push`). Nodes on one PostgreSQL database keep it here, so
+that whichever node a RADIUS request, a retransmission or a device's answer
+reaches finds the same login:
+
+- ``cluster_challenges``: Access-Challenge States, one per (client, user),
+  taken once with ``DELETE ... RETURNING``;
+- ``cluster_push``: pushes, pending and for a while after (a late answer is
+  told apart from a forged one); a partial unique index on the login's key
+  makes a second node *join* a pending push instead of sending another;
+- ``cluster_rate``: token buckets for send limits, global to the cluster.
+
+Every method runs on a database thread (`ThreadedStore.run_state`) and is
+one transaction. What changes a push is committed with a ``NOTIFY`` on
+`CHANNEL`, so the node holding the RADIUS request hears of it at once
+(`mfaserver.store.listen`). Times are the nodes' clocks (``now``), which
+TOTP already requires to agree.
+
+The methods live in a mixin of `mfaserver.store.pg.PgStore`; they use its
+connection and lock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from mfaserver.store.db import _guarded
+
+# The NOTIFY channel, and the payloads sent on it.
+CHANNEL = "mfaserver"
+NEW_PUSH = "new "        # + user: a push opened for the user (wakes long polls)
+PUSH_ENDED = "ended "    # + txid: a push was answered or closed
+
+PENDING = "pending"
+ANSWERED = "answered"
+EXPIRED = "expired"
+CLOSED = "closed"
+
+_PUSH_COLUMNS = ("txid, username, client, nas_ip, calling_station_id, created, expires,"
+                 " number, state, verdict, answered_by, login_key")
+
+
+def login_key_text(key) -> str:
+    """A login's key (user, client, Calling-Station-Id) as the table's text column."""
+    return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class PushRow:
+    """A row of ``cluster_push`` as read."""
+
+    txid: str
+    user: str
+    client: str
+    nas_ip: str | None
+    calling_station_id: str | None
+    created: float
+    expires: float
+    number: str | None
+    state: str
+    verdict: str | None
+    answered_by: str | None
+    login_key: str
+
+
+@dataclass(frozen=True)
+class PushOpened:
+    """What `ClusterState.open_push` did: opened ``row``, joined it, or was refused."""
+
+    row: PushRow | None
+    new: bool = False
+    refused: str | None = None   # "user" or "global" (pending limits), "rate"
+
+
+def _push_row(row) -> PushRow:
+    return PushRow(*row)
+
+
+def _answer_json(value) -> object:
+    """A context value as JSON: tuples become lists, bytes a tagged hex string."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"hex": bytes(value).hex()}
+    if isinstance(value, (list, tuple)):
+        return [_answer_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _answer_json(item) for key, item in value.items()}
+    return value
+
+
+def _from_json(value) -> object:
+    if isinstance(value, dict):
+        if set(value) == {"hex"}:
+            return bytes.fromhex(value["hex"])
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return tuple(_from_json(item) for item in value)
+    return value
+
+
+def context_to_text(context: dict) -> str:
+    """A challenge's context (names, reply attributes, menu) as stored.
+
+    Only plain values: str, int, float, bool, None, bytes, tuples and dicts of
+    them. Tuples come back as tuples; a dict whose only key is ``hex`` is
+    reserved for bytes.
+    """
+    return json.dumps(_answer_json(context), ensure_ascii=False, separators=(",", ":"))
+
+
+def context_from_text(text: str) -> dict:
+    return _from_json(json.loads(text))
+
+
+class ClusterState:
+    """The ``cluster_*`` tables' statements; mixed into `PgStore`."""
+
+    # --- challenge States ---
+
+    @_guarded
+    def issue_challenge(self, state: bytes, client: str, user: str, context: str,
+                        expires: float) -> None:
+        """Store a State for (client, user), replacing the user's older one."""
+        self._conn.execute(
+            "INSERT INTO cluster_challenges (state, client, username, context, expires)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (client, username) DO UPDATE"
+            " SET state = excluded.state, context = excluded.context,"
+            " expires = excluded.expires",
+            (state, client, user, context, expires))
+
+    @_guarded
+    def redeem_challenge(self, state: bytes, client: str, user: str,
+                         now: float) -> str | None:
+        """Take the live State bound to this client and user (once, on any node):
+        its context, or None."""
+        row = self._conn.execute(
+            "DELETE FROM cluster_challenges WHERE state = %s AND client = %s"
+            " AND username = %s AND expires > %s RETURNING context",
+            (state, client, user, now)).fetchone()
+        return None if row is None else row[0]
+
+    @_guarded
+    def count_challenges(self) -> int:
+        return self._conn.execute("SELECT count(*) FROM cluster_challenges").fetchone()[0]
+
+    # --- pushes ---
+
+    @_guarded
+    def open_push(self, *, txid: str, login_key: str, user: str, client: str,
+                  nas_ip: str | None, calling_station_id: str | None, now: float,
+                  timeout: float, number: str | None, node: str, late_window: float,
+                  max_per_user: int, max_total: int, rate: tuple[float, float] | None,
+                  join: str = "any") -> PushOpened:
+        """Join the pending push of this login, or open one (and tell every node).
+
+        ``join``: "any" joins whatever push is pending for the login; "numbered"
+        only one with a number (a number-matching login; a held push of the
+        same login is closed instead, as it could not be confirmed). Over a
+        limit, nothing is opened: ``refused`` says which. ``rate`` is (tokens
+        per second, burst) for the user's push bucket, taken only for a new push.
+        """
+        with self._immediate() as conn:
+            # One open at a time per user, across nodes: the limits and the
+            # one-pending-push-per-login rule are checked and kept together.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
+                         ("push " + user,))
+            conn.execute("UPDATE cluster_push SET state = 'expired' WHERE login_key = %s"
+                         " AND state = 'pending' AND expires <= %s", (login_key, now))
+            row = conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+                               " WHERE login_key = %s AND state = 'pending'",
+                               (login_key,)).fetchone()
+            if row is not None:
+                found = _push_row(row)
+                if join == "any" or found.number is not None:
+                    return PushOpened(found)
+                self._end_push(conn, found.txid, CLOSED, now + late_window)
+            mine = conn.execute(
+                "SELECT count(*) FROM cluster_push WHERE username = %s AND state = 'pending'"
+                " AND expires > %s", (user, now)).fetchone()[0]
+            if mine >= max_per_user:
+                return PushOpened(None, refused="user")
+            total = conn.execute("SELECT count(*) FROM cluster_push WHERE state = 'pending'"
+                                 " AND expires > %s", (now,)).fetchone()[0]
+            if total >= max_total:
+                return PushOpened(None, refused="global")
+            if rate is not None and not self._take(conn, "push " + user, now, *rate):
+                return PushOpened(None, refused="rate")
+            expires = now + timeout
+            conn.execute(
+                "INSERT INTO cluster_push (txid, login_key, username, client, nas_ip,"
+                " calling_station_id, created, expires, number, state, node, forget_after)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
+                (txid, login_key, user, client, nas_ip, calling_station_id, now, expires,
+                 number, node, expires + late_window))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, NEW_PUSH + user))
+        return PushOpened(PushRow(txid, user, client, nas_ip, calling_station_id, now, expires,
+                                  number, PENDING, None, None, login_key), new=True)
+
+    @_guarded
+    def get_push(self, txid: str, now: float) -> PushRow | None:
+        """A push by id: pending, or ended and still remembered."""
+        row = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push WHERE txid = %s"
+                                 " AND forget_after > %s", (txid, now)).fetchone()
+        return None if row is None else _push_row(row)
+
+    @_guarded
+    def find_push(self, login_key: str, now: float) -> PushRow | None:
+        """The pending push of a login."""
+        row = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+                                 " WHERE login_key = %s AND state = 'pending' AND expires > %s",
+                                 (login_key, now)).fetchone()
+        return None if row is None else _push_row(row)
+
+    @_guarded
+    def pending_pushes(self, user: str, now: float) -> list[PushRow]:
+        """The user's pending pushes, oldest first (what a device's poll lists)."""
+        rows = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+                                  " WHERE username = %s AND state = 'pending' AND expires > %s"
+                                  " ORDER BY created, txid", (user, now)).fetchall()
+        return [_push_row(row) for row in rows]
+
+    @_guarded
+    def count_pending_pushes(self, now: float, user: str | None = None,
+                             numbered: bool = False) -> int:
+        sql = "SELECT count(*) FROM cluster_push WHERE state = 'pending' AND expires > %s"
+        params: list = [now]
+        if user is not None:
+            sql += " AND username = %s"
+            params.append(user)
+        if numbered:
+            sql += " AND number IS NOT NULL"
+        return self._conn.execute(sql, params).fetchone()[0]
+
+    @_guarded
+    def ended_pushes(self, txids: list[str]) -> list[PushRow]:
+        """Those of ``txids`` that are no longer pending (the poll behind NOTIFY)."""
+        rows = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+                                  " WHERE txid = ANY(%s) AND state <> 'pending'",
+                                  (txids,)).fetchall()
+        return [_push_row(row) for row in rows]
+
+    @_guarded
+    def users_with_new_pushes(self, users: list[str], since: float, now: float) -> list[str]:
+        """Those of ``users`` with a push opened at ``since`` or later and still pending."""
+        rows = self._conn.execute(
+            "SELECT DISTINCT username FROM cluster_push WHERE username = ANY(%s)"
+            " AND state = 'pending' AND created >= %s AND expires > %s",
+            (users, since, now)).fetchall()
+        return [user for user, in rows]
+
+    @_guarded
+    def answer_push(self, txid: str, user: str, decide, device_id: str, now: float,
+                    late_window: float) -> tuple[str, PushRow | None]:
+        """Record a device's answer to a pending push of ``user``; the first answer wins.
+
+        ``decide(row)`` gives the verdict to record (it compares the number).
+        Returns ("answered", row after) or, with nothing written, ("unknown",
+        None), ("expired", row) or ("already", row).
+        """
+        with self._immediate() as conn:
+            row = conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push WHERE txid = %s"
+                               " AND forget_after > %s FOR UPDATE", (txid, now)).fetchone()
+            if row is None or row[1] != user:
+                return "unknown", None
+            found = _push_row(row)
+            if found.state in (EXPIRED, CLOSED) or (found.state == PENDING
+                                                    and now >= found.expires):
+                return "expired", found
+            if found.state == ANSWERED:
+                return "already", found
+            verdict = decide(found)
+            conn.execute("UPDATE cluster_push SET state = 'answered', verdict = %s,"
+                         " answered_by = %s, forget_after = %s WHERE txid = %s",
+                         (verdict, device_id, now + late_window, txid))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, PUSH_ENDED + txid))
+        return ANSWERED, PushRow(**{**found.__dict__, "state": ANSWERED, "verdict": verdict,
+                                    "answered_by": device_id})
+
+    @_guarded
+    def close_push(self, txid: str, now: float, late_window: float) -> bool:
+        """Close a pending push from the sign-in side (wrong number, account refused)."""
+        with self._immediate() as conn:
+            return self._end_push(conn, txid, CLOSED, now + late_window)
+
+    @_guarded
+    def close_user_pushes(self, user: str, now: float, late_window: float) -> int:
+        """Close every pending push of ``user`` (blocked after a fraud report)."""
+        with self._immediate() as conn:
+            rows = conn.execute(
+                "UPDATE cluster_push SET state = 'closed', forget_after = %s"
+                " WHERE username = %s AND state = 'pending' RETURNING txid",
+                (now + late_window, user)).fetchall()
+            for txid, in rows:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, PUSH_ENDED + txid))
+        return len(rows)
+
+    @staticmethod
+    def _end_push(conn, txid: str, state: str, forget_after: float) -> bool:
+        ended = conn.execute("UPDATE cluster_push SET state = %s, forget_after = %s"
+                             " WHERE txid = %s AND state = 'pending' RETURNING txid",
+                             (state, forget_after, txid)).fetchall()
+        if ended:
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, PUSH_ENDED + txid))
+        return bool(ended)
+
+    # --- send limits ---
+
+    @staticmethod
+    def _take(conn, key: str, now: float, per_second: float, burst: float) -> bool:
+        """Take one token from bucket ``key`` (full when new); False if none is left.
+        The caller's transaction serialises takers (row lock)."""
+        conn.execute("INSERT INTO cluster_rate (key, tokens, updated) VALUES (%s, %s, %s)"
+                     " ON CONFLICT (key) DO NOTHING", (key, float(burst), now))
+        tokens, updated = conn.execute("SELECT tokens, updated FROM cluster_rate"
+                                       " WHERE key = %s FOR UPDATE", (key,)).fetchone()
+        tokens = min(float(burst), tokens + max(0.0, now - updated) * per_second)
+        if tokens < 1.0:
+            conn.execute("UPDATE cluster_rate SET tokens = %s, updated = %s WHERE key = %s",
+                         (tokens, now, key))
+            return False
+        conn.execute("UPDATE cluster_rate SET tokens = %s, updated = %s WHERE key = %s",
+                     (tokens - 1.0, now, key))
+        return True
+
+    @_guarded
+    def take_token(self, key: str, now: float, per_second: float, burst: float) -> bool:
+        """One send from the cluster-wide bucket ``key`` (per_second refill, ``burst``
+        at most); False, and nothing taken, when it is empty."""
+        with self._immediate() as conn:
+            return self._take(conn, key, now, per_second, burst)
+
+    # --- the sweeper ---
+
+    @_guarded
+    def sweep(self, now: float, rate_idle: float = 7200.0) -> tuple[int, int]:
+        """Remove what has expired: challenges, pushes past their late window, full
+        buckets idle for ``rate_idle`` seconds. Any node may run it, at any time.
+        Returns (challenges, pushes) removed."""
+        challenges = self._conn.execute("DELETE FROM cluster_challenges WHERE expires <= %s",
+                                        (now,)).rowcount
+        self._conn.execute("UPDATE cluster_push SET state = 'expired'"
+                           " WHERE state = 'pending' AND expires <= %s", (now,))
+        pushes = self._conn.execute("DELETE FROM cluster_push WHERE forget_after <= %s",
+                                    (now,)).rowcount
+        self._conn.execute("DELETE FROM cluster_rate WHERE updated <= %s", (now - rate_idle,))
+        return challenges, pushes

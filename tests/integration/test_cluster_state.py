@@ -1,0 +1,324 @@
+"""The cluster's shared state on a real PostgreSQL (issue #12 part 2), on a Clock.
+
+The contracts one node's in-memory state is held to (tests/test_challenges.py,
+tests/test_factor_contracts.py) run here over `SharedChallenges` and the
+shared push factors; the pipeline's challenge tests run over shared States.
+Then what only a cluster has: two registries (two nodes) on one database,
+joining one push, answering on the other, limits across nodes, the poll
+when a notification is missed, the sweeper.
+
+Database calls run at once (``run``), and after each one the test's LISTEN
+connection is asked a ``SELECT 1``: PostgreSQL delivers a listener's
+notifications before it answers, so every NOTIFY a call committed reaches
+the registries, for real and deterministically, before the test goes on.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+import psycopg
+import test_challenges
+import test_factor_contracts as contracts
+import test_pipeline
+import test_pipeline_oob
+from mfaserver.auth.approvals import TooManyPending
+from mfaserver.auth.interfaces import FactorRefused, UnknownApproval, WrongConfirmation
+from mfaserver.auth.model import Login, Verdict
+from mfaserver.factors.push import AlreadyAnswered, TransactionClosed, push_limit
+from mfaserver.factors.push_shared import (SharedNumberMatchingPushFactor, SharedPushFactor,
+                                           SharedPushTransactions)
+from mfaserver.store.pg import PgStore
+from mfaserver.store.shared import SharedChallenges
+
+pytestmark = pytest.mark.integration
+
+
+class Database:
+    """A PgStore whose calls run at once, delivering their notifications to ``nodes``."""
+
+    def __init__(self, dsn: str, key_path):
+        self.store = PgStore.open(dsn, key_path)
+        self.listen = psycopg.connect(dsn, autocommit=True)
+        self.listen.execute("LISTEN mfaserver")
+        self._heard: list[str] = []
+        self.listen.add_notify_handler(lambda n: self._heard.append(n.payload))
+        self.nodes: list[SharedPushTransactions] = []
+        self.deliver = True
+
+    def run(self, f, *args, **kwargs) -> Deferred:
+        try:
+            result = f(self.store, *args, **kwargs)
+        except Exception:
+            return defer.fail()
+        self.listen.execute("SELECT 1")
+        if self.deliver:
+            heard, self._heard = self._heard, []
+            for payload in heard:
+                for node in self.nodes:
+                    node.notified(payload)
+        else:
+            self._heard.clear()
+        return defer.succeed(result)
+
+    def close(self) -> None:
+        self.listen.close()
+        self.store.close()
+
+
+@pytest.fixture
+def database(postgres_database, tmp_path):
+    db = Database(postgres_database, tmp_path / "seed.key")
+    yield db
+    db.close()
+
+
+class OnDatabase:
+    """Sets ``self.pg`` (a `Database`) before setUp runs."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, database):
+        self.pg = database
+
+
+def _result(d):
+    """What an already-fired Deferred holds; its failure raised."""
+    out = []
+    d.addBoth(out.append)
+    if not out:
+        return d
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+class Settled:
+    """A cluster factor as the contracts call it: its database answers at once here,
+    so a call gives its result or raises, as one node's factor does. The calls
+    that wait for the user (``request_approval``, ``confirm``) give their
+    Deferred, unless it was refused at once."""
+
+    REFUSALS = (FactorRefused, UnknownApproval, WrongConfirmation, TooManyPending)
+
+    def __init__(self, factor, db: Database, clock):
+        self._factor = factor
+        self._db = db
+        self._clock = clock
+
+    def __getattr__(self, name):
+        attr = getattr(self._factor, name)
+        if not callable(attr):
+            return attr
+        waits = name in ("request_approval", "confirm")
+
+        def call(*args, **kwargs):
+            result = attr(*args, **kwargs)
+            if not isinstance(result, Deferred):
+                return result
+            if not waits:
+                return _result(result)
+            out = []
+            result.addErrback(lambda f: out.append(f) if f.check(*self.REFUSALS) else f)
+            if out:
+                out[0].raiseException()
+            return result
+        return call
+
+    def pending_count(self, user=None):
+        # The cluster counts pending approvals in the table (open_push checks them).
+        return self._db.store.count_pending_pushes(self._clock.seconds(), user, numbered=True)
+
+
+# --- the contracts, over the cluster's implementations ---------------------------------------
+
+class SharedChallengesTests(OnDatabase, test_challenges.ChallengeContract, SynchronousTestCase):
+    def make(self):
+        self.challenges = SharedChallenges(self.pg.run, self.clock, ttl=test_challenges.TTL)
+
+
+def _registry(db: Database, clock, node="a", late_window=600.0, limits=(5, 10_000)):
+    registry = SharedPushTransactions(db.run, clock, node=node, limits=lambda: limits,
+                                      late_window=late_window)
+    db.nodes.append(registry)
+    return registry
+
+
+class SharedPushFactorTests(OnDatabase, contracts.ApprovalFactorContract, contracts.Harness):
+    def make(self):
+        self.push = _registry(self.pg, self.clock)
+        self.factor = Settled(SharedPushFactor(self.push, push_limit(self.clock, 30)),
+                              self.pg, self.clock)
+        self.alice, self.bob = contracts.account("alice"), contracts.account("bob", devices=0)
+
+    def request(self, who=None):
+        d = super().request(who)
+        if who is None:
+            self.txid = _result(self.push.pending_for("alice"))[-1].txid
+        return d
+
+    def answer(self, verdict):
+        _result(self.push.answer(self.txid, "alice", verdict.value))
+
+    def withdrawn(self) -> bool:
+        return _result(self.push.get(self.txid)).state == "closed"
+
+    def exhaust(self):
+        self.factor._limit.set_per_hour(0)
+
+    def test_cancelling_withdraws_the_request(self):
+        # A cluster differs here on purpose: cancelling (this node stops, its
+        # copy of the request is gone) leaves the push for the NAS's retry on
+        # another node; it ends when answered or expired.
+        d = self.request()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(_result(self.push.get(self.txid)).state, "pending")
+        self.assertEqual(len(self.push), 0)
+
+
+class SharedNumberMatchingTests(OnDatabase, contracts.ConfirmedApprovalFactorContract,
+                                contracts.Harness):
+    late_window = 600
+
+    def make(self):
+        self.push = _registry(self.pg, self.clock, late_window=self.late_window)
+        self.factor = Settled(SharedNumberMatchingPushFactor(self.push,
+                                                             push_limit(self.clock, 30)),
+                              self.pg, self.clock)
+        self.alice, self.bob = contracts.account("alice"), contracts.account("bob", devices=0)
+
+    def shown(self, ticket):
+        return _result(self.push.get(ticket)).number
+
+    def answer(self, ticket, verdict):
+        txn = _result(self.push.get(ticket))
+        _result(self.push.answer(ticket, txn.user, verdict.value))
+
+    def exhaust(self):
+        self.factor._limit.set_per_hour(0)
+
+
+class SharedStates(OnDatabase):
+    """A pipeline test class, with its States in PostgreSQL."""
+
+    def setUp(self):
+        super().setUp()
+        self.challenges = self.auth.challenges = SharedChallenges(self.pg.run, self.clock,
+                                                                  ttl=300)
+
+
+class PipelineOverSharedChallenges(SharedStates, test_pipeline.PipelineTests):
+    pass
+
+
+class MenuOverSharedChallenges(SharedStates, test_pipeline_oob.MenuTests):
+    pass
+
+
+class NumberMatchingOverSharedChallenges(SharedStates, test_pipeline_oob.NumberMatchingTests):
+    pass
+
+
+# --- what only a cluster has ------------------------------------------------------------------
+
+class TwoNodes(OnDatabase, contracts.Harness):
+    """Nodes A and B: push registries on one database, one clock."""
+
+    limits = (1, 10_000)
+
+    def make(self):
+        self.a = _registry(self.pg, self.clock, "a", limits=self.limits)
+        self.b = _registry(self.pg, self.clock, "b", limits=self.limits)
+        self.woken = []
+        self.a.wake = self.b.wake = self.woken.append
+        self.limit = push_limit(self.clock, 30)
+        self.alice = contracts.account("alice")
+
+    def hold(self, node, station="198.51.100.7", who=None) -> Deferred:
+        return SharedPushFactor(node, self.limit).request_approval(
+            Login(who or self.alice, "vpn", "192.0.2.1", station), contracts.TIMEOUT)
+
+    def only_txid(self, node=None) -> str:
+        [txn] = _result((node or self.a).pending_for("alice"))
+        return txn.txid
+
+    def test_the_same_login_on_two_nodes_is_one_push_and_both_get_the_answer(self):
+        on_a, on_b = self.hold(self.a), self.hold(self.b)
+        txid = self.only_txid()
+        self.assertEqual(self.woken, ["alice"])     # one wake-up, from A
+        _result(self.b.answer(txid, "alice", "approve"))
+        self.assertIs(self.successResultOf(on_a), Verdict.APPROVE)
+        self.assertIs(self.successResultOf(on_b), Verdict.APPROVE)
+
+    def test_a_node_that_stops_leaves_the_push_to_the_nas_retry_on_another(self):
+        on_a = self.hold(self.a)
+        txid = self.only_txid()
+        self.a.close_all()
+        self.failureResultOf(on_a, TransactionClosed)
+        on_b = self.hold(self.b)     # the NAS's retry, to B: joins
+        self.assertEqual(self.only_txid(self.b), txid)
+        _result(self.a.answer(txid, "alice", "deny"))
+        self.assertIs(self.successResultOf(on_b), Verdict.DENY)
+
+    def test_a_missed_notification_is_made_up_by_the_poll(self):
+        on_a = self.hold(self.a)
+        txid = self.only_txid()
+        self.pg.deliver = False     # the LISTEN connection is down
+        _result(self.b.answer(txid, "alice", "approve"))
+        self.assertNoResult(on_a)
+        self.pg.deliver = True
+        self.successResultOf(self.a.poll())
+        self.assertIs(self.successResultOf(on_a), Verdict.APPROVE)
+
+    def test_a_long_poll_on_one_node_wakes_for_a_push_opened_on_the_other(self):
+        polling = self.b.wait_for_new("alice", 30)
+        self.hold(self.a)
+        self.assertIsNone(self.successResultOf(polling))
+        # And by the poll, when the notification was missed (a poll later than
+        # the first push, so that it counts as old news).
+        self.clock.advance(5)
+        self.successResultOf(self.b.poll())
+        polling = self.b.wait_for_new("alice", 30)
+        polling_bob = self.b.wait_for_new("bob", 30)
+        self.pg.deliver = False
+        self.hold(self.a, who=contracts.account("bob"))
+        self.assertNoResult(polling_bob)
+        self.successResultOf(self.b.poll())
+        self.assertIsNone(self.successResultOf(polling_bob))
+        self.assertNoResult(polling)                 # alice had nothing new
+
+    def test_pending_limits_hold_across_nodes(self):
+        self.hold(self.a)
+        # Another login of alice (another station) on B: over her one pending push.
+        refused = self.hold(self.b, station="198.51.100.8")
+        self.assertEqual(self.failureResultOf(refused, TooManyPending).value.scope, "user")
+
+    def test_the_push_rate_holds_across_nodes(self):
+        self.limit.set_per_hour(2)
+        for node, station in ((self.a, "198.51.100.1"), (self.b, "198.51.100.2")):
+            d = self.hold(node, station)
+            _result(node.answer(_result(node.pending_for("alice"))[0].txid, "alice", "deny"))
+            self.successResultOf(d)
+        self.failureResultOf(self.hold(self.a, "198.51.100.3"), FactorRefused)
+        self.failureResultOf(self.hold(self.b, "198.51.100.4"), FactorRefused)
+
+    def test_an_answer_counts_once_across_nodes(self):
+        self.hold(self.a)
+        txid = self.only_txid()
+        _result(self.a.answer(txid, "alice", "deny"))
+        with self.assertRaises(AlreadyAnswered):
+            _result(self.b.answer(txid, "alice", "approve"))
+
+    def test_the_sweeper_removes_what_expired(self):
+        held = self.hold(self.a)
+        state = _result(SharedChallenges(self.pg.run, self.clock, ttl=60).issue("vpn", "alice"))
+        self.clock.advance(contracts.TIMEOUT + 600 + 1)
+        self.failureResultOf(held, defer.TimeoutError)
+        challenges, pushes = self.pg.store.sweep(self.clock.seconds())
+        self.assertEqual((challenges, pushes), (1, 1))
+        self.assertEqual(self.pg.store.count_challenges(), 0)
+        self.assertIsNone(self.pg.store.redeem_challenge(state, "vpn", "alice", 0.0))
