@@ -66,6 +66,9 @@ class ServerConfig:
 
     state_dir: Path
     log_format: str = "text"
+    # Processes serving the same ports (SO_REUSEPORT), each a cluster node:
+    # PostgreSQL only. "auto" is resolved to the number of cores at load.
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -451,6 +454,17 @@ def _backends(value: str | list) -> tuple[str, ...]:
     return names
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: int | str) -> int | str:
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f'{value!r} is neither a number nor "auto"')
+        return value
+    return _in_range(1, MAX_WORKERS, int)(value)
+
+
 def _ldap_url(value: str) -> str:
     scheme, sep, rest = value.partition("://")
     host = rest.split("/", 1)[0]
@@ -545,6 +559,7 @@ SCHEMA = Table({
     "server": Table({
         "state_dir": string("var"),
         "log_format": one_of("text", "text", "json"),
+        "workers": Field('an integer or "auto"', (int, str), 1, _workers),
     }),
     "store": Table({
         "backend": one_of("sqlite", *STORE_BACKENDS),
@@ -930,10 +945,16 @@ def _build(values: dict[str, Any], path: Path) -> Config:
     if alerts.gateway == "smtp" and not alerts.to:
         raise _Problem("alerts.to", "name at least one recipient for smtp alerts")
     store = _build_store(values["store"], base)
+    workers = server["workers"]
+    if workers != 1 and store.backend != "postgresql":
+        raise _Problem("server.workers", 'more than one worker needs [store] backend = '
+                       '"postgresql": on SQLite a login in flight is in one process\'s memory')
+    if workers == "auto":
+        workers = min(MAX_WORKERS, os.cpu_count() or 1)
     return Config(
         path=path,
         server=ServerConfig(state_dir=_resolve(base, server["state_dir"]),
-                            log_format=server["log_format"]),
+                            log_format=server["log_format"], workers=workers),
         radius=RadiusConfig(clients=clients, reply=reply, **radius),
         directory=_build_directory(values["directory"], base, warnings),
         mfa=MfaConfig(**values["mfa"]),

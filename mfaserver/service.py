@@ -38,6 +38,8 @@ from mfaserver.factors import METHODS
 from mfaserver.factors.push import (NumberMatchingPushFactor, PushFactor, PushTransactions,
                                     push_limit)
 from mfaserver.factors.token import TokenFactor
+from mfaserver.processes import (SharedTcpPort, SharedUdpPort, Supervisor, die_with_parent,
+                                 worker_name)
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
 from mfaserver.store.threaded import PerThreadStore, ThreadedStore
@@ -48,8 +50,8 @@ log = Logger(namespace="mfaserver.service")
 # Config keys that a reload cannot apply: sockets bound and files opened at
 # start, the log observer, and the web routes of the phone-call callbacks
 # ("voice" is [voice] being added or removed; its own keys apply live).
-NEEDS_RESTART = ("server.state_dir", "server.log_format", "radius.listen", "radius.port",
-                 "voice")
+NEEDS_RESTART = ("server.state_dir", "server.log_format", "server.workers", "radius.listen",
+                 "radius.port", "voice")
 # Sections none of whose keys a reload can apply: the HTTP listener, the store's
 # engine and connection, the node's name.
 NEEDS_RESTART_SECTIONS = ("web", "store", "cluster")
@@ -320,9 +322,12 @@ class MfaDaemon(tservice.MultiService):
     (`WorkerThreads`; tests pass one that runs calls at once).
     """
 
-    def __init__(self, config: Config, reactor, *, threads=WorkerThreads):
+    def __init__(self, config: Config, reactor, *, threads=WorkerThreads, worker: int = 0):
         super().__init__()
         self._threads = threads
+        # [server] workers: this process's number (0: the one that starts the others).
+        self.worker = worker
+        self.node_name = worker_name(config.cluster.node_name, worker)
         self.config = config
         # What the keys in NEEDS_RESTART are compared with on every reload.
         self.started_with = config
@@ -385,9 +390,13 @@ class MfaDaemon(tservice.MultiService):
         self.cache = ReplyCache(reactor, ttl=config.radius.response_cache_seconds)
         self.protocol = RadiusAuthProtocol(listener_settings(config),
                                            self.authenticator.authenticate, self.cache, reactor)
-        listener = internet.UDPServer(config.radius.port, self.protocol,
-                                      interface=config.radius.listen, maxPacketSize=8192,
-                                      reactor=reactor)
+        if config.server.workers > 1:
+            listener = SharedUdpPort(config.radius.port, self.protocol,
+                                     interface=config.radius.listen, reactor=reactor)
+        else:
+            listener = internet.UDPServer(config.radius.port, self.protocol,
+                                          interface=config.radius.listen, maxPacketSize=8192,
+                                          reactor=reactor)
         listener.setServiceParent(self)
         if config.web is not None:
             self._web_listener(config).setServiceParent(self)
@@ -488,7 +497,7 @@ class MfaDaemon(tservice.MultiService):
         from mfaserver.factors.push_shared import SharedPushTransactions
         from mfaserver.store.listen import Listener
         push = SharedPushTransactions(
-            self.threaded.run_state, self._reactor, node=config.cluster.node_name,
+            self.threaded.run_state, self._reactor, node=self.node_name,
             limits=lambda: (self.config.mfa.max_pending_per_user, self.config.mfa.max_pending),
             wake=self.wake)
         listener = Listener(config.store.dsn, self._reactor, db_thread.run,
@@ -595,6 +604,12 @@ class MfaDaemon(tservice.MultiService):
         from mfaserver.web.server import make_site, tls_options
         web = config.web
         site = make_site(self._web_app(config), web)
+        if config.server.workers > 1:
+            if web.tls_certificate is not None:
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+                site = TLSMemoryBIOFactory(tls_options(web.tls_certificate, web.tls_key),
+                                           False, site)
+            return SharedTcpPort(web.port, site, interface=web.listen, reactor=self._reactor)
         if web.tls_certificate is not None:
             return internet.SSLServer(web.port, site, tls_options(web.tls_certificate, web.tls_key),
                                       interface=web.listen, reactor=self._reactor)
@@ -669,6 +684,8 @@ class MfaDaemon(tservice.MultiService):
     def _schedule_sync(self, config: Config) -> None:
         """Run the LDAP sync every [directory.sync] interval, if LDAP is configured."""
         interval = config.directory.sync.interval if config.directory.ldap is not None else 0
+        if self.worker != 0:
+            return      # one sync per host: worker 0's
         if self.sync is None:
             if interval <= 0:
                 return
@@ -848,25 +865,43 @@ def tune_garbage_collection() -> None:
     gc.set_threshold(20_000, 20, 50)
 
 
-def make_service(config: Config, reactor) -> MfaDaemon:
+def _reload(daemon: MfaDaemon, supervisor: Supervisor | None) -> None:
+    daemon.reload()
+    if supervisor is not None:
+        supervisor.reload()
+
+
+def make_service(config: Config, reactor, worker: int = 0) -> MfaDaemon:
     """Build the daemon for ``config`` on ``reactor`` (not started)."""
-    return MfaDaemon(config, reactor)
+    return MfaDaemon(config, reactor, worker=worker)
 
 
-def run_daemon(config: Config, log_format: str | None = None) -> int:
-    """Run in the foreground until SIGTERM/SIGINT; return the process exit code."""
+def run_daemon(config: Config, log_format: str | None = None, worker: int = 0) -> int:
+    """Run in the foreground until SIGTERM/SIGINT; return the process exit code.
+
+    ``worker``: 0 for ``mfaserver run``, which starts workers 1 .. N-1 itself
+    with [server] workers = N (`mfaserver.processes`)."""
     from twisted.internet import reactor
 
     from mfaserver.logs import start_logging
 
+    if worker:
+        die_with_parent()
     log_writer = start_logging(log_format or config.server.log_format, clock=reactor,
-                               node=config.cluster.node_name)
+                               node=worker_name(config.cluster.node_name, worker))
     return_large_buffers_to_the_os()
     for warning in config.warnings:
         log.warn("{config}: {warning}", config=str(config.path), warning=warning)
     try:
-        daemon = make_service(config, reactor)
+        daemon = make_service(config, reactor, worker)
         daemon.startService()
+        supervisor = None
+        if worker == 0 and config.server.workers > 1:
+            # Started once this process listens and has made what the workers
+            # share (the state directory, the VAPID key).
+            supervisor = Supervisor(reactor, config.server.workers, config_path=config.path,
+                                    log_format=log_format)
+            supervisor.setServiceParent(daemon)
     except terror.CannotListenError as e:
         log.critical("cannot listen on {listen}:{port}: {error}", listen=e.interface,
                      port=e.port, error=str(e.socketError))
@@ -881,7 +916,8 @@ def run_daemon(config: Config, log_format: str | None = None) -> int:
     tune_garbage_collection()
     reactor.addSystemEventTrigger("before", "shutdown", daemon.stopService)
     reactor.addSystemEventTrigger("after", "shutdown", log_writer.flush)
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(daemon.reload))
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(_reload, daemon,
+                                                                   supervisor))
     log.info("mfaserver started with {config}", config=str(config.path))
     reactor.run()
     log.info("mfaserver stopped")

@@ -129,8 +129,8 @@ def test_run_passes_config_and_log_format_and_exits_with_daemon_status(
         run, config_path, monkeypatch):
     calls = []
 
-    def run_daemon(config, *, log_format):
-        calls.append((config, log_format))
+    def run_daemon(config, *, log_format, worker):
+        calls.append((config, log_format, worker))
         return 3
 
     fake = types.ModuleType("mfaserver.service")
@@ -138,9 +138,12 @@ def test_run_passes_config_and_log_format_and_exits_with_daemon_status(
     monkeypatch.setitem(sys.modules, "mfaserver.service", fake)
     result = run("run", "--log-format", "json")
     assert result.exit_code == 3
-    [(config, log_format)] = calls
-    assert log_format == "json"
+    [(config, log_format, worker)] = calls
+    assert (log_format, worker) == ("json", 0)
     assert config.database_path == load_config(config_path).database_path
+    # What worker 0 starts the others with ([server] workers).
+    assert run("run", "--worker", "2").exit_code == 3
+    assert calls[-1][2] == 2
 
 
 def test_run_refuses_unknown_log_format(run):

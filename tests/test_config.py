@@ -645,3 +645,33 @@ def test_store_and_workers_errors(tmp_path, extra, key, message):
     e = error(tmp_path, CLIENT + extra)
     assert e.key == key
     assert message in e.message
+
+
+PG = '[store]\nbackend = "postgresql"\ndsn = "host=db dbname=mfa"\n'
+
+
+def test_one_worker_by_default_and_auto_is_one_per_core_on_postgresql(tmp_path, monkeypatch):
+    assert load(tmp_path, CLIENT).server.workers == 1
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 6)
+    assert load(tmp_path, '[server]\nworkers = "auto"\n' + CLIENT + PG).server.workers == 6
+    assert load(tmp_path, '[server]\nworkers = 3\n' + CLIENT + PG).server.workers == 3
+    # One worker is one node: fine on SQLite.
+    assert load(tmp_path, '[server]\nworkers = 1\n' + CLIENT).server.workers == 1
+
+
+@pytest.mark.parametrize("value, message", [
+    ("2", 'more than one worker needs [store] backend = "postgresql"'),
+    ('"auto"', 'more than one worker needs [store] backend = "postgresql"'),
+])
+def test_workers_are_refused_on_sqlite(tmp_path, value, message):
+    e = error(tmp_path, f"[server]\nworkers = {value}\n" + CLIENT)
+    assert (e.key, message in e.message) == ("server.workers", True)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "out of range"), ("65", "out of range"), ('"many"', 'neither a number nor "auto"'),
+    ("true", 'expected an integer or "auto"'), ("1.5", 'expected an integer or "auto"'),
+])
+def test_bad_workers_values(tmp_path, value, message):
+    e = error(tmp_path, f"[server]\nworkers = {value}\n" + CLIENT + PG)
+    assert e.key == "server.workers" and message in e.message

@@ -62,15 +62,17 @@ def check_config(state: CliState) -> None:
 @cli.command()
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Log lines as text or as JSON objects (default: [server] log_format).")
+@click.option("--worker", type=click.IntRange(0, None), default=0, hidden=True,
+              help="Which of [server] workers this process is (started by worker 0).")
 @pass_state
 @click.pass_context
-def run(ctx: click.Context, state: CliState, log_format: str | None) -> None:
+def run(ctx: click.Context, state: CliState, log_format: str | None, worker: int) -> None:
     """Run the server in the foreground until stopped."""
     config = state.config()
     # Imported here so admin commands never pay for (or depend on) the daemon.
     from mfaserver.service import run_daemon
 
-    ctx.exit(int(run_daemon(config, log_format=log_format) or 0))
+    ctx.exit(int(run_daemon(config, log_format=log_format, worker=worker) or 0))
 
 
 @cli.command()

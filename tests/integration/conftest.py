@@ -142,11 +142,14 @@ class Daemon:
             time.sleep(0.05)
 
 
-def write_config(directory: Path, port: int, extra: str = "") -> Path:
+def write_config(directory: Path, port: int, extra: str = "", server: str = "") -> Path:
+    """The daemon's config; ``extra`` goes inside [mfa] (tables may follow), ``server``
+    inside [server]."""
     path = directory / "mfaserver.toml"
     path.write_text(f"""
 [server]
 state_dir = "state"
+{server}
 
 [radius]
 listen = "127.0.0.1"
@@ -167,11 +170,11 @@ unenrolled = "reject"
     return path
 
 
-def start_daemon(directory: Path, extra_config: str = "") -> Daemon:
+def start_daemon(directory: Path, extra_config: str = "", server_config: str = "") -> Daemon:
     if shutil.which("radclient") is None:
         pytest.fail("radclient is missing: run scripts/test, which installs freeradius-utils")
     port = free_udp_port()
-    config = write_config(directory, port, extra_config)
+    config = write_config(directory, port, extra_config, server_config)
     log_path = directory / "daemon.log"
     log = open(log_path, "w")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
