@@ -534,11 +534,14 @@ class MfaDaemon(tservice.MultiService):
         """The SMS codes for [sms], or None when SMS is not configured."""
         if config.sms is None:
             return None
-        from mfaserver.factors.sms import SmsCodes
-        return SmsCodes(gateways[config.sms.gateway], self._reactor,
-                        code_length=config.sms.code_length, ttl=config.sms.code_ttl,
+        from mfaserver.factors.sms import SharedSmsCodes, SmsCodes
+        settings = dict(code_length=config.sms.code_length, ttl=config.sms.code_ttl,
                         per_user_per_hour=config.sms.max_per_user_per_hour,
                         per_number_per_hour=config.sms.max_per_number_per_hour)
+        gateway = gateways[config.sms.gateway]
+        if self._cluster:
+            return SharedSmsCodes(gateway, self._reactor, self.threaded.run_state, **settings)
+        return SmsCodes(gateway, self._reactor, **settings)
 
     def _voice(self, config: Config):
         """The phone calls for [voice], or None."""

@@ -23,6 +23,7 @@ from mfaserver.auth.approvals import hourly_send_limit
 from mfaserver.auth.interfaces import DeliveryFailed, FactorRefused
 from mfaserver.auth.model import Account, CodeCheck, CodeResult, Login, Method, Reason
 from mfaserver.gateways.base import GatewayError
+from mfaserver.store.cluster import ClusterState
 
 log = Logger(namespace="mfaserver.factors.sms")
 
@@ -89,10 +90,8 @@ class SmsCodes:
         try:
             sent = self.send_code(login.user, phone)
         except SendRefused:
-            log.warn("SMS limit reached for {user}: no code sent", user=login.user)
-            raise FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES) from None
-        sent.addCallbacks(lambda _: f"Enter the code sent to {mask_phone(phone)}.",
-                          _undelivered)
+            raise _refused(login.user) from None
+        sent.addCallbacks(lambda _: _prompt(phone), _undelivered)
         return sent
 
     def check(self, account: Account, code: str) -> Deferred[CodeCheck]:
@@ -112,11 +111,17 @@ class SmsCodes:
         """
         if not self._per_user.allow(user) or not self._per_number.allow(phone):
             raise SendRefused()
-        code = "".join(secrets.choice("0123456789") for _ in range(self.code_length))
+        code = self.new_code()
         self._codes.pop(user, None)
         self._codes[user] = _Code(code, self._clock.seconds() + self.ttl)
         while len(self._codes) > self._max_entries:
             self._codes.popitem(last=False)
+        return self.text_code(phone, code)
+
+    def new_code(self) -> str:
+        return "".join(secrets.choice("0123456789") for _ in range(self.code_length))
+
+    def text_code(self, phone: str, code: str) -> Deferred[None]:
         minutes = max(1, round(self.ttl / 60))
         return self.gateway.send_sms(
             phone, f"Your sign-in code is {code}. It expires in {minutes} minutes.")
@@ -136,6 +141,53 @@ class SmsCodes:
             return False
         del self._codes[user]
         return True
+
+
+class SharedSmsCodes(SmsCodes):
+    """`SmsCodes` for the nodes of a cluster: the live codes and the send limits are
+    in PostgreSQL (`mfaserver.store.cluster`), so a code texted by one node is
+    accepted, once, by whichever node the user's answer reaches. ``run`` runs
+    a `ClusterState` method on a database thread."""
+
+    def __init__(self, gateway, clock: IReactorTime, run, **settings):
+        super().__init__(gateway, clock, **settings)
+        self._run = run
+
+    def send(self, login: Login) -> Deferred[str]:
+        phone = login.account.phone
+        code = self.new_code()
+        stored = self._run(ClusterState.put_sms_code, login.user, phone, code,
+                           now=self._clock.seconds(), ttl=self.ttl,
+                           per_user=_bucket(self._per_user), per_number=_bucket(self._per_number))
+
+        def text(allowed: bool) -> Deferred[str]:
+            if not allowed:
+                raise _refused(login.user)
+            sent = self.text_code(phone, code)
+            sent.addCallbacks(lambda _: _prompt(phone), _undelivered)
+            return sent
+        return stored.addCallback(text)
+
+    def check(self, account: Account, code: str) -> Deferred[CodeCheck]:
+        d = self._run(ClusterState.use_sms_code, account.name, code.strip(),
+                      self._clock.seconds())
+        d.addCallback(lambda right: CodeCheck(CodeResult.ACCEPTED if right else CodeResult.WRONG,
+                                              SMS.name))
+        return d
+
+
+def _bucket(limit) -> tuple[float, float]:
+    """A `RateLimiter`'s settings, for the cluster's bucket of the same key."""
+    return limit.per_second, limit.burst
+
+
+def _prompt(phone: str) -> str:
+    return f"Enter the code sent to {mask_phone(phone)}."
+
+
+def _refused(user: str) -> FactorRefused:
+    log.warn("SMS limit reached for {user}: no code sent", user=user)
+    return FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_CODES)
 
 
 def _undelivered(failure):

@@ -10,7 +10,10 @@ reaches finds the same login:
 - ``cluster_push``: pushes, pending and for a while after (a late answer is
   told apart from a forged one); a partial unique index on the login's key
   makes a second node *join* a pending push instead of sending another;
-- ``cluster_rate``: token buckets for send limits, global to the cluster.
+- ``cluster_rate``: token buckets for send limits, global to the cluster;
+- ``cluster_sms``: each user's live texted code, sealed with the seed key;
+- ``cluster_calls``: phone calls, pending and for a while after, so that
+  the provider's callbacks may reach any node.
 
 Every method runs on a database thread (`ThreadedStore.run_state`) and is
 one transaction. What changes a push is committed with a ``NOTIFY`` on
@@ -24,6 +27,7 @@ connection and lock.
 
 from __future__ import annotations
 
+import hmac
 import json
 from dataclasses import dataclass
 
@@ -331,6 +335,41 @@ class ClusterState:
         with self._immediate() as conn:
             return self._take(conn, key, now, per_second, burst)
 
+    # --- texted codes ---
+
+    @_guarded
+    def put_sms_code(self, user: str, phone: str, code: str, *, now: float, ttl: float,
+                     per_user: tuple[float, float], per_number: tuple[float, float]) -> bool:
+        """Take a send from the user's and the number's buckets and make ``code`` the
+        user's live code (sealed with the seed key: the table never holds a
+        usable code). False, and no code stored, when over a limit."""
+        with self._immediate() as conn:
+            if not (self._take(conn, "sms-user " + user, now, *per_user)
+                    and self._take(conn, "sms-number " + phone, now, *per_number)):
+                return False
+            sealed = self._cipher.encrypt(code.encode(), serial="sms " + user)
+            conn.execute("INSERT INTO cluster_sms (username, code, expires) VALUES (%s, %s, %s)"
+                         " ON CONFLICT (username) DO UPDATE SET code = excluded.code,"
+                         " expires = excluded.expires", (user, sealed, now + ttl))
+        return True
+
+    @_guarded
+    def use_sms_code(self, user: str, code: str, now: float) -> bool:
+        """True, once in the whole cluster, if ``code`` is the user's live code."""
+        with self._immediate() as conn:
+            row = conn.execute("SELECT code, expires FROM cluster_sms WHERE username = %s"
+                               " FOR UPDATE", (user,)).fetchone()
+            if row is None:
+                return False
+            if row[1] <= now:
+                conn.execute("DELETE FROM cluster_sms WHERE username = %s", (user,))
+                return False
+            expected = self._cipher.decrypt(row[0], serial="sms " + user)
+            if len(code) != len(expected) or not hmac.compare_digest(code.encode(), expected):
+                return False
+            conn.execute("DELETE FROM cluster_sms WHERE username = %s", (user,))
+        return True
+
     # --- the sweeper ---
 
     @_guarded
@@ -345,4 +384,8 @@ class ClusterState:
         pushes = self._conn.execute("DELETE FROM cluster_push WHERE forget_after <= %s",
                                     (now,)).rowcount
         self._conn.execute("DELETE FROM cluster_rate WHERE updated <= %s", (now - rate_idle,))
+        self._conn.execute("DELETE FROM cluster_sms WHERE expires <= %s", (now,))
+        self._conn.execute("UPDATE cluster_calls SET state = 'expired'"
+                           " WHERE state = 'pending' AND expires <= %s", (now,))
+        self._conn.execute("DELETE FROM cluster_calls WHERE forget_after <= %s", (now,))
         return challenges, pushes

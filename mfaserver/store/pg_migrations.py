@@ -148,7 +148,30 @@ CREATE TABLE IF NOT EXISTS cluster_rate (
     key TEXT PRIMARY KEY,
     tokens DOUBLE PRECISION NOT NULL,
     updated DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS cluster_sms (
+    username TEXT PRIMARY KEY,
+    code BYTEA NOT NULL,
+    expires DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS cluster_calls (
+    call_id TEXT PRIMARY KEY,
+    login_key TEXT NOT NULL,
+    username TEXT NOT NULL,
+    client TEXT NOT NULL,
+    masked TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    expires DOUBLE PRECISION NOT NULL,
+    state TEXT NOT NULL,
+    answered BIGINT NOT NULL DEFAULT 0,
+    keyed BIGINT NOT NULL DEFAULT 0,
+    verdict TEXT,
+    node TEXT NOT NULL,
+    forget_after DOUBLE PRECISION NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS cluster_calls_login
+    ON cluster_calls (login_key) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS cluster_calls_forget ON cluster_calls (forget_after);
 """
+CLUSTER_TABLE_NAMES = ("cluster_challenges", "cluster_push", "cluster_rate", "cluster_sms",
+                       "cluster_calls")
 
 MIGRATIONS: list[str] = [_V1_INITIAL, _V2_DIRECTORY_SYNC, _V3_OUT_OF_BAND, _V4_PHONE_SIDE]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -201,7 +224,10 @@ def migrate(conn, *, now: float | None = None) -> int:
 
 def _ensure_cluster_tables(conn) -> None:
     """Create the cluster's tables where they are missing (the common start: one query)."""
-    if conn.execute("SELECT to_regclass('cluster_rate')").fetchone()[0] is not None:
+    missing = conn.execute("SELECT count(*) FROM unnest(%s::text[]) AS t(name)"
+                           " WHERE to_regclass(name) IS NULL",
+                           (list(CLUSTER_TABLE_NAMES),)).fetchone()[0]
+    if not missing:
         return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
