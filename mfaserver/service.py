@@ -501,7 +501,7 @@ class MfaDaemon(tservice.MultiService):
             limits=lambda: (self.config.mfa.max_pending_per_user, self.config.mfa.max_pending),
             wake=self.wake)
         listener = Listener(config.store.dsn, self._reactor, db_thread.run,
-                            deliver=push.notified, reconnected=push.poll)
+                            deliver=self._cluster_notified, reconnected=self._cluster_poll)
         LifecycleService(listener).setServiceParent(self)
         self._cluster_ticks = 0
         timer = internet.TimerService(CLUSTER_POLL_SECONDS, self._cluster_tick)
@@ -514,12 +514,23 @@ class MfaDaemon(tservice.MultiService):
         expired challenges and pushes (any node may, whichever comes first)."""
         from mfaserver.store.cluster import ClusterState
         self._cluster_ticks += 1
-        work = [self.push.poll()]
+        work = [self._cluster_poll()]
         if self._cluster_ticks % SWEEP_EVERY_TICKS == 0:
             swept = self.threaded.run_state(ClusterState.sweep, self._reactor.seconds())
             swept.addErrback(lambda f: log.debug("cluster sweep failed: {error}",
                                                  error=f.getErrorMessage()))
             work.append(swept)
+        return defer.gatherResults(work).addCallback(lambda _: None)
+
+    def _cluster_notified(self, payload: str) -> None:
+        self.push.notified(payload)
+        if self.voice is not None:
+            self.voice.notified(payload)
+
+    def _cluster_poll(self) -> Deferred[None]:
+        work = [self.push.poll()]
+        if self.voice is not None:
+            work.append(self.voice.poll())
         return defer.gatherResults(work).addCallback(lambda _: None)
 
     def _stop_push(self) -> Deferred[None]:
@@ -557,13 +568,20 @@ class MfaDaemon(tservice.MultiService):
                 return False
             return await hash_threads.run(passwords.verify_password, pin, encoded)
 
-        return VoiceCalls(
-            self.gateways[config.voice.gateway], self._reactor,
+        settings = dict(
             public_url=config.web.public_url, pin_mode=config.voice.pin,
             check_pin=lambda user, pin: Deferred.fromCoroutine(check_pin(user, pin)),
             per_user_per_hour=config.voice.max_per_user_per_hour,
             per_number_per_hour=config.voice.max_per_number_per_hour,
             max_calls=config.mfa.max_pending, on_late=self._late_keys)
+        gateway = self.gateways[config.voice.gateway]
+        if self._cluster:
+            from mfaserver.factors.voice_shared import SharedVoiceCalls
+            calls = SharedVoiceCalls(gateway, self._reactor, run=self.threaded.run_state,
+                                     node=self.node_name, **settings)
+            CallOnStop(calls.close_all).setServiceParent(self)
+            return calls
+        return VoiceCalls(gateway, self._reactor, **settings)
 
     def _factors(self, config: Config, sms) -> dict:
         """The second factors, by method name. The stateful ones (codes sent, pushes

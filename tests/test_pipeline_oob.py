@@ -82,7 +82,8 @@ class FakeVoice:
         self.refuse = False
         self.failure: Exception | None = None
 
-    def request_approval(self, user: str, phone: str, *, client: str) -> Deferred:
+    def request_approval(self, user: str, phone: str, *, client: str, login_key=None,
+                         timeout=None) -> Deferred:
         if self.refuse:
             raise SendRefused()
         if self.failure is not None:

@@ -23,8 +23,6 @@ per-user push rate, are checked in the transaction that opens the push.
 from __future__ import annotations
 
 import hmac
-import heapq
-import itertools
 from typing import Callable
 
 from twisted.internet import defer
@@ -35,6 +33,7 @@ from twisted.logger import Logger
 from mfaserver.auth.approvals import RateLimiter, TooManyPending
 from mfaserver.auth.interfaces import FactorRefused, UnknownApproval, WrongConfirmation
 from mfaserver.auth.model import Login, Reason, Verdict
+from mfaserver.factors.cluster_waits import RowWaits
 from mfaserver.factors.push import (ANSWERED, CLOSED, EXPIRED, MSG_MATCH_NUMBER,
                                     MSG_TOO_MANY_PUSHES, MSG_WRONG_NUMBER, AlreadyAnswered, LongPolls, PushTransaction,
                                     TransactionClosed, TransactionExpired, UnknownTransaction,
@@ -44,12 +43,6 @@ from mfaserver.store.cluster import (NEW_PUSH, PUSH_ENDED, ClusterState, PushRow
                                      login_key_text)
 
 log = Logger(namespace="mfaserver.push")
-
-# How long a notification of an ended push is kept for a waiter that was not
-# yet in place when it arrived (a joined push answered at that moment).
-RECENT_ENDS_SECONDS = 10.0
-MAX_RECENT_ENDS = 10_000
-
 
 def _transaction(row: PushRow) -> PushTransaction:
     txn = PushTransaction(row.txid, row.user, row.client, row.nas_ip, row.calling_station_id,
@@ -78,19 +71,13 @@ class SharedPushTransactions:
         self._limits = limits
         self.wake = wake
         self.late_window = late_window
-        self._waiters: dict[str, list[Deferred]] = {}
-        # (expires, sequence, txid) of pushes waited on here; one timer for the earliest.
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._expires: dict[str, float] = {}
-        self._sequence = itertools.count()
-        self._timer = None
-        self._recent_ends: dict[str, float] = {}
+        self._waits = RowWaits(clock)
         self._polls = LongPolls(clock)
         self._polled_at = clock.seconds()
 
     def __len__(self) -> int:
         """Pushes waited on by a request held on this node."""
-        return len(self._waiters)
+        return len(self._waits)
 
     # --- the sign-in side ---
 
@@ -140,19 +127,13 @@ class SharedPushTransactions:
         """Fire with the answer to ``txn``; fail with `defer.TimeoutError` when it
         expires, `TransactionClosed` when closed. Cancelling only detaches this
         waiter (the push stays for the other nodes and for the NAS's retry)."""
-        if txn.state != "pending" or self._recent_ends.pop(txn.txid, None) is not None:
+        if txn.state != "pending" or self._waits.ended_recently(txn.txid):
             if txn.state == "pending":
                 return self.get(txn.txid).addCallback(self._ended_result)
             return self._ended_result(txn)
         if self._clock.seconds() >= txn.expires:
             return defer.fail(defer.TimeoutError(txn.txid))
-        waiter = Deferred(lambda d: self._leave(txn.txid, d))
-        self._waiters.setdefault(txn.txid, []).append(waiter)
-        if txn.txid not in self._expires:
-            self._expires[txn.txid] = txn.expires
-            heapq.heappush(self._deadlines, (txn.expires, next(self._sequence), txn.txid))
-            self._arm()
-        return waiter
+        return self._waits.add(txn.txid, txn.expires)
 
     @staticmethod
     def _ended_result(txn: PushTransaction | None):
@@ -176,15 +157,7 @@ class SharedPushTransactions:
     def close_all(self) -> None:
         """This node stops: its waiters get no answer (their requests no reply) and
         its long polls end. The pushes stay, for the other nodes."""
-        waiters, self._waiters = self._waiters, {}
-        self._deadlines.clear()
-        self._expires.clear()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        for txid, ds in waiters.items():
-            for d in ds:
-                d.errback(TransactionClosed(txid))
+        self._waits.close_all(TransactionClosed)
         self._polls.close_all()
 
     # --- the device side ---
@@ -233,10 +206,10 @@ class SharedPushTransactions:
         """A payload from the cluster's channel (`mfaserver.store.listen.Listener`)."""
         if payload.startswith(PUSH_ENDED):
             txid = payload[len(PUSH_ENDED):]
-            if txid in self._waiters:
+            if txid in self._waits:
                 self.get(txid).addCallbacks(self._settle, self._lookup_failed)
             else:
-                self._remember_end(txid)
+                self._waits.note_end(txid)
         elif payload.startswith(NEW_PUSH):
             self._polls.wake(payload[len(NEW_PUSH):])
 
@@ -247,12 +220,10 @@ class SharedPushTransactions:
         when nothing waits."""
         now = self._clock.seconds()
         since, self._polled_at = self._polled_at, now
-        for txid, until in list(self._recent_ends.items()):
-            if until <= now:
-                del self._recent_ends[txid]
+        self._waits.forget_old_ends()
         work = []
-        if self._waiters:
-            d = self._run(ClusterState.ended_pushes, list(self._waiters))
+        if self._waits:
+            d = self._run(ClusterState.ended_pushes, self._waits.keys())
             d.addCallback(lambda rows: [self._settle(_transaction(row)) for row in rows])
             work.append(d)
         users = self._polls.users()
@@ -265,57 +236,15 @@ class SharedPushTransactions:
         done.addCallbacks(lambda _: None, self._lookup_failed)
         return done
 
-    def _remember_end(self, txid: str) -> None:
-        if len(self._recent_ends) < MAX_RECENT_ENDS:
-            self._recent_ends[txid] = self._clock.seconds() + RECENT_ENDS_SECONDS
-
     def _settle(self, txn: PushTransaction | None) -> None:
-        if txn is None or txn.state == "pending":
-            return
-        waiters = self._waiters.pop(txn.txid, [])
-        self._expires.pop(txn.txid, None)
-        for waiter in waiters:
-            self._ended_result(txn).chainDeferred(waiter)
+        if txn is not None and txn.state != "pending":
+            self._waits.settle(txn.txid, lambda: self._ended_result(txn))
 
     @staticmethod
     def _lookup_failed(failure) -> None:
         # The store says it is unavailable once, elsewhere; the next poll retries.
         failure = getattr(failure.value, "subFailure", failure)
         log.debug("cluster push lookup failed: {error}", error=failure.getErrorMessage())
-
-    def _leave(self, txid: str, waiter: Deferred) -> None:
-        waiters = self._waiters.get(txid)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters:
-                del self._waiters[txid]
-                self._expires.pop(txid, None)
-
-    def _arm(self) -> None:
-        while self._deadlines and self._deadlines[0][2] not in self._expires:
-            heapq.heappop(self._deadlines)
-        timer = self._timer
-        if self._deadlines:
-            deadline = self._deadlines[0][0]
-            if timer is not None and timer.active() and timer.getTime() == deadline:
-                return
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
-        if self._deadlines:
-            delay = max(0.0, self._deadlines[0][0] - self._clock.seconds())
-            self._timer = self._clock.callLater(delay, self._expired)
-
-    def _expired(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, txid = heapq.heappop(self._deadlines)
-            if self._expires.get(txid) is not None:
-                del self._expires[txid]
-                for waiter in self._waiters.pop(txid, []):
-                    waiter.errback(defer.TimeoutError(txid))
-        self._arm()
 
 
 # --- The factors ------------------------------------------------------------------------------

@@ -127,8 +127,13 @@ class VoiceCalls:
 
     # --- Starting a call -------------------------------------------------------------------
 
-    def request_approval(self, user: str, phone: str, *, client: str) -> Deferred[Verdict]:
+    def request_approval(self, user: str, phone: str, *, client: str, login_key=None,
+                         timeout: float | None = None) -> Deferred[Verdict]:
         """Call ``phone`` for ``user``'s sign-in to ``client``.
+
+        ``login_key`` and ``timeout`` are for a cluster's calls (which join the
+        same login's call on any node, and expire); one node's `PendingLogins`
+        joins, and the caller owns the deadline.
 
         Raises `SendRefused` synchronously (nothing sent) when over the
         per-user or per-number rate limit or when ``max_calls`` calls are
@@ -360,12 +365,13 @@ class VoiceFactor:
 
     def request_approval(self, login: Login, timeout: float) -> Deferred[Verdict]:
         try:
-            d = self.calls.request_approval(login.user, login.account.phone, client=login.client)
+            d = self.calls.request_approval(login.user, login.account.phone, client=login.client,
+                                            login_key=login.key, timeout=timeout)
         except SendRefused:
-            log.warn("call limit reached for {user}: no call placed", user=login.user)
-            raise FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_CALLS) from None
+            raise _too_many_calls(login.user) from None
         d.addTimeout(timeout, self._clock)
-        d.addCallbacks(self._after_answer, _undelivered, callbackArgs=(login,))
+        d.addCallbacks(self._after_answer, _undelivered, callbackArgs=(login,),
+                       errbackArgs=(login.user,))
         return d
 
     def _after_answer(self, verdict: Verdict, login: Login):
@@ -379,7 +385,15 @@ class VoiceFactor:
         self.calls.withdraw_user(user)
 
 
-def _undelivered(failure: Failure):
-    """The provider would not place the call: the core's `DeliveryFailed`."""
+def _too_many_calls(user: str) -> FactorRefused:
+    log.warn("call limit reached for {user}: no call placed", user=user)
+    return FactorRefused(Reason.RATE_LIMITED, MSG_TOO_MANY_CALLS)
+
+
+def _undelivered(failure: Failure, user: str):
+    """The provider would not place the call: the core's `DeliveryFailed` (a cluster's
+    calls refuse over a limit later, with `SendRefused`)."""
+    if failure.check(SendRefused):
+        raise _too_many_calls(user)
     failure.trap(GatewayError)
     raise DeliveryFailed(failure.getErrorMessage())

@@ -37,6 +37,7 @@ from mfaserver.store.db import _guarded
 CHANNEL = "mfaserver"
 NEW_PUSH = "new "        # + user: a push opened for the user (wakes long polls)
 PUSH_ENDED = "ended "    # + txid: a push was answered or closed
+CALL_ENDED = "call "     # + call id: a phone call was decided, failed or closed
 
 PENDING = "pending"
 ANSWERED = "answered"
@@ -291,13 +292,18 @@ class ClusterState:
     @_guarded
     def close_user_pushes(self, user: str, now: float, late_window: float) -> int:
         """Close every pending push of ``user`` (blocked after a fraud report)."""
+        return self._close_user("cluster_push", "txid", PUSH_ENDED, user, now + late_window)
+
+    def _close_user(self, table: str, key: str, notice: str, user: str,
+                    forget_after: float) -> int:
+        """Close the user's pending rows of ``table`` and tell every node (``notice`` + id)."""
         with self._immediate() as conn:
             rows = conn.execute(
-                "UPDATE cluster_push SET state = 'closed', forget_after = %s"
-                " WHERE username = %s AND state = 'pending' RETURNING txid",
-                (now + late_window, user)).fetchall()
-            for txid, in rows:
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, PUSH_ENDED + txid))
+                f"UPDATE {table} SET state = 'closed', forget_after = %s"
+                f" WHERE username = %s AND state = 'pending' RETURNING {key}",
+                (forget_after, user)).fetchall()
+            for row_id, in rows:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice + row_id))
         return len(rows)
 
     @staticmethod
@@ -369,6 +375,95 @@ class ClusterState:
                 return False
             conn.execute("DELETE FROM cluster_sms WHERE username = %s", (user,))
         return True
+
+    # --- phone calls ---
+
+    @_guarded
+    def open_call(self, *, call_id: str, login_key: str, user: str, client: str, masked: str,
+                  phone: str, now: float, timeout: float, node: str, late_window: float,
+                  max_calls: int, per_user: tuple[float, float],
+                  per_number: tuple[float, float]) -> tuple[str | None, float, bool, bool]:
+        """Join the pending call of this login, or record a new one to place.
+
+        Returns (call id, expires, new, refused): refused (nothing recorded)
+        when ``max_calls`` are pending in the cluster or a send limit is reached.
+        """
+        with self._immediate() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
+                         ("call " + user,))
+            conn.execute("UPDATE cluster_calls SET state = 'expired' WHERE login_key = %s"
+                         " AND state = 'pending' AND expires <= %s", (login_key, now))
+            row = conn.execute("SELECT call_id, expires FROM cluster_calls WHERE login_key = %s"
+                               " AND state = 'pending'", (login_key,)).fetchone()
+            if row is not None:
+                return row[0], row[1], False, False
+            pending = conn.execute("SELECT count(*) FROM cluster_calls WHERE state = 'pending'"
+                                   " AND expires > %s", (now,)).fetchone()[0]
+            if pending >= max_calls or not (
+                    self._take(conn, "call-user " + user, now, *per_user)
+                    and self._take(conn, "call-number " + phone, now, *per_number)):
+                return None, 0.0, False, True
+            expires = now + timeout
+            conn.execute(
+                "INSERT INTO cluster_calls (call_id, login_key, username, client, masked,"
+                " created, expires, state, node, forget_after)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
+                (call_id, login_key, user, client, masked, now, expires, node,
+                 expires + late_window))
+        return call_id, expires, True, False
+
+    @_guarded
+    def get_call(self, call_id: str, now: float) -> tuple | None:
+        """(user, client, state, verdict) of a call still remembered."""
+        return self._conn.execute("SELECT username, client, state, verdict FROM cluster_calls"
+                                  " WHERE call_id = %s AND forget_after > %s",
+                                  (call_id, now)).fetchone()
+
+    @_guarded
+    def answer_call(self, call_id: str, now: float) -> str | None:
+        """The phone was picked up: the client's name, the first time, while pending."""
+        row = self._conn.execute(
+            "UPDATE cluster_calls SET answered = 1 WHERE call_id = %s AND state = 'pending'"
+            " AND answered = 0 AND expires > %s RETURNING client", (call_id, now)).fetchone()
+        return None if row is None else row[0]
+
+    @_guarded
+    def claim_call_keys(self, call_id: str, now: float) -> tuple[str, str] | None:
+        """Keys arrived: (user, client) for the first set of keys of a pending call,
+        on whichever node; None for any later one."""
+        row = self._conn.execute(
+            "UPDATE cluster_calls SET keyed = 1 WHERE call_id = %s AND state = 'pending'"
+            " AND keyed = 0 AND expires > %s RETURNING username, client",
+            (call_id, now)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    @_guarded
+    def end_call(self, call_id: str, state: str, verdict: str | None, now: float,
+                 late_window: float, *, unless_keyed: bool = False) -> bool:
+        """End a pending call (decided, failed); every node holding it hears of it."""
+        sql = ("UPDATE cluster_calls SET state = %s, verdict = %s, forget_after = %s"
+               " WHERE call_id = %s AND state = 'pending'")
+        if unless_keyed:
+            sql += " AND keyed = 0"
+        with self._immediate() as conn:
+            ended = conn.execute(sql + " RETURNING call_id",
+                                 (state, verdict, now + late_window, call_id)).fetchall()
+            if ended:
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, CALL_ENDED + call_id))
+        return bool(ended)
+
+    @_guarded
+    def close_user_calls(self, user: str, now: float, late_window: float) -> int:
+        """Close every pending call of ``user`` (blocked after a fraud report)."""
+        return self._close_user("cluster_calls", "call_id", CALL_ENDED, user,
+                                now + late_window)
+
+    @_guarded
+    def ended_calls(self, call_ids: list[str]) -> list[tuple[str, str, str | None]]:
+        """(call id, state, verdict) of those of ``call_ids`` no longer pending."""
+        return self._conn.execute("SELECT call_id, state, verdict FROM cluster_calls"
+                                  " WHERE call_id = ANY(%s) AND state <> 'pending'",
+                                  (call_ids,)).fetchall()
 
     # --- the sweeper ---
 

@@ -60,9 +60,13 @@ def add_voice_routes(app: WebApp, calls: VoiceCalls, *,
             raise HttpError(403, "forbidden", "bad signature")
         return form
 
-    def answer(request: WebRequest) -> Response:
+    # A cluster's calls (SharedVoiceCalls) answer through the database: Deferreds.
+    async def answer(request: WebRequest) -> Response:
         signed_form(request, "answer")
-        return Response(calls.answer_twiml(request.params["call_id"]), TWIML)
+        twiml = calls.answer_twiml(request.params["call_id"])
+        if isinstance(twiml, Deferred):
+            twiml = await twiml
+        return Response(twiml, TWIML)
 
     async def gather(request: WebRequest) -> Response:
         form = signed_form(request, "gather")
@@ -71,9 +75,11 @@ def add_voice_routes(app: WebApp, calls: VoiceCalls, *,
             twiml = await twiml
         return Response(twiml, TWIML)
 
-    def status(request: WebRequest) -> Response:
+    async def status(request: WebRequest) -> Response:
         form = signed_form(request, "status")
-        calls.call_ended(request.params["call_id"], form.fields.get("CallStatus", ""))
+        ended = calls.call_ended(request.params["call_id"], form.fields.get("CallStatus", ""))
+        if isinstance(ended, Deferred):
+            await ended
         return Response(b"", "text/plain", 204)
 
     app.route("POST", "/v1/voice/<call_id>/answer", answer)

@@ -27,15 +27,19 @@ import test_factor_contracts as contracts
 import test_pipeline
 import test_pipeline_oob
 from mfaserver.auth.approvals import TooManyPending
-from mfaserver.auth.interfaces import FactorRefused, UnknownApproval, WrongConfirmation
+from mfaserver.auth.interfaces import (DeliveryFailed, FactorRefused, UnknownApproval,
+                                       WrongConfirmation)
 from mfaserver.auth.model import CodeResult, Login, Reason, Verdict
 from mfaserver.factors.push import AlreadyAnswered, TransactionClosed, push_limit
 from mfaserver.factors.sms import SharedSmsCodes
+from mfaserver.factors.voice import VoiceFactor
+from mfaserver.factors.voice_shared import SharedVoiceCalls
+from mfaserver.gateways.base import GatewayError
 from mfaserver.factors.push_shared import (SharedNumberMatchingPushFactor, SharedPushFactor,
                                            SharedPushTransactions)
 from mfaserver.store.pg import PgStore
 from mfaserver.store.shared import SharedChallenges
-from mfaserver.testing import MemorySmsGateway
+from mfaserver.testing import MemorySmsGateway, MemoryVoiceGateway
 
 pytestmark = pytest.mark.integration
 
@@ -373,3 +377,114 @@ class TwoNodes(OnDatabase, contracts.Harness):
         self.assertEqual((challenges, pushes), (1, 1))
         self.assertEqual(self.pg.store.count_challenges(), 0)
         self.assertIsNone(self.pg.store.redeem_challenge(state, "vpn", "alice", 0.0))
+
+
+# --- phone calls ------------------------------------------------------------------------------
+
+def _calls(db: Database, clock, gateway, node="a", **settings):
+    calls = SharedVoiceCalls(gateway, clock, run=db.run, node=node,
+                             public_url="https://mfa.example.org", **settings)
+    db.nodes.append(calls)
+    return calls
+
+
+class SharedVoiceFactorTests(OnDatabase, contracts.VoiceFactorTests):
+    def make(self):
+        super().make()
+        self.calls = _calls(self.pg, self.clock, self.gateway, per_user_per_hour=30)
+        self.factor = Settled(VoiceFactor(self.calls, self.clock,
+                                          report_fraud=self.report_fraud), self.pg, self.clock)
+
+    def test_cancelling_withdraws_the_request(self):
+        # As for pushes: the call stays for the NAS's retry on another node.
+        d = self.request()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(len(self.calls), 0)
+        self.assertEqual(self.pg.store.get_call(self.call_id(), self.clock.seconds())[2],
+                         "pending")
+
+
+class _Placing:
+    """A voice gateway whose answers the test gives (``placing``: one Deferred per call)."""
+
+    def __init__(self, placing: list):
+        self.placing = placing
+
+    def start_call(self, to, *, answer_url, status_url=None):
+        d = Deferred()
+        self.placing.append(d)
+        return d
+
+
+class CallsAcrossNodes(OnDatabase, contracts.Harness):
+    def make(self):
+        self.gateway_a, self.gateway_b = MemoryVoiceGateway(), MemoryVoiceGateway()
+        self.a = _calls(self.pg, self.clock, self.gateway_a, "a", max_calls=2)
+        self.b = _calls(self.pg, self.clock, self.gateway_b, "b", max_calls=2)
+        self.fraud = []
+        self.alice = contracts.account("alice")
+
+    def report(self, user, client):
+        self.fraud.append(user)
+        return defer.succeed(None)
+
+    def call(self, node, station="198.51.100.7", who=None) -> Deferred:
+        return VoiceFactor(node, self.clock, report_fraud=self.report).request_approval(
+            Login(who or self.alice, "vpn", "192.0.2.1", station), contracts.TIMEOUT)
+
+    def call_id(self) -> str:
+        [call] = self.gateway_a.calls
+        return call.answer_url.split("/")[-2]
+
+    def test_the_same_login_on_two_nodes_rings_once_and_keys_on_either_node_decide(self):
+        on_a, on_b = self.call(self.a), self.call(self.b)
+        self.assertEqual((len(self.gateway_a.calls), len(self.gateway_b.calls)), (1, 0))
+        call_id = self.call_id()
+        # The provider's callbacks reach B: the prompt names the client.
+        self.assertIn(b"vpn", self.successResultOf(self.b.answer_twiml(call_id)))
+        self.successResultOf(self.b.gather(call_id, "#"))
+        self.assertIs(self.successResultOf(on_a), Verdict.APPROVE)
+        self.assertIs(self.successResultOf(on_b), Verdict.APPROVE)
+        # Keys again, on A: too late, and said so.
+        self.assertIn(b"expired", self.successResultOf(self.a.gather(call_id, "#")))
+
+    def test_a_fraud_keypress_on_another_node_is_reported_by_the_node_holding_the_login(self):
+        on_a = self.call(self.a)
+        self.successResultOf(self.b.gather(self.call_id(), "0"))
+        self.assertIs(self.successResultOf(on_a), Verdict.FRAUD)
+        self.assertEqual(self.fraud, ["alice"])
+
+    def test_a_call_that_ends_unanswered_is_no_answer_everywhere(self):
+        on_a = self.call(self.a)
+        self.successResultOf(self.b.call_ended(self.call_id(), "no-answer"))
+        self.assertIs(self.successResultOf(on_a), Verdict.NO_ANSWER)
+
+    def test_a_call_the_provider_refused_fails_the_joined_login_too(self):
+        self.gateway_a.failure = GatewayError("provider says no")
+        on_a = self.call(self.a, station="198.51.100.9")
+        self.failureResultOf(on_a, DeliveryFailed)
+        # Joined on B before A heard back: B's request fails the same way.
+        placing = []
+        self.a.gateway = _Placing(placing)
+        on_a = self.call(self.a)
+        on_b = self.call(self.b)
+        self.assertNoResult(on_b)
+        placing[0].errback(GatewayError("provider says no"))
+        self.failureResultOf(on_a, DeliveryFailed)
+        self.failureResultOf(on_b, DeliveryFailed)
+
+    def test_call_limits_hold_across_nodes(self):
+        self.call(self.a)
+        self.call(self.b, who=contracts.account("carol"))
+        # Two calls pending in the cluster (max_calls = 2): a third is refused.
+        self.failureResultOf(self.call(self.a, who=contracts.account("dave")), FactorRefused)
+
+    def test_a_missed_notification_is_made_up_by_the_poll(self):
+        on_a = self.call(self.a)
+        self.pg.deliver = False
+        self.successResultOf(self.b.gather(self.call_id(), "1"))
+        self.assertNoResult(on_a)
+        self.pg.deliver = True
+        self.successResultOf(self.a.poll())
+        self.assertIs(self.successResultOf(on_a), Verdict.DENY)
