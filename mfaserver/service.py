@@ -578,7 +578,8 @@ class MfaDaemon(tservice.MultiService):
         if self._cluster:
             from mfaserver.factors.voice_shared import SharedVoiceCalls
             calls = SharedVoiceCalls(gateway, self._reactor, run=self.threaded.run_state,
-                                     node=self.node_name, **settings)
+                                     node=self.node_name,
+                                     max_per_user=config.mfa.max_pending_per_user, **settings)
             CallOnStop(calls.close_all).setServiceParent(self)
             return calls
         return VoiceCalls(gateway, self._reactor, **settings)
@@ -815,6 +816,8 @@ class MfaDaemon(tservice.MultiService):
             self._voice_token = new.gateways.twilio.auth_token
             self.voice.pin_mode = new.voice.pin
             self.voice.max_calls = new.mfa.max_pending
+            if self._cluster:
+                self.voice.max_per_user = new.mfa.max_pending_per_user
             self.voice.set_limits(new.voice.max_per_user_per_hour,
                                   new.voice.max_per_number_per_hour)
         self.protocol.settings = listener_settings(new)

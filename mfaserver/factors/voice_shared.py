@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mfaserver.auth.approvals import TooManyPending
 from mfaserver.auth.interfaces import ApprovalWithdrawn
 from mfaserver.auth.model import Verdict
 from mfaserver.factors.cluster_waits import RowWaits
@@ -48,11 +49,13 @@ class SharedVoiceCalls(VoiceCalls):
     """`VoiceCalls` whose calls are rows every node sees. ``run`` runs a
     `ClusterState` method on a database thread; ``node`` names this node."""
 
-    def __init__(self, gateway, clock, *, run, node: str, **settings):
+    def __init__(self, gateway, clock, *, run, node: str, max_per_user: int = 1, **settings):
         super().__init__(gateway, clock, **settings)
         self._run = run
         self.node = node
         self._waits = RowWaits(clock)
+        # [mfa] max_pending_per_user: pushes and calls pending count together.
+        self.max_per_user = max_per_user
 
     def __len__(self) -> int:
         """Calls a request held on this node waits for."""
@@ -70,16 +73,18 @@ class SharedVoiceCalls(VoiceCalls):
             login_key=login_key_text(login_key or (user, client, None)), user=user,
             client=client, masked=masked, phone=phone, now=self._clock.seconds(),
             timeout=timeout, node=self.node, late_window=self.late_window,
-            max_calls=self.max_calls, per_user=(self._per_user.per_second, self._per_user.burst),
+            max_calls=self.max_calls, max_per_user=self.max_per_user, per_user=(self._per_user.per_second, self._per_user.burst),
             per_number=(self._per_number.per_second, self._per_number.burst))
         return opened.addCallback(self._opened, user, phone, masked, client)
 
     def _opened(self, result, user: str, phone: str, masked: str, client: str):
         call_id, expires, new, refused = result
-        if refused:
-            log.warn("Not calling {phone} for {user}: over a call limit", phone=masked,
+        if refused == "rate":
+            log.warn("Not calling {phone} for {user}: over the call rate limit", phone=masked,
                      user=user)
             raise SendRefused()
+        if refused is not None:
+            raise TooManyPending(refused)
         if self._waits.ended_recently(call_id):
             return self._outcome_of(call_id)
         waiter = self._waits.add(call_id, expires)

@@ -169,8 +169,7 @@ class ClusterState:
         with self._immediate() as conn:
             # One open at a time per user, across nodes: the limits and the
             # one-pending-push-per-login rule are checked and kept together.
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
-                         ("push " + user,))
+            self._lock_user(conn, user)
             conn.execute("UPDATE cluster_push SET state = 'expired' WHERE login_key = %s"
                          " AND state = 'pending' AND expires <= %s", (login_key, now))
             row = conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
@@ -181,14 +180,9 @@ class ClusterState:
                 if join == "any" or found.number is not None:
                     return PushOpened(found)
                 self._end_push(conn, found.txid, CLOSED, now + late_window)
-            mine = conn.execute(
-                "SELECT count(*) FROM cluster_push WHERE username = %s AND state = 'pending'"
-                " AND expires > %s", (user, now)).fetchone()[0]
-            if mine >= max_per_user:
+            if self._pending(conn, now, user) >= max_per_user:
                 return PushOpened(None, refused="user")
-            total = conn.execute("SELECT count(*) FROM cluster_push WHERE state = 'pending'"
-                                 " AND expires > %s", (now,)).fetchone()[0]
-            if total >= max_total:
+            if self._pending(conn, now) >= max_total:
                 return PushOpened(None, refused="global")
             if rate is not None and not self._take(conn, "push " + user, now, *rate):
                 return PushOpened(None, refused="rate")
@@ -307,6 +301,22 @@ class ClusterState:
         return len(rows)
 
     @staticmethod
+    def _lock_user(conn, user: str) -> None:
+        """One push or call opens at a time per user, across nodes: the limits and
+        the one-pending-login rule are checked and kept together."""
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
+                     ("pending " + user,))
+
+    @staticmethod
+    def _pending(conn, now: float, user: str | None = None) -> int:
+        """Out-of-band logins pending (pushes and calls), of ``user`` or in all."""
+        where = " AND username = %s" if user is not None else ""
+        params = (now, user) if user is not None else (now,)
+        return sum(conn.execute(f"SELECT count(*) FROM {table} WHERE state = 'pending'"
+                                f" AND expires > %s{where}", params).fetchone()[0]
+                   for table in ("cluster_push", "cluster_calls"))
+
+    @staticmethod
     def _end_push(conn, txid: str, state: str, forget_after: float) -> bool:
         ended = conn.execute("UPDATE cluster_push SET state = %s, forget_after = %s"
                              " WHERE txid = %s AND state = 'pending' RETURNING txid",
@@ -381,28 +391,30 @@ class ClusterState:
     @_guarded
     def open_call(self, *, call_id: str, login_key: str, user: str, client: str, masked: str,
                   phone: str, now: float, timeout: float, node: str, late_window: float,
-                  max_calls: int, per_user: tuple[float, float],
-                  per_number: tuple[float, float]) -> tuple[str | None, float, bool, bool]:
+                  max_calls: int, max_per_user: int, per_user: tuple[float, float],
+                  per_number: tuple[float, float]) -> tuple[str | None, float, bool, str | None]:
         """Join the pending call of this login, or record a new one to place.
 
-        Returns (call id, expires, new, refused): refused (nothing recorded)
-        when ``max_calls`` are pending in the cluster or a send limit is reached.
+        Returns (call id, expires, new, refused); ``refused`` (nothing
+        recorded) is "global" when ``max_calls`` out-of-band logins are
+        pending in the cluster, "user" when ``max_per_user`` are the user's,
+        "rate" over a send limit.
         """
         with self._immediate() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 1))",
-                         ("call " + user,))
+            self._lock_user(conn, user)
             conn.execute("UPDATE cluster_calls SET state = 'expired' WHERE login_key = %s"
                          " AND state = 'pending' AND expires <= %s", (login_key, now))
             row = conn.execute("SELECT call_id, expires FROM cluster_calls WHERE login_key = %s"
                                " AND state = 'pending'", (login_key,)).fetchone()
             if row is not None:
-                return row[0], row[1], False, False
-            pending = conn.execute("SELECT count(*) FROM cluster_calls WHERE state = 'pending'"
-                                   " AND expires > %s", (now,)).fetchone()[0]
-            if pending >= max_calls or not (
-                    self._take(conn, "call-user " + user, now, *per_user)
+                return row[0], row[1], False, None
+            if self._pending(conn, now) >= max_calls:
+                return None, 0.0, False, "global"
+            if self._pending(conn, now, user) >= max_per_user:
+                return None, 0.0, False, "user"
+            if not (self._take(conn, "call-user " + user, now, *per_user)
                     and self._take(conn, "call-number " + phone, now, *per_number)):
-                return None, 0.0, False, True
+                return None, 0.0, False, "rate"
             expires = now + timeout
             conn.execute(
                 "INSERT INTO cluster_calls (call_id, login_key, username, client, masked,"
@@ -410,7 +422,7 @@ class ClusterState:
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
                 (call_id, login_key, user, client, masked, now, expires, node,
                  expires + late_window))
-        return call_id, expires, True, False
+        return call_id, expires, True, None
 
     @_guarded
     def get_call(self, call_id: str, now: float) -> tuple | None:

@@ -478,7 +478,19 @@ class CallsAcrossNodes(OnDatabase, contracts.Harness):
         self.call(self.a)
         self.call(self.b, who=contracts.account("carol"))
         # Two calls pending in the cluster (max_calls = 2): a third is refused.
-        self.failureResultOf(self.call(self.a, who=contracts.account("dave")), FactorRefused)
+        refused = self.failureResultOf(self.call(self.a, who=contracts.account("dave")),
+                                       TooManyPending)
+        self.assertEqual(refused.value.scope, "global")
+
+    def test_pushes_and_calls_pending_count_together_per_user(self):
+        push = _registry(self.pg, self.clock, "a", limits=(1, 100))
+        held = SharedPushFactor(push, push_limit(self.clock, 30)).request_approval(
+            self.login(), contracts.TIMEOUT)
+        self.assertNoResult(held)
+        refused = self.failureResultOf(self.call(self.b, station="198.51.100.99"),
+                                       TooManyPending)
+        self.assertEqual(refused.value.scope, "user")
+        self.assertEqual(self.gateway_a.calls + self.gateway_b.calls, [])
 
     def test_a_missed_notification_is_made_up_by_the_poll(self):
         on_a = self.call(self.a)
