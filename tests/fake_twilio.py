@@ -174,6 +174,9 @@ class FakeTwilio:
             http_client = HTTPClient(
                 Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
         self._http = http_client
+        # A load balancer's stand-in: "http://host:port" to send every callback
+        # to instead of the URL's own host (signed for the URL, as Twilio does).
+        self.callback_base: str | None = None
 
     # --- Test controls -------------------------------------------------------------------
 
@@ -362,9 +365,12 @@ class FakeTwilio:
         exchange = Exchange(what, url, params)
         call.exchanges.append(exchange)
         pairs = list(params.items())
+        target = url
+        if self.callback_base is not None:
+            target = self.callback_base + "/" + url.split("/", 3)[3]
         try:
             response = await self._http.post(
-                url, data=pairs, timeout=15, reactor=self.reactor,
+                target, data=pairs, timeout=15, reactor=self.reactor,
                 headers={"X-Twilio-Signature": [twilio_signature(self.auth_token, url, pairs)]})
             exchange.code = response.code
             exchange.body = await treq.content(response)

@@ -18,6 +18,7 @@ from http.server import ThreadingHTTPServer
 
 import psycopg
 import pytest
+import pytest_twisted
 
 from ldap_server import free_tcp_port
 from mfaserver.factors import oath
@@ -217,3 +218,58 @@ def test_a_code_challenge_from_one_node_is_answered_on_the_other(tmp_path, postg
         for node in (a, b):
             if node is not None:
                 stop_daemon(node.daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_phone_call_placed_by_one_node_is_decided_by_the_other(tmp_path,
+                                                                       postgres_database):
+    """Behind a load balancer, Twilio's callbacks for a call node A placed reach node B."""
+    import fake_twilio
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred, gatherResults
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+
+    from .test_voice_e2e import PASSWORD as VOICE_PASSWORD, PHONE, voice_config
+
+    twilio = fake_twilio.FakeTwilio(reactor, answer_delay=1.0).start()
+    port_a, port_b = free_tcp_port(), free_tcp_port()
+    public = f'public_url = "http://127.0.0.1:{port_a}"'
+    (tmp_path / "a").mkdir()
+    node_a = start_daemon(tmp_path / "a", voice_config(twilio.api_base, port_a)
+                          + store_config(postgres_database) + '[cluster]\nnode_name = "a"\n')
+    node_b = None
+    try:
+        state = tmp_path / "b" / "state"
+        state.mkdir(parents=True, mode=0o700)
+        (state / "seed.key").write_bytes((tmp_path / "a" / "state" / "seed.key").read_bytes())
+        (state / "seed.key").chmod(0o600)
+        config_b = voice_config(twilio.api_base, port_b).replace(
+            f'public_url = "http://127.0.0.1:{port_b}"', public)
+        node_b = start_daemon(tmp_path / "b", config_b + store_config(postgres_database)
+                              + '[cluster]\nnode_name = "b"\n')
+        node_a.cli("user", "add", "alice", "--password-stdin", "--phone", PHONE,
+                   input=VOICE_PASSWORD + "\n")
+        twilio.callback_base = f"http://127.0.0.1:{port_b}"
+        twilio.script_call(PHONE, "#")
+        station = 'Calling-Station-Id = "203.0.113.7"'
+
+        def login(node):
+            return deferToThread(node.radclient, ",".join([
+                'User-Name = "alice"', f'User-Password = "{VOICE_PASSWORD}"',
+                "Message-Authenticator = 0x00", station]), "auth", timeout=25)
+
+        first = login(node_a)
+        await deferLater(reactor, 0.5, lambda: None)
+        second = login(node_b)           # the NAS fails over while the phone rings
+        replies = await gatherResults([first, second])
+        assert [r.code for r in replies] == ["Access-Accept", "Access-Accept"]
+        assert len(twilio.calls) == 1
+        [call] = twilio.calls
+        assert [e.code for e in call.exchanges] == [200, 200, 204], call.exchanges
+        node_b.wait_for_log("Call for alice: approve")
+    finally:
+        for node in (node_a, node_b):
+            if node is not None:
+                stop_daemon(node)
+        await Deferred.fromCoroutine(twilio.stop())
