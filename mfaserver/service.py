@@ -578,7 +578,7 @@ class MfaDaemon(tservice.MultiService):
         if self._cluster:
             from mfaserver.factors.voice_shared import SharedVoiceCalls
             calls = SharedVoiceCalls(gateway, self._reactor, run=self.threaded.run_state,
-                                     node=self.node_name,
+                                     node=self.node_name, report_fraud=self._report_phone_fraud,
                                      max_per_user=config.mfa.max_pending_per_user, **settings)
             CallOnStop(calls.close_all).setServiceParent(self)
             return calls

@@ -76,6 +76,8 @@ def test_split_password_splits_off_a_method_keyword_in_any_case(field, expected)
 class FakeVoice:
     """A `VoiceCalls` stand-in: records calls; the test answers them."""
 
+    reports_fraud = False
+
     def __init__(self):
         self.calls: list[tuple[str, str, str, Deferred]] = []
         self.withdrawn: list[str] = []

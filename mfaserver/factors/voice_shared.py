@@ -17,6 +17,7 @@ provider refuses, the call is ended as failed for every node holding it.
 from __future__ import annotations
 
 import secrets
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -49,8 +50,15 @@ class SharedVoiceCalls(VoiceCalls):
     """`VoiceCalls` whose calls are rows every node sees. ``run`` runs a
     `ClusterState` method on a database thread; ``node`` names this node."""
 
-    def __init__(self, gateway, clock, *, run, node: str, max_per_user: int = 1, **settings):
+    # A fraud keypress is reported by the node it reaches, before the call is
+    # decided: whether or not a node still holds the login, the user is blocked.
+    reports_fraud = True
+
+    def __init__(self, gateway, clock, *, run, node: str,
+                 report_fraud: Callable[[str, str], Deferred], max_per_user: int = 1,
+                 **settings):
         super().__init__(gateway, clock, **settings)
+        self._report_fraud = report_fraud
         self._run = run
         self.node = node
         self._waits = RowWaits(clock)
@@ -158,6 +166,11 @@ class SharedVoiceCalls(VoiceCalls):
             if not right:
                 log.info("Wrong PIN on the call for {user}", user=user)
             verdict = Verdict.APPROVE if right else Verdict.DENY
+        if verdict is Verdict.FRAUD:
+            try:
+                await self._report_fraud(user, client)
+            except Exception:
+                log.failure("could not report the fraud keypress of {user}", user=user)
         decided = await self._run(ClusterState.end_call, call_id, DECIDED, verdict.value,
                                   self._clock.seconds(), self.late_window)
         if not decided:

@@ -381,8 +381,9 @@ class TwoNodes(OnDatabase, contracts.Harness):
 
 # --- phone calls ------------------------------------------------------------------------------
 
-def _calls(db: Database, clock, gateway, node="a", **settings):
+def _calls(db: Database, clock, gateway, node="a", report_fraud=None, **settings):
     calls = SharedVoiceCalls(gateway, clock, run=db.run, node=node,
+                             report_fraud=report_fraud or (lambda user, client: defer.succeed(None)),
                              public_url="https://mfa.example.org", **settings)
     db.nodes.append(calls)
     return calls
@@ -391,7 +392,8 @@ def _calls(db: Database, clock, gateway, node="a", **settings):
 class SharedVoiceFactorTests(OnDatabase, contracts.VoiceFactorTests):
     def make(self):
         super().make()
-        self.calls = _calls(self.pg, self.clock, self.gateway, per_user_per_hour=30)
+        self.calls = _calls(self.pg, self.clock, self.gateway, per_user_per_hour=30,
+                            report_fraud=self.report_fraud)
         self.factor = Settled(VoiceFactor(self.calls, self.clock,
                                           report_fraud=self.report_fraud), self.pg, self.clock)
 
@@ -420,9 +422,9 @@ class _Placing:
 class CallsAcrossNodes(OnDatabase, contracts.Harness):
     def make(self):
         self.gateway_a, self.gateway_b = MemoryVoiceGateway(), MemoryVoiceGateway()
-        self.a = _calls(self.pg, self.clock, self.gateway_a, "a", max_calls=2)
-        self.b = _calls(self.pg, self.clock, self.gateway_b, "b", max_calls=2)
         self.fraud = []
+        self.a = _calls(self.pg, self.clock, self.gateway_a, "a", self.report, max_calls=2)
+        self.b = _calls(self.pg, self.clock, self.gateway_b, "b", self.report, max_calls=2)
         self.alice = contracts.account("alice")
 
     def report(self, user, client):
@@ -449,10 +451,19 @@ class CallsAcrossNodes(OnDatabase, contracts.Harness):
         # Keys again, on A: too late, and said so.
         self.assertIn(b"expired", self.successResultOf(self.a.gather(call_id, "#")))
 
-    def test_a_fraud_keypress_on_another_node_is_reported_by_the_node_holding_the_login(self):
+    def test_a_fraud_keypress_is_reported_once_by_the_node_it_reaches(self):
         on_a = self.call(self.a)
+        on_b = self.call(self.b)
         self.successResultOf(self.b.gather(self.call_id(), "0"))
         self.assertIs(self.successResultOf(on_a), Verdict.FRAUD)
+        self.assertIs(self.successResultOf(on_b), Verdict.FRAUD)
+        self.assertEqual(self.fraud, ["alice"])
+
+    def test_a_fraud_keypress_blocks_even_when_no_node_holds_the_login(self):
+        held = self.call(self.a)
+        held.cancel()                   # A stopped; the NAS has not retried yet
+        self.failureResultOf(held, defer.CancelledError)
+        self.successResultOf(self.b.gather(self.call_id(), "0"))
         self.assertEqual(self.fraud, ["alice"])
 
     def test_a_call_that_ends_unanswered_is_no_answer_everywhere(self):
