@@ -45,7 +45,9 @@ dave    Cleartext-Password := "dave-password", Response-Packet-Type := Access-Ch
         Reply-Message = "Enter your token code"
 """
 
-_RADIUSD_CONF = """\
+# The global part of radiusd.conf: paths, logging to stdout, no Status-Server
+# answered. Formatted with ``directory``.
+RADIUSD_GLOBALS = """\
 prefix = /usr
 raddbdir = {directory}
 confdir = ${{raddbdir}}
@@ -72,6 +74,9 @@ security {{
     status_server = no
 }}
 
+"""
+
+_RADIUSD_CONF = RADIUSD_GLOBALS + """\
 client mfaserver {{
     ipaddr = 127.0.0.1
     secret = {secret}
@@ -170,21 +175,24 @@ pass_through = [{names}]
 """
 
 
-def write_config(directory: Path, port: int, secret: bytes, users: str = USERS) -> None:
-    """Write radiusd.conf and the users file into ``directory``."""
+def write_config(directory: Path, port: int, secret: bytes, users: str = USERS,
+                 radiusd_conf: str = _RADIUSD_CONF) -> None:
+    """Write radiusd.conf (``radiusd_conf`` formatted with ``directory``, ``port`` and
+    ``secret``) and the users file into ``directory``."""
     (directory / "radiusd.conf").write_text(
-        _RADIUSD_CONF.format(directory=directory, port=port, secret=secret.decode("ascii")))
+        radiusd_conf.format(directory=directory, port=port, secret=secret.decode("ascii")))
     (directory / "users").write_text(users)
 
 
 @contextlib.contextmanager
-def running_freeradius(directory: Path, secret: bytes,
-                       users: str = USERS) -> Iterator[FreeRadius]:
-    """Run FreeRADIUS from a fresh config in ``directory``; stop it on exit."""
+def running_freeradius(directory: Path, secret: bytes, users: str = USERS,
+                       radiusd_conf: str = _RADIUSD_CONF) -> Iterator[FreeRadius]:
+    """Run FreeRADIUS from a fresh config in ``directory`` (the default one, or
+    ``radiusd_conf``: see `write_config`); stop it on exit."""
     if shutil.which(FREERADIUS) is None:
         pytest.fail("freeradius is missing: run scripts/test, which installs it")
     port = free_udp_port()
-    write_config(directory, port, secret, users)
+    write_config(directory, port, secret, users, radiusd_conf)
     check = subprocess.run([FREERADIUS, "-C", "-d", str(directory), "-l", "stdout"],
                            capture_output=True, text=True, timeout=30)
     if check.returncode != 0:

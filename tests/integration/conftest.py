@@ -170,7 +170,12 @@ unenrolled = "reject"
     return path
 
 
-def start_daemon(directory: Path, extra_config: str = "", server_config: str = "") -> Daemon:
+def start_daemon(directory: Path, extra_config: str = "", server_config: str = "", *,
+                 seconds: float = 20) -> Daemon:
+    """Start `mfaserver run` on a free port; it must answer Status-Server within
+    ``seconds`` (more for a start beside a busy cluster on a small machine).
+    ``extra_config`` goes inside [mfa] (tables may follow), ``server_config``
+    inside [server]."""
     if shutil.which("radclient") is None:
         pytest.fail("radclient is missing: run scripts/test, which installs freeradius-utils")
     port = free_udp_port()
@@ -181,7 +186,7 @@ def start_daemon(directory: Path, extra_config: str = "", server_config: str = "
     proc = subprocess.Popen([*MFASERVER, "-c", str(config), "run", "--log-format", "json"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     daemon = Daemon(config, port, proc, log_path)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited: {daemon.log_text()}")
