@@ -157,7 +157,9 @@ class SharedPushTransactions:
     def close_all(self) -> None:
         """This node stops: its waiters get no answer (their requests no reply) and
         its long polls end. The pushes stay, for the other nodes."""
-        self._waits.close_all(TransactionClosed)
+        # Cancelled, not closed: the pipeline sends no reply, so the NAS tries
+        # another node, which joins the push.
+        self._waits.close_all(lambda txid: defer.CancelledError(txid))
         self._polls.close_all()
 
     # --- the device side ---
@@ -237,8 +239,12 @@ class SharedPushTransactions:
         return done
 
     def _settle(self, txn: PushTransaction | None) -> None:
-        if txn is not None and txn.state != "pending":
-            self._waits.settle(txn.txid, lambda: self._ended_result(txn))
+        if txn is None or txn.state == "pending":
+            return
+        if txn.state == ANSWERED and txn.txid in self._waits:
+            d = self._run(ClusterState.mark_delivered, "cluster_push", "txid", txn.txid)
+            d.addErrback(self._lookup_failed)
+        self._waits.settle(txn.txid, lambda: self._ended_result(txn))
 
     @staticmethod
     def _lookup_failed(failure) -> None:

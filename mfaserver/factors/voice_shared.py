@@ -86,13 +86,15 @@ class SharedVoiceCalls(VoiceCalls):
         return opened.addCallback(self._opened, user, phone, masked, client)
 
     def _opened(self, result, user: str, phone: str, masked: str, client: str):
-        call_id, expires, new, refused = result
+        call_id, expires, new, refused, state, verdict = result
         if refused == "rate":
             log.warn("Not calling {phone} for {user}: over the call rate limit", phone=masked,
                      user=user)
             raise SendRefused()
         if refused is not None:
             raise TooManyPending(refused)
+        if state != "pending":
+            return _result(call_id, state, verdict)     # decided with nobody waiting
         if self._waits.ended_recently(call_id):
             return self._outcome_of(call_id)
         waiter = self._waits.add(call_id, expires)
@@ -120,7 +122,8 @@ class SharedVoiceCalls(VoiceCalls):
 
     def close_all(self) -> None:
         """This node stops: its waiters go, the calls stay for the other nodes."""
-        self._waits.close_all(ApprovalWithdrawn)
+        # Cancelled: no reply, so the NAS tries another node, which joins the call.
+        self._waits.close_all(lambda call_id: defer.CancelledError(call_id))
 
     # --- The provider's callbacks, on any node -------------------------------------------------
 
@@ -238,8 +241,12 @@ class SharedVoiceCalls(VoiceCalls):
         return d.addCallback(settle)
 
     def _settle(self, call_id: str, state: str, verdict: str | None) -> None:
-        if state != "pending":
-            self._waits.settle(call_id, lambda: _result(call_id, state, verdict))
+        if state == "pending":
+            return
+        if state == DECIDED and call_id in self._waits:
+            d = self._run(ClusterState.mark_delivered, "cluster_calls", "call_id", call_id)
+            d.addErrback(self._lookup_failed)
+        self._waits.settle(call_id, lambda: _result(call_id, state, verdict))
 
     @staticmethod
     def _lookup_failed(failure) -> None:

@@ -180,6 +180,17 @@ class ClusterState:
                 if join == "any" or found.number is not None:
                     return PushOpened(found)
                 self._end_push(conn, found.txid, CLOSED, now + late_window)
+            else:
+                # Answered while no node held the login (its node died before the
+                # NAS's retry arrived): the retry takes that answer, once.
+                row = conn.execute(
+                    f"SELECT {_PUSH_COLUMNS} FROM cluster_push WHERE login_key = %s"
+                    " AND state = 'answered' AND delivered = 0 AND expires > %s"
+                    " ORDER BY created DESC LIMIT 1 FOR UPDATE", (login_key, now)).fetchone()
+                if row is not None and (join == "any" or row[7] is not None):
+                    conn.execute("UPDATE cluster_push SET delivered = 1 WHERE txid = %s",
+                                 (row[0],))
+                    return PushOpened(_push_row(row))
             if self._pending(conn, now, user) >= max_per_user:
                 return PushOpened(None, refused="user")
             if self._pending(conn, now) >= max_total:
@@ -276,6 +287,15 @@ class ClusterState:
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, PUSH_ENDED + txid))
         return ANSWERED, PushRow(**{**found.__dict__, "state": ANSWERED, "verdict": verdict,
                                     "answered_by": device_id})
+
+    @_guarded
+    def mark_delivered(self, table: str, key: str, row_id: str) -> None:
+        """A node answered a RADIUS request with this row's answer: a later retry of
+        the login is a new login, not a taker of that answer."""
+        if (table, key) not in (("cluster_push", "txid"), ("cluster_calls", "call_id")):
+            raise ValueError(f"no such cluster table: {table}")
+        self._conn.execute(f"UPDATE {table} SET delivered = 1 WHERE {key} = %s"
+                           " AND delivered = 0", (row_id,))
 
     @_guarded
     def close_push(self, txid: str, now: float, late_window: float) -> bool:
@@ -392,13 +412,14 @@ class ClusterState:
     def open_call(self, *, call_id: str, login_key: str, user: str, client: str, masked: str,
                   phone: str, now: float, timeout: float, node: str, late_window: float,
                   max_calls: int, max_per_user: int, per_user: tuple[float, float],
-                  per_number: tuple[float, float]) -> tuple[str | None, float, bool, str | None]:
+                  per_number: tuple[float, float]) -> tuple:
         """Join the pending call of this login, or record a new one to place.
 
-        Returns (call id, expires, new, refused); ``refused`` (nothing
-        recorded) is "global" when ``max_calls`` out-of-band logins are
-        pending in the cluster, "user" when ``max_per_user`` are the user's,
-        "rate" over a send limit.
+        Returns (call id, expires, new, refused, state, verdict); ``refused``
+        (nothing recorded) is "global" when ``max_calls`` out-of-band logins
+        are pending in the cluster, "user" when ``max_per_user`` are the
+        user's, "rate" over a send limit. A call decided while no node held
+        the login is taken by its retry, once (state "decided").
         """
         with self._immediate() as conn:
             self._lock_user(conn, user)
@@ -407,14 +428,22 @@ class ClusterState:
             row = conn.execute("SELECT call_id, expires FROM cluster_calls WHERE login_key = %s"
                                " AND state = 'pending'", (login_key,)).fetchone()
             if row is not None:
-                return row[0], row[1], False, None
+                return row[0], row[1], False, None, "pending", None
+            row = conn.execute(
+                "SELECT call_id, expires, verdict FROM cluster_calls WHERE login_key = %s"
+                " AND state = 'decided' AND delivered = 0 AND expires > %s"
+                " ORDER BY created DESC LIMIT 1 FOR UPDATE", (login_key, now)).fetchone()
+            if row is not None:
+                conn.execute("UPDATE cluster_calls SET delivered = 1 WHERE call_id = %s",
+                             (row[0],))
+                return row[0], row[1], False, None, "decided", row[2]
             if self._pending(conn, now) >= max_calls:
-                return None, 0.0, False, "global"
+                return None, 0.0, False, "global", None, None
             if self._pending(conn, now, user) >= max_per_user:
-                return None, 0.0, False, "user"
+                return None, 0.0, False, "user", None, None
             if not (self._take(conn, "call-user " + user, now, *per_user)
                     and self._take(conn, "call-number " + phone, now, *per_number)):
-                return None, 0.0, False, "rate"
+                return None, 0.0, False, "rate", None, None
             expires = now + timeout
             conn.execute(
                 "INSERT INTO cluster_calls (call_id, login_key, username, client, masked,"
@@ -422,7 +451,7 @@ class ClusterState:
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
                 (call_id, login_key, user, client, masked, now, expires, node,
                  expires + late_window))
-        return call_id, expires, True, None
+        return call_id, expires, True, None, "pending", None
 
     @_guarded
     def get_call(self, call_id: str, now: float) -> tuple | None:

@@ -137,6 +137,7 @@ CREATE TABLE IF NOT EXISTS cluster_push (
     state TEXT NOT NULL,
     verdict TEXT,
     answered_by TEXT,
+    delivered BIGINT NOT NULL DEFAULT 0,
     node TEXT NOT NULL,
     forget_after DOUBLE PRECISION NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS cluster_push_login
@@ -164,6 +165,7 @@ CREATE TABLE IF NOT EXISTS cluster_calls (
     answered BIGINT NOT NULL DEFAULT 0,
     keyed BIGINT NOT NULL DEFAULT 0,
     verdict TEXT,
+    delivered BIGINT NOT NULL DEFAULT 0,
     node TEXT NOT NULL,
     forget_after DOUBLE PRECISION NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS cluster_calls_login

@@ -273,3 +273,20 @@ async def test_a_phone_call_placed_by_one_node_is_decided_by_the_other(tmp_path,
             if node is not None:
                 stop_daemon(node)
         await Deferred.fromCoroutine(twilio.stop())
+
+
+def test_a_node_stopped_with_a_push_pending_sends_no_reply_and_the_retry_is_accepted(cluster):
+    """A rolling restart: the stopping node abandons its held request (no reply, so
+    the NAS tries another server), and the push stays for the retry."""
+    a, b, phone_a, phone_b = cluster
+    station = 'Calling-Station-Id = "198.51.100.77"'
+    first = Login(a.daemon, "alice", PASSWORD, station, timeout=5)
+    txn = phone_a.wait_for_transaction()
+    assert stop_daemon(a.daemon) == 0
+    assert first.reply().code is None
+    retry = Login(b.daemon, "alice", PASSWORD, station)
+    time.sleep(0.5)
+    assert [row["txid"] for row in phone_b.pending()] == [txn["txid"]]
+    phone_b.run("approve", txn["txid"])
+    assert retry.reply().code == "Access-Accept"
+    assert len(_WakeSink.received) == 1

@@ -146,11 +146,6 @@ def test_kill_9_with_a_push_pending_the_retry_to_the_other_node_joins_and_is_acc
     assert len(_WakeSink.received) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an answer given while no node holds the login (its node killed, the NAS's retry not yet"
-    " arrived) is not used by the retry: open_push joins only 'pending' rows, so the retry to"
-    " B opens a second push and the user must approve again (issue #12: 'nothing the user"
-    " did is lost', 'exactly one push sent in all')"))
 def test_an_approval_given_between_the_kill_and_the_retry_is_not_lost(cluster):
     nodes, phone_a, phone_b = cluster
     a, b = nodes

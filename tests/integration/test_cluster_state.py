@@ -30,7 +30,7 @@ from mfaserver.auth.approvals import TooManyPending
 from mfaserver.auth.interfaces import (DeliveryFailed, FactorRefused, UnknownApproval,
                                        WrongConfirmation)
 from mfaserver.auth.model import CodeResult, Login, Reason, Verdict
-from mfaserver.factors.push import AlreadyAnswered, TransactionClosed, push_limit
+from mfaserver.factors.push import AlreadyAnswered, push_limit
 from mfaserver.factors.sms import SharedSmsCodes
 from mfaserver.factors.voice import VoiceFactor
 from mfaserver.factors.voice_shared import SharedVoiceCalls
@@ -313,11 +313,32 @@ class TwoNodes(OnDatabase, contracts.Harness):
         on_a = self.hold(self.a)
         txid = self.only_txid()
         self.a.close_all()
-        self.failureResultOf(on_a, TransactionClosed)
+        self.failureResultOf(on_a, defer.CancelledError)    # no reply: the NAS retries
         on_b = self.hold(self.b)     # the NAS's retry, to B: joins
         self.assertEqual(self.only_txid(self.b), txid)
         _result(self.a.answer(txid, "alice", "deny"))
         self.assertIs(self.successResultOf(on_b), Verdict.DENY)
+
+    def test_an_answer_given_while_no_node_held_the_login_is_taken_by_its_retry_once(self):
+        on_a = self.hold(self.a)
+        txid = self.only_txid()
+        self.a.close_all()                              # A died
+        self.failureResultOf(on_a, defer.CancelledError)
+        _result(self.b.answer(txid, "alice", "approve"))    # before the NAS's retry
+        retry = self.hold(self.b)
+        self.assertIs(self.successResultOf(retry), Verdict.APPROVE)
+        self.assertEqual(self.woken, ["alice"])         # no second push
+        # Taken: the next login is a new one, with a push of its own.
+        self.clock.advance(1)
+        self.assertNoResult(self.hold(self.b))
+        self.assertEqual(self.woken, ["alice", "alice"])
+
+    def test_an_answer_a_node_delivered_is_not_given_to_a_later_login(self):
+        on_a = self.hold(self.a)
+        _result(self.b.answer(self.only_txid(), "alice", "approve"))
+        self.assertIs(self.successResultOf(on_a), Verdict.APPROVE)
+        self.assertNoResult(self.hold(self.b))
+        self.assertEqual(self.woken, ["alice", "alice"])
 
     def test_a_missed_notification_is_made_up_by_the_poll(self):
         on_a = self.hold(self.a)
@@ -502,6 +523,16 @@ class CallsAcrossNodes(OnDatabase, contracts.Harness):
                                        TooManyPending)
         self.assertEqual(refused.value.scope, "user")
         self.assertEqual(self.gateway_a.calls + self.gateway_b.calls, [])
+
+    def test_keys_pressed_while_no_node_held_the_login_answer_its_retry_once(self):
+        held = self.call(self.a)
+        held.cancel()                   # A died
+        self.failureResultOf(held, defer.CancelledError)
+        self.successResultOf(self.b.gather(self.call_id(), "#"))
+        self.assertIs(self.successResultOf(self.call(self.b)), Verdict.APPROVE)
+        self.assertEqual(len(self.gateway_a.calls + self.gateway_b.calls), 1)
+        self.assertNoResult(self.call(self.b))          # the next login rings again
+        self.assertEqual(len(self.gateway_b.calls), 1)
 
     def test_a_missed_notification_is_made_up_by_the_poll(self):
         on_a = self.call(self.a)
