@@ -168,6 +168,18 @@ class Target:
     runs: list[dict] = field(default_factory=list)
 
 
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and its children (the workers worker 0 starts), in KiB."""
+    total = pl.proc_status_kib(pid, "VmRSS")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                total += sum(tree_rss_kib(int(c)) for c in f.read().split())
+        except OSError:
+            continue
+    return total
+
+
 def radclient_round(target: Target, names: list[str], clients: int, inflight: int,
                     workdir: Path, pg: PgCluster | None, timeout: float) -> dict:
     """``clients`` radclient processes at once, client k to port k mod len(ports), each
@@ -287,7 +299,7 @@ def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
                                               args.clients, args.inflight, workdir, pg,
                                               args.run_timeout))
                 progress(f"  round {r + 1} {t.label}: {t.runs[-1]['rate']:,.0f}/s")
-        rss = {t.key: sum(s.memory_kib()[0] for s in t.servers) for t in targets}
+        rss = {t.key: sum(tree_rss_kib(s.proc.pid) for s in t.servers) for t in targets}
     medians = {}
     for t in targets:
         rates = [x["rate"] for x in t.runs]
@@ -563,6 +575,9 @@ def bench_failover(report: b.Report, args, nodes: Nodes, devices, fail: list[str
     device_b = pl.DevicePool(nodes.web["B"], 1, 1)
     results = {"retry first": [], "approval first": []}
     try:
+        # The device process's first request imports and connects: not a failover cost.
+        name = (fail + early)[0]
+        device_b.run("poll", [(name, devices[name][0], devices[name][1], None)], 30)
         for k, name in enumerate(fail + early):
             mode = "retry first" if k < len(fail) else "approval first"
             trial = failover_trial(nodes, logins, k, name, devices, sink, device_b,
@@ -630,24 +645,33 @@ def run(args) -> b.Report:
         report.notes.append(
             f"Cluster (issue #12): PostgreSQL {version} (tests/postgres_server.py: throw-away "
             "cluster, fsync off, on the same cores); nodes are `mfaserver run` processes "
-            "with [store] backend = \"postgresql\" on one database. Logins: "
-            f"\"password,code\", every request a distinct user with its current TOTP code, "
-            f"{args.clients} radclient processes at once x {args.inflight} in flight, client k "
-            f"to port k mod (ports of the target); {args.rounds} rounds of {args.logins:,} "
-            "per target after a warm-up, interleaved; medians. Pushes: scripts/push_load.py's "
-            "store (Ed25519 devices, webhook wake-ups to a sink here, log2 N=1 hashes), "
-            "logins alternately to node A and B, flow-controlled by the wake-ups; RSS after a "
-            "warm-up vs with all pending; devices poll and approve through both nodes' device "
-            "APIs (1 process, "
-            f"{args.connections} keep-alive connections, round robin). Failover, on those "
-            f"nodes: {args.trials} trials \"retry first\" (login held on A and its push seen, "
-            "kill -9 A, the same datagram sent to B at once as the NAS retry, the device polls "
-            f"and approves through B {args.settle:g} s later: the figures include that "
-            f"wait) and {args.early_trials} \"approval first\" (the user approves through "
-            "B while A is dead and the NAS has not retried yet; then the retry); pushes = "
-            "webhook wake-ups for the trial's user, counted 3 s after the last trial; A is "
-            f"restarted before each trial. Machine: {os.cpu_count()} cores "
-            f"({pl.cpu_model()}); the load generators and PostgreSQL share them.")
+            "with [store] backend = \"postgresql\" on one database. Machine: "
+            f"{os.cpu_count()} cores ({pl.cpu_model()}); the load generators and PostgreSQL "
+            "share them.")
+        if "logins" in args.parts:
+            report.notes.append(
+                "Cluster logins: \"password,code\", every request a distinct user with its "
+                f"current TOTP code, {args.clients} radclient processes at once x "
+                f"{args.inflight} in flight, client k to port k mod (ports of the target): "
+                "workers get what the kernel's SO_REUSEPORT hash of the clients' source "
+                "sockets gives them, which need not be an even split; "
+                f"{args.rounds} rounds of {args.logins:,} per target after a warm-up, "
+                "interleaved; medians.")
+        if "push" in args.parts:
+            report.notes.append(
+                "Cluster pushes: scripts/push_load.py's store (Ed25519 devices, webhook "
+                "wake-ups to a sink here, log2 N=1 hashes), logins alternately to node A and "
+                "B, flow-controlled by the wake-ups; RSS after a warm-up vs with all pending; "
+                f"devices poll and approve through both nodes' device APIs (1 process, "
+                f"{args.connections} keep-alive connections, round robin). Failover, on those "
+                f"nodes: {args.trials} trials \"retry first\" (login held on A and its push "
+                "seen, kill -9 A, the same datagram sent to B at once as the NAS retry, the "
+                f"device polls and approves through B {args.settle:g} s later: the figures "
+                f"include that wait) and {args.early_trials} \"approval first\" (the user "
+                "approves through B while A is dead and the NAS has not retried yet, as "
+                "happens when the NAS waits its timeout before failing over; then the retry); "
+                "pushes = webhook wake-ups for the trial's user, counted 3 s after the last "
+                "trial; A is restarted before each trial.")
     except b.NotAvailable as e:
         report.na("cluster", "all", str(e))
     finally:
@@ -661,7 +685,7 @@ def run(args) -> b.Report:
     return report
 
 
-# name, type (or choices), default, help: scripts/bench has them as --cluster-NAME.
+# name, type (or choices), default, help: scripts/bench has these as --cluster-NAME ...
 OPTIONS = (
     ("logins", int, 1000, "logins per round and target, one distinct user each"),
     ("rounds", int, 5, "login rounds per target, interleaved; the median is reported"),
@@ -672,10 +696,25 @@ OPTIONS = (
     ("trials", int, 20, "failover trials: the NAS retry to B, then the approval"),
     ("early-trials", int, 5, "failover trials with the approval through B before the retry"),
 )
+# ... and these only this script has.
+OWN_OPTIONS = (
+    ("parts", str, "logins,push", "logins, push (push includes the failover trials)"),
+    ("warmup", int, 100, "warm-up logins per target"),
+    ("clients", int, 8, "radclient processes at once per round (SO_REUSEPORT workers "
+                        "get a share per source socket)"),
+    ("inflight", int, 8, "requests in flight per radclient"),
+    ("settle", float, 0.5, "failover: seconds from the retry to the device's approval"),
+    ("window", int, 128, "push logins sent but not yet woken at most"),
+    ("connections", int, 4, "device API keep-alive connections"),
+    ("phase-timeout", float, 900, "seconds allowed for the polls, and for the approvals"),
+    ("build-timeout", float, 600, "seconds allowed to build the logins store"),
+    ("run-timeout", float, 300, "seconds allowed for one round of radclient runs"),
+)
 
 
-def add_options(parser: argparse.ArgumentParser, prefix: str = "--") -> None:
-    for name, kind, default, text in OPTIONS:
+def add_options(parser: argparse.ArgumentParser, prefix: str = "--",
+                options=OPTIONS) -> None:
+    for name, kind, default, text in options:
         how = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
         parser.add_argument(prefix + name, default=default, help=f"{text} (default {default})",
                             **how)
@@ -683,24 +722,8 @@ def add_options(parser: argparse.ArgumentParser, prefix: str = "--") -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="cluster_bench.py", description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="logins,push",
-                   help="logins, push (push includes the failover trials)")
     add_options(p)
-    p.add_argument("--warmup", type=int, default=100, help="warm-up logins per target")
-    p.add_argument("--clients", type=int, default=4,
-                   help="radclient processes at once per round (default 4)")
-    p.add_argument("--inflight", type=int, default=16,
-                   help="requests in flight per radclient (default 16)")
-    p.add_argument("--settle", type=float, default=0.5,
-                   help="failover: seconds from the retry to the device's approval "
-                        "(default 0.5)")
-    p.add_argument("--window", type=int, default=128,
-                   help="push logins sent but not yet woken at most (default 128)")
-    p.add_argument("--connections", type=int, default=4,
-                   help="device API keep-alive connections (default 4)")
-    p.add_argument("--phase-timeout", type=float, default=900)
-    p.add_argument("--build-timeout", type=float, default=600)
-    p.add_argument("--run-timeout", type=float, default=300)
+    add_options(p, options=OWN_OPTIONS)
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (rows, notes) instead of the table")
