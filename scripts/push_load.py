@@ -88,10 +88,11 @@ def proc_status_kib(pid: int, key: str) -> int:
     return 0
 
 
-def write_config(directory: Path, radius_port: int, web_port: int) -> Path:
+def write_config(directory: Path, radius_port: int, web_port: int, *, timeout: int = 300,
+                 max_pending: int = 20000) -> Path:
     return ours_config(directory, radius_port, extra=f"""\
-        timeout = 300
-        max_pending = 20000
+        timeout = {timeout}
+        max_pending = {max_pending}
 
         [web]
         listen = "{HOST}"
@@ -417,8 +418,12 @@ def _device_thread(port: int, jobs: list, command: str, out: dict, lock: threadi
             out["last"] = max(out["last"], last or first)
 
 
-def device_worker(conn, port: int, connections: int) -> None:
-    """A worker process: runs the commands it is sent over ``conn`` with its own threads."""
+def device_worker(conn, port: int | list[int], connections: int) -> None:
+    """A worker process: runs the commands it is sent over ``conn`` with its own threads.
+
+    ``port``: the device API's, or a list of them (several nodes): connection k uses
+    the k-th, round robin."""
+    ports = port if isinstance(port, list) else [port]
     while True:
         message = conn.recv()
         if message is None:
@@ -428,8 +433,9 @@ def device_worker(conn, port: int, connections: int) -> None:
                "first": float("inf"), "last": 0.0}
         lock = threading.Lock()
         shares = [jobs[k::connections] for k in range(connections)]
-        threads = [threading.Thread(target=_device_thread, args=(port, share, command, out, lock))
-                   for share in shares if share]
+        threads = [threading.Thread(target=_device_thread,
+                                    args=(ports[k % len(ports)], share, command, out, lock))
+                   for k, share in enumerate(shares) if share]
         conn.send("ready")
         conn.recv()  # go: every worker starts at once
         for t in threads:
@@ -440,9 +446,10 @@ def device_worker(conn, port: int, connections: int) -> None:
 
 
 class DevicePool:
-    """``workers`` processes, ``connections`` keep-alive HTTP connections in all."""
+    """``workers`` processes, ``connections`` keep-alive HTTP connections in all (to one
+    device API port, or spread over a list of them)."""
 
-    def __init__(self, port: int, workers: int, connections: int):
+    def __init__(self, port: int | list[int], workers: int, connections: int):
         ctx = mp.get_context("spawn")
         per = max(1, connections // workers)
         self.pipes, self.procs = [], []
@@ -521,6 +528,46 @@ class StatusProbe:
         return self.rtts, self.lost
 
 
+def send_paced(logins: Logins, sink: WakeSink, window: int, port_for, daemon,
+               phase: str) -> tuple[float, int]:
+    """Send every login of ``logins`` (login i to ``port_for(i)``), at most ``window``
+    sent but not yet woken, then wait until all are woken or answered, sending the
+    missing ones again every 5 s (5 times at most). Returns (seconds to send them all,
+    retransmissions). ``daemon``: anything with ``check_alive()``."""
+    names, n = logins.names, len(logins.names)
+    t0 = time.monotonic()
+    woken_before = sink.total
+    stalled_since = None
+    for i in range(n):
+        # Flow control on the wake-ups: the daemon's UDP buffer holds a few
+        # hundred datagrams; a burst of 10,000 would be dropped in part.
+        while i - (sink.total - woken_before) >= window:
+            if stalled_since is None:
+                stalled_since = time.monotonic()
+            elif time.monotonic() - stalled_since > 5:
+                break
+            time.sleep(0.0005)
+        else:
+            stalled_since = None
+        logins.send(i, port_for(i))
+    sent_s = time.monotonic() - t0
+
+    # A datagram the daemon's socket buffer dropped is sent again after 5 s, the
+    # same bytes from the same socket, as a NAS would (counted in the table).
+    retransmitted = 0
+    for _ in range(5):
+        if wait_for(lambda: sink.total - woken_before >= n or logins.replies >= n,
+                    5, daemon, 0.01):
+            break
+        missing = [i for i, name in enumerate(names)
+                   if not sink.woken(name) and not logins.reply_code[i]]
+        progress(f"{phase}: {len(missing)} logins not woken after 5 s: retransmitting them")
+        for i in missing:  # a NAS retransmission: same datagram, same socket
+            logins.send(i, port_for(i))
+        retransmitted += len(missing)
+    return sent_s, retransmitted
+
+
 def hold_and_approve(names, devices, radius_port, daemon, sink, pool, args, result,
                      phase: str) -> dict:
     """Send logins for ``names``, wait until all are pending, approve them; returns figures."""
@@ -535,35 +582,8 @@ def hold_and_approve(names, devices, radius_port, daemon, sink, pool, args, resu
         # Status-Server meanwhile, to see the reactor's pauses (garbage collection).
         intake_probe = StatusProbe(radius_port, secret) if phase == "run" and args.status \
             else None
-        woken_before = sink.total
-        stalled_since = None
-        for i in range(n):
-            # Flow control on the wake-ups: the daemon's UDP buffer holds a few
-            # hundred datagrams; a burst of 10,000 would be dropped in part.
-            while i - (sink.total - woken_before) >= args.window:
-                if stalled_since is None:
-                    stalled_since = time.monotonic()
-                elif time.monotonic() - stalled_since > 5:
-                    break
-                time.sleep(0.0005)
-            else:
-                stalled_since = None
-            logins.send(i, radius_port)
-        sent_s = time.monotonic() - t0
-
-        # A datagram the daemon's socket buffer dropped is sent again after 5 s, the
-        # same bytes from the same socket, as a NAS would (counted in the table).
-        retransmitted = 0
-        for _ in range(5):
-            if wait_for(lambda: sink.total - woken_before >= n or logins.replies >= n,
-                        5, daemon, 0.01):
-                break
-            missing = [i for i, name in enumerate(names)
-                       if not sink.woken(name) and not logins.reply_code[i]]
-            progress(f"{phase}: {len(missing)} logins not woken after 5 s: retransmitting them")
-            for i in missing:  # a NAS retransmission: same datagram, same socket
-                logins.send(i, radius_port)
-            retransmitted += len(missing)
+        sent_s, retransmitted = send_paced(logins, sink, args.window, lambda i: radius_port,
+                                           daemon, phase)
         if intake_probe is not None:
             figures["intake_rtts"], figures["intake_lost"] = intake_probe.stop()
         intake_s = time.monotonic() - t0

@@ -24,6 +24,10 @@ Sections (``--only``, comma separated):
   push        issue #4: 10,000 logins held pending a push in one daemon, then approved
               through the device API: memory per pending login, Status-Server p99 while
               pending, approvals/s end to end, lost/duplicate wake-ups (scripts/push_load.py)
+  cluster     issue #12: password,code logins/s on one node on SQLite, one on PostgreSQL,
+              two nodes on one PostgreSQL and workers = "auto"; pushes pending across two
+              nodes (RSS per node, table size, approvals/s); kill -9 failover to the other
+              node, 20 trials (benchlib/cluster_bench.py, a throw-away PostgreSQL)
   webapp      issue #10: the web authenticator open in headless Chromium: sign-in shown in
               the page and Approve-to-Accept latency (p50/p95 over 50 logins), its assets'
               size, and 1,000 idle pages long-polling: daemon CPU and memory
@@ -71,7 +75,8 @@ VENV_BIN = Path(sys.executable).parent
 HOST = "127.0.0.1"  # the only address this script ever talks to
 SECRET = "bench-shared-secret-0123456789"
 LOGIN_PASSWORD = "bench-password"
-SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "ad", "push", "webapp")
+SECTIONS = ("ours", "freeradius", "bare", "logins", "scale", "ldap", "ad", "push", "webapp",
+            "cluster")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -247,15 +252,19 @@ def run_radclient(server: Server, request_file: Path, command: str, *, parallel:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     server.check_alive()
 
-    def stat(name: str) -> int:
-        m = re.search(rf"{name}\s*:\s*(\d+)", out.stdout)
-        return int(m.group(1)) if m else 0
-
-    accepted, rejected, lost = stat("Accepted"), stat("Rejected"), stat("Lost")
+    accepted, rejected, lost = radclient_counts(out.stdout)
     if accepted + rejected + lost == 0:
         raise NotAvailable(f"radclient printed no summary: {(out.stderr or out.stdout)[-300:]}")
     client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return RadclientResult(wall, sent, accepted, rejected, lost, client_cpu, cpu1 - cpu0)
+
+
+def radclient_counts(summary: str) -> tuple[int, int, int]:
+    """(accepted, rejected, lost) from radclient -s's summary."""
+    def stat(name: str) -> int:
+        m = re.search(rf"{name}\s*:\s*(\d+)", summary)
+        return int(m.group(1)) if m else 0
+    return stat("Accepted"), stat("Rejected"), stat("Lost")
 
 
 def require(command: str, package: str) -> str:
@@ -1206,6 +1215,46 @@ def samba_version() -> str:
     return out.stdout.replace("Version", "").strip()
 
 
+# --- sections run as child scripts: push, webapp, cluster --------------------------------
+
+def child_json(argv: list[str], timeout: float) -> dict:
+    """Run a bench script that prints one JSON object last on stdout (progress on our
+    stderr); that object, or NotAvailable with its "error" or why there is none."""
+    script = Path(argv[1]).name
+    try:
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True,
+                             timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise NotAvailable(f"{script} did not finish in {timeout:.0f} s") from None
+    try:
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise NotAvailable(f"{script} printed no result (exit {out.returncode})") from None
+    if "error" in figures:
+        raise NotAvailable(figures["error"])
+    return figures
+
+
+def bench_cluster(report: Report, args) -> None:
+    """Issue #12: benchlib/cluster_bench.py in a child process; its rows become table rows."""
+    from cluster_bench import OPTIONS
+    argv = [sys.executable, str(HERE / "cluster_bench.py"), "--json",
+            "--run-timeout", str(args.run_timeout), "--build-timeout", str(args.build_timeout)]
+    for name, *_ in OPTIONS:
+        argv += [f"--{name}", str(getattr(args, "cluster_" + name.replace("-", "_")))]
+    if args.keep:
+        argv.append("--keep")
+    progress(f"cluster: logins/s on SQLite, PostgreSQL, 2 nodes, workers; "
+             f"{args.cluster_pushes:,} pushes pending across 2 nodes; {args.cluster_trials} "
+             "failover trials (benchlib/cluster_bench.py; progress below)")
+    figures = child_json(argv, args.cluster_timeout)
+    machine = figures["machine"]
+    report.add("cluster", "machine", "cores, CPU", str(machine["cores"]), machine["cpu"])
+    for section, target, metric, value, note in figures["rows"]:
+        report.add(section, target, metric, value, note)
+    report.notes.extend(figures["notes"])
+
+
 # --- section: push (issue #4) -------------------------------------------------------------
 
 def bench_push(report: Report, args) -> None:
@@ -1216,18 +1265,7 @@ def bench_push(report: Report, args) -> None:
     argv = [sys.executable, str(script), "--json", "--logins", str(args.push_logins)]
     progress(f"push: {args.push_logins:,} logins held pending a push, then approved "
              "(scripts/push_load.py; progress below)")
-    try:
-        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True,
-                             timeout=args.push_timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise NotAvailable(f"push_load.py did not finish in {args.push_timeout:.0f} s") \
-            from None
-    try:
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise NotAvailable(f"push_load.py printed no result (exit {out.returncode})") from None
-    if "error" in figures:
-        raise NotAvailable(figures["error"])
+    figures = child_json(argv, args.push_timeout)
     label = f"{figures['logins']:,} pending"
     for metric, value, target, met, note in figures["rows"]:
         if target != "-":
@@ -1260,18 +1298,7 @@ def bench_webapp(report: Report, args) -> None:
             "--pages", str(args.webapp_pages)]
     progress(f"webapp: {args.webapp_logins} logins approved in headless Chromium, then "
              f"{args.webapp_pages:,} idle pages (scripts/webapp_load.py)")
-    try:
-        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=None, text=True,
-                             timeout=600, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise NotAvailable("webapp_load.py did not finish in 600 s") from None
-    try:
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        raise NotAvailable(f"webapp_load.py printed no result (exit {out.returncode})") \
-            from None
-    if "error" in figures:
-        raise NotAvailable(figures["error"])
+    figures = child_json(argv, 600)
     for metric, value, target, met, note in figures["rows"]:
         note = f"[{target}: {'met' if met == 'yes' else 'NOT MET'}] {note}"
         report.add(section, "web authenticator", metric, value, note)
@@ -1302,7 +1329,9 @@ def parse_args(argv=None):
                "logins/s, hash share, RSS); scale (100,000 users and tokens); ldap (logins "
                "against slapd vs raw ldap3 and FreeRADIUS rlm_ldap+rlm_totp, latency); "
                "ad (the same against a Samba AD DC over LDAPS); "
-               "push (10,000 logins pending a push, approved through the device API)")
+               "push (10,000 logins pending a push, approved through the device API); "
+               "cluster (issue #12: logins/s on SQLite, PostgreSQL, 2 nodes and workers; "
+               "pushes pending across 2 nodes; kill -9 failover)")
     parser.add_argument("--only", metavar="LIST", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: all)")
     parser.add_argument("--count", type=int, default=20000,
@@ -1358,6 +1387,11 @@ def parse_args(argv=None):
                         help="webapp: logins approved in the browser (default 50)")
     parser.add_argument("--webapp-pages", type=int, default=1000,
                         help="webapp: idle pages long-polling at once (default 1000)")
+    import cluster_bench  # here: it imports this file again as "bench", and push_load
+    cluster_bench.add_options(parser, "--cluster-")
+    parser.add_argument("--cluster-timeout", type=float, default=3600,
+                        help="cluster: seconds allowed for benchlib/cluster_bench.py "
+                             "(default 3600)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (configs, logs, stores)")
     args = parser.parse_args(argv)
@@ -1418,34 +1452,19 @@ def main(argv=None) -> int:
                 "responder checks nothing (no client list, no Message-Authenticator check).")
         if args.sections & {"logins", "scale"}:
             bench_logins(report, args, workdir, args.sections)
-        if "ldap" in args.sections:
+        for name, run_section in (("ldap", lambda: bench_ldap(report, args, workdir)),
+                                  ("ad", lambda: bench_ad(report, args, workdir)),
+                                  ("push", lambda: bench_push(report, args)),
+                                  ("webapp", lambda: bench_webapp(report, args)),
+                                  ("cluster", lambda: bench_cluster(report, args))):
+            if name not in args.sections:
+                continue
             try:
-                bench_ldap(report, args, workdir)
+                run_section()
             except NotAvailable as e:
-                report.na("ldap", "all", str(e))
+                report.na(name, "all", str(e))
             except Exception as e:  # a piece under construction must not stop the table
-                report.na("ldap", "all", f"error: {type(e).__name__}: {e}")
-        if "ad" in args.sections:
-            try:
-                bench_ad(report, args, workdir)
-            except NotAvailable as e:
-                report.na("ad", "all", str(e))
-            except Exception as e:  # a piece under construction must not stop the table
-                report.na("ad", "all", f"error: {type(e).__name__}: {e}")
-        if "push" in args.sections:
-            try:
-                bench_push(report, args)
-            except NotAvailable as e:
-                report.na("push", "all", str(e))
-            except Exception as e:  # a piece under construction must not stop the table
-                report.na("push", "all", f"error: {type(e).__name__}: {e}")
-        if "webapp" in args.sections:
-            try:
-                bench_webapp(report, args)
-            except NotAvailable as e:
-                report.na("webapp", "all", str(e))
-            except Exception as e:  # a piece under construction must not stop the table
-                report.na("webapp", "all", f"error: {type(e).__name__}: {e}")
+                report.na(name, "all", f"error: {type(e).__name__}: {e}")
     except KeyboardInterrupt:
         progress("interrupted")
         report.notes.append("INTERRUPTED: partial results.")
