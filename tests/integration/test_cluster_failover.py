@@ -351,7 +351,7 @@ def wait_until(moment: float) -> None:
 
 # --- 3. concurrency fuzz ------------------------------------------------------------------------
 
-FUZZ_SECONDS = 30
+FUZZ_SECONDS = 15
 TOTP_USERS = ("tina", "tom")
 HOTP_USERS = ("hana", "hugo")
 COPIES = 2          # of each login, to each node, at once

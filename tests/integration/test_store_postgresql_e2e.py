@@ -17,7 +17,11 @@ import time
 
 import pytest
 
+from mfaserver import passwords
+from mfaserver.auth.model import TokenKind
 from mfaserver.factors import oath
+from mfaserver.store import NewToken
+from mfaserver.store.pg import PgStore
 
 from .conftest import MFASERVER, start_daemon, stop_daemon, write_config
 from .test_radius_e2e import SEED, SEED_B32
@@ -37,6 +41,20 @@ def code_at(step: int) -> str:
 def add_user(daemon, name: str) -> None:
     daemon.cli("user", "add", name, "--password-stdin", input=f"pw-{name}\n")
     daemon.cli("token", "add", name, "--type", "totp", "--secret", SEED_B32, "--no-qr")
+
+
+def add_users_directly(daemon, dsn: str, names, kind=TokenKind.TOTP) -> None:
+    """What `add_user` does for many users at once, written straight into the node's
+    database (each CLI call pays a process start)."""
+    store = PgStore.open(dsn, daemon.config_path.parent / "state" / "seed.key", create=False)
+    try:
+        now = time.time()
+        for name in names:
+            store.add_user(name, password_hash=passwords.hash_password(f"pw-{name}"),
+                           phone=None, now=now)
+            store.add_token(name, NewToken(kind=kind, secret=SEED), now=now)
+    finally:
+        store.close()
 
 
 @pytest.fixture

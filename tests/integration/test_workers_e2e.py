@@ -21,7 +21,7 @@ from mfaserver.testing import access_request
 
 from .conftest import SECRET, start_daemon, stop_daemon
 from .test_radius_e2e import SEED
-from .test_store_postgresql_e2e import add_user, store_config
+from .test_store_postgresql_e2e import add_users_directly, store_config
 
 pytestmark = pytest.mark.integration
 
@@ -59,10 +59,9 @@ def wait_until(predicate, seconds: float) -> bool:
     return predicate()
 
 
-def test_the_workers_share_the_port_and_each_is_a_node(workers):
+def test_the_workers_share_the_port_and_each_is_a_node(workers, postgres_database):
     users = [f"w{i}" for i in range(16)]
-    for name in users:
-        add_user(workers, name)
+    add_users_directly(workers, postgres_database, users)
     code = oath.hotp(SEED, oath.totp_step(time.time()))
     # Each login from a socket of its own: the kernel spreads new 4-tuples.
     replies = []
