@@ -42,6 +42,7 @@ from mfaserver.processes import (SharedTcpPort, SharedUdpPort, Supervisor, die_w
                                  worker_name)
 from mfaserver.radius.protocol import ListenerSettings, RadiusAuthProtocol
 from mfaserver.radius.replay import ReplyCache
+from mfaserver.store.cluster import ClusterState
 from mfaserver.store.threaded import PerThreadStore, ThreadedStore
 from mfaserver.workers import WorkerThreads
 
@@ -512,7 +513,6 @@ class MfaDaemon(tservice.MultiService):
     def _cluster_tick(self) -> Deferred[None]:
         """Every CLUSTER_POLL_SECONDS: what notifications missed; now and then, remove
         expired challenges and pushes (any node may, whichever comes first)."""
-        from mfaserver.store.cluster import ClusterState
         self._cluster_ticks += 1
         work = [self._cluster_poll()]
         if self._cluster_ticks % SWEEP_EVERY_TICKS == 0:

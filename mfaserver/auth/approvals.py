@@ -151,6 +151,12 @@ class RateLimiter:
         self.burst = min(self.max_burst, per_hour)
         self.per_second = per_hour / 3600.0
 
+    @property
+    def bucket(self) -> tuple[float, float]:
+        """(tokens per second, burst): the settings a cluster's shared bucket of the
+        same limit is taken with (`mfaserver.store.cluster`)."""
+        return self.per_second, self.burst
+
     def allow(self, key: Hashable) -> bool:
         """Take one token for ``key``; False (and nothing taken) if none is left."""
         now = self._clock.seconds()

@@ -35,9 +35,9 @@ from mfaserver.auth.interfaces import FactorRefused, UnknownApproval, WrongConfi
 from mfaserver.auth.model import Login, Reason, Verdict
 from mfaserver.factors.cluster_waits import RowWaits
 from mfaserver.factors.push import (ANSWERED, CLOSED, EXPIRED, MSG_MATCH_NUMBER,
-                                    MSG_TOO_MANY_PUSHES, MSG_WRONG_NUMBER, AlreadyAnswered, LongPolls, PushTransaction,
-                                    TransactionClosed, TransactionExpired, UnknownTransaction,
-                                    _Push, wake_devices)
+                                    MSG_TOO_MANY_PUSHES, MSG_WRONG_NUMBER, AlreadyAnswered,
+                                    LongPolls, PushTransaction, TransactionClosed,
+                                    TransactionExpired, UnknownTransaction, _Push, wake_devices)
 from mfaserver.factors.push_protocol import new_match_number, new_transaction_id
 from mfaserver.store.cluster import (NEW_PUSH, PUSH_ENDED, ClusterState, PushRow,
                                      login_key_text)
@@ -89,7 +89,7 @@ class SharedPushTransactions:
         a limit; see `ClusterState.open_push` for ``join``.
         """
         max_per_user, max_total = self._limits()
-        rate = None if limit is None else (limit.per_second, limit.burst)
+        rate = None if limit is None else limit.bucket
         d = self._run(ClusterState.open_push, txid=new_transaction_id(),
                       login_key=login_key_text(login.key), user=login.user,
                       client=login.client, nas_ip=login.nas_ip,

@@ -158,7 +158,7 @@ class SharedSmsCodes(SmsCodes):
         code = self.new_code()
         stored = self._run(ClusterState.put_sms_code, login.user, phone, code,
                            now=self._clock.seconds(), ttl=self.ttl,
-                           per_user=_bucket(self._per_user), per_number=_bucket(self._per_number))
+                           per_user=self._per_user.bucket, per_number=self._per_number.bucket)
 
         def text(allowed: bool) -> Deferred[str]:
             if not allowed:
@@ -174,11 +174,6 @@ class SharedSmsCodes(SmsCodes):
         d.addCallback(lambda right: CodeCheck(CodeResult.ACCEPTED if right else CodeResult.WRONG,
                                               SMS.name))
         return d
-
-
-def _bucket(limit) -> tuple[float, float]:
-    """A `RateLimiter`'s settings, for the cluster's bucket of the same key."""
-    return limit.per_second, limit.burst
 
 
 def _prompt(phone: str) -> str:

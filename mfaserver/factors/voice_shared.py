@@ -81,8 +81,8 @@ class SharedVoiceCalls(VoiceCalls):
             login_key=login_key_text(login_key or (user, client, None)), user=user,
             client=client, masked=masked, phone=phone, now=self._clock.seconds(),
             timeout=timeout, node=self.node, late_window=self.late_window,
-            max_calls=self.max_calls, max_per_user=self.max_per_user, per_user=(self._per_user.per_second, self._per_user.burst),
-            per_number=(self._per_number.per_second, self._per_number.burst))
+            max_calls=self.max_calls, max_per_user=self.max_per_user,
+            per_user=self._per_user.bucket, per_number=self._per_number.bucket)
         return opened.addCallback(self._opened, user, phone, masked, client)
 
     def _opened(self, result, user: str, phone: str, masked: str, client: str):

@@ -84,14 +84,14 @@ def _push_row(row) -> PushRow:
     return PushRow(*row)
 
 
-def _answer_json(value) -> object:
+def _to_json(value) -> object:
     """A context value as JSON: tuples become lists, bytes a tagged hex string."""
     if isinstance(value, (bytes, bytearray)):
         return {"hex": bytes(value).hex()}
     if isinstance(value, (list, tuple)):
-        return [_answer_json(item) for item in value]
+        return [_to_json(item) for item in value]
     if isinstance(value, dict):
-        return {key: _answer_json(item) for key, item in value.items()}
+        return {key: _to_json(item) for key, item in value.items()}
     return value
 
 
@@ -112,7 +112,7 @@ def context_to_text(context: dict) -> str:
     them. Tuples come back as tuples; a dict whose only key is ``hex`` is
     reserved for bytes.
     """
-    return json.dumps(_answer_json(context), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(_to_json(context), ensure_ascii=False, separators=(",", ":"))
 
 
 def context_from_text(text: str) -> dict:
