@@ -339,10 +339,14 @@ class MfaDaemon(tservice.MultiService):
         # connection each, as its calls wait for the network (sync psycopg in
         # threads, not async psycopg: scripts/benchlib/pg_access_bench.py).
         # Hashing gets one thread per core.
+        # The login path's three statements on PostgreSQL are sent by the reactor
+        # itself, not through a thread (mfaserver/store/pg_reactor.py).
+        self._logins = None
         if config.store.backend == "postgresql":
             db_thread = threads(reactor, POSTGRESQL_THREADS, "mfaserver-db")
             self._per_thread = PerThreadStore(self.store.another)
             threaded_over = self._per_thread
+            self._logins = self.store.reactor_logins(reactor, db_thread.run)
         else:
             db_thread = threads(reactor, 1, "mfaserver-db")
             self._per_thread = None
@@ -350,7 +354,7 @@ class MfaDaemon(tservice.MultiService):
         self.hash_threads = threads(reactor, max(2, os.cpu_count() or 2), "mfaserver-hash")
         for workers in (db_thread, self.hash_threads):
             LifecycleService(workers).setServiceParent(self)
-        self.threaded = ThreadedStore(threaded_over, db_thread.run)
+        self.threaded = ThreadedStore(threaded_over, db_thread.run, logins=self._logins)
         timer = internet.TimerService(1.0, self._check_outside_changes)
         timer.clock = reactor
         timer.setServiceParent(self)
@@ -723,6 +727,8 @@ class MfaDaemon(tservice.MultiService):
 
     def _close_stores(self, result):
         # After the database threads have stopped.
+        if self._logins is not None:
+            self._logins.close()
         if self._per_thread is not None:
             self._per_thread.close()
         self.store.close()

@@ -265,7 +265,7 @@ _TOKEN_SQL = """
 
 # One statement reads the user and all their tokens from one snapshot.
 # A user disabled by the directory sync is reported as blocked.
-_ACCOUNT_SQL = """
+ACCOUNT_SQL = """
     SELECT u.name, u.phone, u.blocked != 0 OR u.disabled_since IS NOT NULL,
            u.failures, u.locked_until,
            u.password_hash IS NOT NULL,
@@ -895,7 +895,11 @@ class Store:
         Raises SeedIntegrityError if any seed fails to authenticate: the
         caller must reject and alert, never skip the token.
         """
-        rows = self._conn.execute(_ACCOUNT_SQL, (name,)).fetchall()
+        return self.account_from_rows(self._conn.execute(ACCOUNT_SQL, (name,)).fetchall())
+
+    def account_from_rows(self, rows: list[tuple]) -> Account | None:
+        """The account from the rows of ``ACCOUNT_SQL`` (see `load_account`); for
+        the daemon's statements that the reactor sends itself (`pg_reactor`)."""
         if not rows:
             return None
         first = rows[0]

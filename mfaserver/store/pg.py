@@ -45,6 +45,7 @@ from mfaserver.store.cluster import ClusterState
 from mfaserver.store.db import (BUSY_TIMEOUT_MS, Dialect, Store, StoreError,
                                 StoreUnavailableError, _guarded)
 from mfaserver.store.pg_migrations import migrate
+from mfaserver.store.pg_reactor import PgLogins, ReactorPg
 
 __all__ = ["PG", "PgConnection", "PgStore"]
 
@@ -232,6 +233,12 @@ class PgConnection:
             self._raw = raw
         return raw
 
+    @property
+    def stale(self) -> bool:
+        """Another connection to this server was lost since this one was opened (a
+        failover may have moved the server): to be replaced when next idle."""
+        return self._generation != self._server.generation
+
     def execute(self, sql: str, params=None) -> psycopg.Cursor:
         """Run one shared statement; the cursor holds its rows and rowcount."""
         return self.connection().execute(to_postgresql(sql), params or None)
@@ -314,6 +321,16 @@ class PgStore(ClusterState, Store):
             if self._conn is None:
                 raise StoreError("the store is closed")
             return type(self)(self._conn.another(), self._cipher, self._path)
+
+    def reactor_logins(self, reactor, run_on_thread):
+        """The login path's statements sent by ``reactor`` itself on connections of
+        their own (`mfaserver.store.pg_reactor.PgLogins`), opened on a database
+        thread through ``run_on_thread``."""
+        with self._lock:
+            if self._conn is None:
+                raise StoreError("the store is closed")
+            conn = self._conn
+        return PgLogins(ReactorPg(reactor, conn.another, run_on_thread, self._path), self)
 
     @staticmethod
     def _message(error: Exception) -> str:

@@ -27,9 +27,12 @@ MAX_CACHED_DEVICES = 100_000
 class ThreadedStore:
     """`AccountStore` (and the local directory's password lookup) over a `Store`."""
 
-    def __init__(self, store, run: Callable[..., Deferred]):
+    def __init__(self, store, run: Callable[..., Deferred], *, logins=None):
         self._store = store
         self._run_on_thread = run
+        # PostgreSQL: the login path's reads and code write sent by the reactor
+        # itself (`mfaserver.store.pg_reactor.PgLogins`), not through a thread.
+        self._logins = logins
         # While the database is unreachable (StoreUnavailable): said once, not per call.
         self.unavailable = False
         self._audit_lock = threading.Lock()
@@ -38,7 +41,9 @@ class ThreadedStore:
         self._audit_queue: list[tuple[AuditEntry, Deferred]] = []
 
     def _run(self, f, *args, **kwargs) -> Deferred:
-        d = self._run_on_thread(f, *args, **kwargs)
+        return self._watch(self._run_on_thread(f, *args, **kwargs))
+
+    def _watch(self, d: Deferred) -> Deferred:
         if self.unavailable:
             d.addCallback(self._available_again)
         d.addErrback(self._maybe_unavailable)
@@ -58,9 +63,13 @@ class ThreadedStore:
         return result
 
     def lookup_password(self, name: str) -> Deferred[tuple[str | None, str | None] | None]:
+        if self._logins is not None:
+            return self._watch(self._logins.lookup_password(name))
         return self._run(self._store.get_password, name)
 
     def load_account(self, name: str) -> Deferred[Account | None]:
+        if self._logins is not None:
+            return self._watch(self._logins.load_account(name))
         return self._run(self._store.load_account, name)
 
     def load_and_use_code(
@@ -68,6 +77,8 @@ class ThreadedStore:
     ) -> Deferred[tuple[Account | None, CodeUse | None]]:
         """One database thread call for a login with a code (`AccountStore`): each
         hop costs more CPU than the SQL it carries, and adds its wake-ups."""
+        if self._logins is not None:
+            return self._watch(self._logins.load_and_use_code(name, plan))
         return self._run(self._load_and_use_code, name, plan)
 
     def _load_and_use_code(self, name, plan):
