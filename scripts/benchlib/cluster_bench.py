@@ -55,6 +55,7 @@ ROOT = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 import bench as b  # noqa: E402 (the bench's modules import each other flat)
+from loadgen import closed_loop  # noqa: E402
 import push_load as pl  # noqa: E402
 
 TARGET_PG_RATIO = 0.7
@@ -180,29 +181,62 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
-def radclient_round(target: Target, names: list[str], clients: int, inflight: int,
-                    workdir: Path, pg: PgCluster | None, timeout: float) -> dict:
-    """``clients`` radclient processes at once, client k to port k mod len(ports), each
-    logging in its share of ``names`` once; returns accepted/s and CPU per login."""
-    shares = [names[k::clients] for k in range(clients)]
+def login_round(target: Target, names: list[str], args, workdir: Path,
+                pg: PgCluster | None) -> dict:
+    """Log in each of ``names`` once against ``target``; returns accepted/s and the CPU
+    the servers (and PostgreSQL, and the load generator) spent.
+
+    ``--generator python`` (the default): `loadgen.closed_loop` in this process,
+    ``--clients`` sockets with ``--inflight`` requests in flight each, socket k to
+    port k mod len(ports). ``--generator radclient``: that many radclient
+    processes, ``-p inflight`` each, which spend more CPU than the server they
+    load (see `loadgen.closed_loop`)."""
+    # Stay clear of a TOTP step boundary so every code is inside the window.
+    if int(time.time()) % 30 > 27:
+        time.sleep(30 - time.time() % 30 + 0.2)
     now = time.time()
+    cpu0 = sum(b.tree_cpu_seconds(s.proc.pid) for s in target.servers)
+    pg0 = pg.cpu() if pg else 0.0
+    if args.generator == "python":
+        logins = [(name, f"{b.LOGIN_PASSWORD},{b.totp(b.seed_for(name), now)}")
+                  for name in names]
+        r = closed_loop(b.HOST, target.ports, b.SECRET.encode(), logins,
+                        sockets=args.clients, inflight=args.clients * args.inflight,
+                        timeout=10.0)
+        wall, gen_cpu = r.wall, r.cpu
+        accepted, rejected, lost = r.accepted, r.rejected, r.lost + r.other
+    else:
+        wall, gen_cpu, (accepted, rejected, lost) = radclient_round(
+            target, names, now, args, workdir)
+    for s in target.servers:
+        s.check_alive()
+    return dict(wall=wall, sent=len(names), accepted=accepted, rejected=rejected, lost=lost,
+                rate=accepted / wall if wall > 0 else 0.0, generator_cpu=gen_cpu,
+                cpu=sum(b.tree_cpu_seconds(s.proc.pid) for s in target.servers) - cpu0,
+                pg_cpu=(pg.cpu() - pg0) if pg else 0.0)
+
+
+def radclient_round(target: Target, names: list[str], now: float, args,
+                    workdir: Path) -> tuple[float, float, tuple[int, int, int]]:
+    """``--clients`` radclient processes at once, client k to port k mod len(ports):
+    (wall seconds, their CPU seconds, (accepted, rejected, lost))."""
     files = []
-    for k, share in enumerate(shares):
+    for k in range(args.clients):
+        share = names[k::args.clients]
         path = workdir / f"logins-{target.key}-{share[0]}"
         b.login_file(path, share, now)
         files.append(path)
-    cpu0 = sum(b.tree_cpu_seconds(s.proc.pid) for s in target.servers)
-    pg0 = pg.cpu() if pg else 0.0
+    children0 = os.times()
     t0 = time.perf_counter()
     procs = [subprocess.Popen(
-        ["radclient", "-q", "-s", "-p", str(inflight), "-c", "1", "-t", "10", "-r", "1",
+        ["radclient", "-q", "-s", "-p", str(args.inflight), "-c", "1", "-t", "10", "-r", "1",
          "-f", str(path), f"{b.HOST}:{target.ports[k % len(target.ports)]}", "auth",
          b.SECRET], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         stdin=subprocess.DEVNULL) for k, path in enumerate(files)]
     totals = [0, 0, 0]
     try:
         for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
+            out, _ = proc.communicate(timeout=args.run_timeout)
             for n, count in enumerate(b.radclient_counts(out)):
                 totals[n] += count
     finally:
@@ -211,13 +245,10 @@ def radclient_round(target: Target, names: list[str], clients: int, inflight: in
                 proc.kill()
                 proc.wait()
     wall = time.perf_counter() - t0
-    for s in target.servers:
-        s.check_alive()
-    accepted, rejected, lost = totals
-    return dict(wall=wall, sent=len(names), accepted=accepted, rejected=rejected, lost=lost,
-                rate=accepted / wall if wall > 0 else 0.0,
-                cpu=sum(b.tree_cpu_seconds(s.proc.pid) for s in target.servers) - cpu0,
-                pg_cpu=(pg.cpu() - pg0) if pg else 0.0)
+    children1 = os.times()
+    cpu = (children1.children_user + children1.children_system
+           - children0.children_user - children0.children_system)
+    return wall, cpu, tuple(totals)
 
 
 def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
@@ -285,8 +316,7 @@ def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
         progress("logins: warm-up, then " + f"{args.rounds} interleaved rounds of "
                  f"{args.logins:,} logins against: " + ", ".join(t.label for t in targets))
         for t in list(targets):
-            warm = radclient_round(t, names[t.key][:args.warmup], args.clients, args.inflight,
-                                   workdir, pg, args.run_timeout)
+            warm = login_round(t, names[t.key][:args.warmup], args, workdir, pg)
             if warm["accepted"] == 0:
                 report.na(section, t.label, f"no login accepted in the warm-up "
                                             f"(rejected {warm['rejected']}, lost {warm['lost']})"
@@ -295,9 +325,8 @@ def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
         for r in range(args.rounds):
             for t in targets:
                 first = args.warmup + r * args.logins
-                t.runs.append(radclient_round(t, names[t.key][first:first + args.logins],
-                                              args.clients, args.inflight, workdir, pg,
-                                              args.run_timeout))
+                t.runs.append(login_round(t, names[t.key][first:first + args.logins],
+                                          args, workdir, pg))
                 progress(f"  round {r + 1} {t.label}: {t.runs[-1]['rate']:,.0f}/s")
         rss = {t.key: sum(tree_rss_kib(s.proc.pid) for s in t.servers) for t in targets}
     medians = {}
@@ -316,9 +345,10 @@ def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
                        else "")
             report.add(section, t.label, "CPU per login: mfaserver",
                        f"{mid['cpu'] * per:.2f} ms",
-                       f"all its processes{pg_note}; cores busy "
-                       f"{(mid['cpu'] + mid['pg_cpu']) / mid['wall']:.2f} of {os.cpu_count()} "
-                       f"(plus radclient); RSS {rss[t.key] / 1024:,.0f} MiB")
+                       f"all its processes{pg_note}; load generator "
+                       f"{mid['generator_cpu'] * per:.2f} ms; cores busy "
+                       f"{(mid['cpu'] + mid['pg_cpu'] + mid['generator_cpu']) / mid['wall']:.2f}"
+                       f" of {os.cpu_count()}; RSS {rss[t.key] / 1024:,.0f} MiB")
     if medians.get("pg1") and medians.get("sqlite"):
         ratio = medians["pg1"] / medians["sqlite"]
         report.add(section, "ratio", "1 node PostgreSQL / SQLite", f"{ratio:.2f}",
@@ -651,9 +681,13 @@ def run(args) -> b.Report:
         if "logins" in args.parts:
             report.notes.append(
                 "Cluster logins: \"password,code\", every request a distinct user with its "
-                f"current TOTP code, {args.clients} radclient processes at once x "
-                f"{args.inflight} in flight, client k to port k mod (ports of the target): "
-                "workers get what the kernel's SO_REUSEPORT hash of the clients' source "
+                "current TOTP code, "
+                + (f"benchlib/loadgen.py closed_loop: {args.clients} UDP sockets x "
+                   f"{args.inflight} in flight, packets built before the clock starts"
+                   if args.generator == "python" else
+                   f"{args.clients} radclient processes at once x {args.inflight} in flight")
+                + ", socket k to port k mod (ports of the target): "
+                "workers get what the kernel's SO_REUSEPORT hash of the source "
                 "sockets gives them, which need not be an even split; "
                 f"{args.rounds} rounds of {args.logins:,} per target after a warm-up, "
                 "interleaved; medians.")
@@ -700,9 +734,12 @@ OPTIONS = (
 OWN_OPTIONS = (
     ("parts", str, "logins,push", "logins, push (push includes the failover trials)"),
     ("warmup", int, 100, "warm-up logins per target"),
-    ("clients", int, 8, "radclient processes at once per round (SO_REUSEPORT workers "
-                        "get a share per source socket)"),
-    ("inflight", int, 8, "requests in flight per radclient"),
+    ("generator", ("python", "radclient"), "python",
+     "the logins' load generator: loadgen.closed_loop in this process, or radclient "
+     "processes (which take most of a 2-core machine themselves)"),
+    ("clients", int, 8, "generator sockets (or radclient processes) per round: SO_REUSEPORT "
+                        "workers get a share per source socket"),
+    ("inflight", int, 8, "requests in flight per socket (radclient -p)"),
     ("settle", float, 0.5, "failover: seconds from the retry to the device's approval"),
     ("window", int, 128, "push logins sent but not yet woken at most"),
     ("connections", int, 4, "device API keep-alive connections"),
