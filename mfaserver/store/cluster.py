@@ -44,7 +44,7 @@ ANSWERED = "answered"
 EXPIRED = "expired"
 CLOSED = "closed"
 
-_PUSH_COLUMNS = ("txid, username, client, nas_ip, calling_station_id, created, expires,"
+PUSH_COLUMNS = ("txid, username, client, nas_ip, calling_station_id, created, expires,"
                  " number, state, verdict, answered_by, login_key")
 
 
@@ -172,7 +172,7 @@ class ClusterState:
             self._lock_user(conn, user)
             conn.execute("UPDATE cluster_push SET state = 'expired' WHERE login_key = %s"
                          " AND state = 'pending' AND expires <= %s", (login_key, now))
-            row = conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+            row = conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push"
                                " WHERE login_key = %s AND state = 'pending'",
                                (login_key,)).fetchone()
             if row is not None:
@@ -184,7 +184,7 @@ class ClusterState:
                 # Answered while no node held the login (its node died before the
                 # NAS's retry arrived): the retry takes that answer, once.
                 row = conn.execute(
-                    f"SELECT {_PUSH_COLUMNS} FROM cluster_push WHERE login_key = %s"
+                    f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE login_key = %s"
                     " AND state = 'answered' AND delivered = 0 AND expires > %s"
                     " ORDER BY created DESC LIMIT 1 FOR UPDATE", (login_key, now)).fetchone()
                 if row is not None and (join == "any" or row[7] is not None):
@@ -211,14 +211,14 @@ class ClusterState:
     @_guarded
     def get_push(self, txid: str, now: float) -> PushRow | None:
         """A push by id: pending, or ended and still remembered."""
-        row = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push WHERE txid = %s"
+        row = self._conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE txid = %s"
                                  " AND forget_after > %s", (txid, now)).fetchone()
         return None if row is None else _push_row(row)
 
     @_guarded
     def find_push(self, login_key: str, now: float) -> PushRow | None:
         """The pending push of a login."""
-        row = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+        row = self._conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push"
                                  " WHERE login_key = %s AND state = 'pending' AND expires > %s",
                                  (login_key, now)).fetchone()
         return None if row is None else _push_row(row)
@@ -226,7 +226,7 @@ class ClusterState:
     @_guarded
     def pending_pushes(self, user: str, now: float) -> list[PushRow]:
         """The user's pending pushes, oldest first (what a device's poll lists)."""
-        rows = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+        rows = self._conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push"
                                   " WHERE username = %s AND state = 'pending' AND expires > %s"
                                   " ORDER BY created, txid", (user, now)).fetchall()
         return [_push_row(row) for row in rows]
@@ -246,7 +246,7 @@ class ClusterState:
     @_guarded
     def ended_pushes(self, txids: list[str]) -> list[PushRow]:
         """Those of ``txids`` that are no longer pending (the poll behind NOTIFY)."""
-        rows = self._conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push"
+        rows = self._conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push"
                                   " WHERE txid = ANY(%s) AND state <> 'pending'",
                                   (txids,)).fetchall()
         return [_push_row(row) for row in rows]
@@ -270,7 +270,7 @@ class ClusterState:
         None), ("expired", row) or ("already", row).
         """
         with self._immediate() as conn:
-            row = conn.execute(f"SELECT {_PUSH_COLUMNS} FROM cluster_push WHERE txid = %s"
+            row = conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE txid = %s"
                                " AND forget_after > %s FOR UPDATE", (txid, now)).fetchone()
             if row is None or row[1] != user:
                 return "unknown", None
@@ -329,12 +329,16 @@ class ClusterState:
 
     @staticmethod
     def _pending(conn, now: float, user: str | None = None) -> int:
-        """Out-of-band logins pending (pushes and calls), of ``user`` or in all."""
-        where = " AND username = %s" if user is not None else ""
-        params = (now, user) if user is not None else (now,)
-        return sum(conn.execute(f"SELECT count(*) FROM {table} WHERE state = 'pending'"
-                                f" AND expires > %s{where}", params).fetchone()[0]
-                   for table in ("cluster_push", "cluster_calls"))
+        """Out-of-band logins pending (pushes and calls), of ``user`` or in all (the
+        triggers' count in ``cluster_pending``, see pg_migrations)."""
+        if user is None:
+            return conn.execute("SELECT coalesce(sum(n), 0) FROM cluster_pending").fetchone()[0]
+        return conn.execute(
+            "SELECT (SELECT count(*) FROM cluster_push WHERE state = 'pending'"
+            "        AND expires > %(now)s AND username = %(user)s)"
+            "     + (SELECT count(*) FROM cluster_calls WHERE state = 'pending'"
+            "        AND expires > %(now)s AND username = %(user)s)",
+            {"now": now, "user": user}).fetchone()[0]
 
     @staticmethod
     def _end_push(conn, txid: str, state: str, forget_after: float) -> bool:

@@ -171,9 +171,99 @@ CREATE TABLE IF NOT EXISTS cluster_calls (
 CREATE UNIQUE INDEX IF NOT EXISTS cluster_calls_login
     ON cluster_calls (login_key) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS cluster_calls_forget ON cluster_calls (forget_after);
+CREATE INDEX IF NOT EXISTS cluster_calls_user ON cluster_calls (username)
+    WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS cluster_push_undelivered ON cluster_push (login_key)
+    WHERE state = 'answered' AND delivered = 0;
+CREATE INDEX IF NOT EXISTS cluster_calls_undelivered ON cluster_calls (login_key)
+    WHERE state = 'decided' AND delivered = 0;
+""" + """
+CREATE TABLE IF NOT EXISTS cluster_pending (
+    shard INTEGER PRIMARY KEY,
+    n BIGINT NOT NULL);
+INSERT INTO cluster_pending (shard, n)
+    SELECT g, (SELECT count(*) FROM cluster_push
+               WHERE state = 'pending' AND (hashtext(username) & 15) = g)
+            + (SELECT count(*) FROM cluster_calls
+               WHERE state = 'pending' AND (hashtext(username) & 15) = g)
+    FROM generate_series(0, 15) AS g
+    ON CONFLICT (shard) DO NOTHING;
+CREATE OR REPLACE FUNCTION cluster_count_pending() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP <> 'DELETE' AND NEW.state = 'pending'
+            AND (TG_OP = 'INSERT' OR OLD.state <> 'pending') THEN
+        UPDATE cluster_pending SET n = n + 1 WHERE shard = hashtext(NEW.username) & 15;
+    END IF;
+    IF TG_OP <> 'INSERT' AND OLD.state = 'pending'
+            AND (TG_OP = 'DELETE' OR NEW.state <> 'pending') THEN
+        UPDATE cluster_pending SET n = n - 1 WHERE shard = hashtext(OLD.username) & 15;
+    END IF;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS cluster_push_pending ON cluster_push;
+CREATE TRIGGER cluster_push_pending AFTER INSERT OR UPDATE OF state OR DELETE ON cluster_push
+    FOR EACH ROW EXECUTE FUNCTION cluster_count_pending();
+DROP TRIGGER IF EXISTS cluster_calls_pending ON cluster_calls;
+CREATE TRIGGER cluster_calls_pending AFTER INSERT OR UPDATE OF state OR DELETE ON cluster_calls
+    FOR EACH ROW EXECUTE FUNCTION cluster_count_pending();
+""" + """
+CREATE OR REPLACE FUNCTION cluster_answer_push(
+    p_txid TEXT, p_user TEXT, p_verdict TEXT, p_number TEXT, p_device TEXT,
+    p_now DOUBLE PRECISION, p_forget_after DOUBLE PRECISION)
+RETURNS TABLE (o_outcome TEXT, o_txid TEXT, o_username TEXT, o_client TEXT, o_nas_ip TEXT,
+               o_calling_station_id TEXT, o_created DOUBLE PRECISION,
+               o_expires DOUBLE PRECISION, o_number TEXT, o_state TEXT, o_verdict TEXT,
+               o_answered_by TEXT, o_login_key TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r cluster_push%ROWTYPE;
+    v_outcome TEXT;
+    v_verdict TEXT := p_verdict;
+BEGIN
+    SELECT * INTO r FROM cluster_push AS p
+        WHERE p.txid = p_txid AND p.forget_after > p_now FOR UPDATE;
+    IF NOT FOUND OR r.username <> p_user THEN
+        RETURN QUERY SELECT 'unknown', NULL, NULL, NULL, NULL, NULL, NULL::DOUBLE PRECISION,
+            NULL::DOUBLE PRECISION, NULL, NULL, NULL, NULL, NULL;
+        RETURN;
+    END IF;
+    IF r.state IN ('expired', 'closed') OR (r.state = 'pending' AND p_now >= r.expires) THEN
+        v_outcome := 'expired';
+    ELSIF r.state = 'answered' THEN
+        v_outcome := 'already';
+    ELSE
+        -- Number matching: an approval with another number than the sign-in's is a denial.
+        IF v_verdict = 'approve' AND p_number IS NOT NULL AND r.number IS NOT NULL
+                AND r.number <> p_number THEN
+            v_verdict := 'deny';
+        END IF;
+        UPDATE cluster_push AS p SET state = 'answered', verdict = v_verdict,
+            answered_by = p_device, forget_after = p_forget_after
+            WHERE p.txid = p_txid;
+        PERFORM pg_notify('mfaserver', 'ended ' || p_txid);
+        r.state := 'answered';
+        r.verdict := v_verdict;
+        r.answered_by := p_device;
+        v_outcome := 'answered';
+    END IF;
+    RETURN QUERY SELECT v_outcome, r.txid, r.username, r.client, r.nas_ip,
+        r.calling_station_id, r.created, r.expires, r.number, r.state, r.verdict,
+        r.answered_by, r.login_key;
+END $$;
 """
+# cluster_answer_push: ClusterState.answer_push as one statement, for the daemon's
+# device answers (mfaserver/store/pg_reactor.py): the same checks, in the same order.
+CLUSTER_FUNCTIONS = ("cluster_count_pending()",
+                     "cluster_answer_push(text, text, text, text, text, double precision,"
+                     " double precision)")
+# The cluster's count of pending pushes and calls, kept by triggers in 16 rows (by
+# user) so that the global limit is one read of 16 rows, not a count of every
+# pending row at each login (a scan that grew with the pending logins: at 5,000
+# held, PostgreSQL's CPU per login had doubled). Counted: rows in state
+# 'pending', including those past their expiry until the sweeper marks them
+# (every 10 s), so the global limit may refuse for those seconds, never admit more.
 CLUSTER_TABLE_NAMES = ("cluster_challenges", "cluster_push", "cluster_rate", "cluster_sms",
-                       "cluster_calls")
+                       "cluster_calls", "cluster_pending")
 
 MIGRATIONS: list[str] = [_V1_INITIAL, _V2_DIRECTORY_SYNC, _V3_OUT_OF_BAND, _V4_PHONE_SIDE]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -225,10 +315,13 @@ def migrate(conn, *, now: float | None = None) -> int:
 
 
 def _ensure_cluster_tables(conn) -> None:
-    """Create the cluster's tables where they are missing (the common start: one query)."""
-    missing = conn.execute("SELECT count(*) FROM unnest(%s::text[]) AS t(name)"
-                           " WHERE to_regclass(name) IS NULL",
-                           (list(CLUSTER_TABLE_NAMES),)).fetchone()[0]
+    """Create the cluster's tables and functions where any is missing (the common
+    start: one query)."""
+    missing = conn.execute("SELECT (SELECT count(*) FROM unnest(%s::text[]) AS t(name)"
+                           "        WHERE to_regclass(name) IS NULL)"
+                           "     + (SELECT count(*) FROM unnest(%s::text[]) AS f(name)"
+                           "        WHERE to_regprocedure(name) IS NULL)",
+                           (list(CLUSTER_TABLE_NAMES), list(CLUSTER_FUNCTIONS))).fetchone()[0]
     if not missing:
         return
     with conn.transaction():

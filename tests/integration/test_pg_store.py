@@ -322,3 +322,62 @@ def test_two_nodes_syncing_at_once_sync_one_after_the_other(store, open_store):
         entries, now=NOW, keep_days=30))
     assert sorted((r.added, r.unchanged) for [r] in results) == [(0, 2000), (2000, 0)]
     assert store.count_users(source="ldap") == 2000
+
+
+# --- the cluster's pending count (triggers on cluster_push and cluster_calls) ------------------
+
+def _open_push(store, n: int, *, now=NOW, timeout=60.0, max_total=1000):
+    return store.open_push(
+        txid=f"t{n}", login_key=f"user{n}|nas|", user=f"user{n}", client="nas", nas_ip=None,
+        calling_station_id=None, now=now, timeout=timeout, number=None, node="a",
+        late_window=30.0, max_per_user=1, max_total=max_total, rate=None)
+
+
+def _open_call(store, n: int, *, now=NOW, max_calls=1000):
+    return store.open_call(
+        call_id=f"c{n}", login_key=f"caller{n}|nas|", user=f"caller{n}", client="nas",
+        masked="+1 *** 0000", phone=f"+1555000{n:04d}", now=now, timeout=60.0, node="a",
+        late_window=30.0, max_calls=max_calls, max_per_user=1, per_user=(1.0, 5.0),
+        per_number=(1.0, 5.0))
+
+
+def _counted(dsn: str) -> tuple[int, int]:
+    """(the triggers' count, the pending rows counted one by one)."""
+    with raw(dsn) as conn:
+        return conn.execute(
+            "SELECT (SELECT sum(n) FROM cluster_pending),"
+            " (SELECT count(*) FROM cluster_push WHERE state = 'pending')"
+            " + (SELECT count(*) FROM cluster_calls WHERE state = 'pending')").fetchone()
+
+
+def test_the_pending_count_follows_every_way_a_login_ends(store, postgres_database):
+    for n in range(6):
+        assert _open_push(store, n).new
+    for n in range(3):
+        assert _open_call(store, n)[2] is True
+    assert _counted(postgres_database) == (9, 9)
+    store.answer_push("t0", "user0", lambda row: "approve", "d0", NOW + 1, 30.0)
+    store.close_push("t1", NOW + 1, 30.0)
+    store.close_user_pushes("user2", NOW + 1, 30.0)
+    store.end_call("c0", "decided", "approve", NOW + 1, 30.0)
+    assert _counted(postgres_database) == (5, 5)
+    # Past their expiry: still counted (the limit may refuse, never admit more) until
+    # the sweeper marks them; forgotten rows are deleted.
+    store.sweep(NOW + 61)
+    assert _counted(postgres_database) == (0, 0)
+    store.sweep(NOW + 1000)
+    assert _counted(postgres_database) == (0, 0)
+
+
+def test_the_global_limit_counts_pushes_and_calls_of_every_node(store, open_store):
+    other = open_store()
+    try:
+        assert _open_push(store, 0, max_total=3).new
+        assert _open_call(other, 0, max_calls=3)[2] is True
+        assert _open_push(other, 1, max_total=3).new
+        assert _open_push(store, 2, max_total=3).refused == "global"
+        assert _open_call(store, 1, max_calls=3)[3] == "global"
+        store.answer_push("t0", "user0", lambda row: "approve", "d0", NOW + 1, 30.0)
+        assert _open_push(other, 2, max_total=3).new
+    finally:
+        other.close()
