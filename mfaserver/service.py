@@ -504,7 +504,7 @@ class MfaDaemon(tservice.MultiService):
         push = SharedPushTransactions(
             self.threaded.run_state, self._reactor, node=self.node_name,
             limits=lambda: (self.config.mfa.max_pending_per_user, self.config.mfa.max_pending),
-            wake=self.wake)
+            wake=self.wake, sent_by_reactor=self._logins)
         listener = Listener(config.store.dsn, self._reactor, db_thread.run,
                             deliver=self._cluster_notified, reconnected=self._cluster_poll)
         LifecycleService(listener).setServiceParent(self)

@@ -64,8 +64,13 @@ class SharedPushTransactions:
 
     def __init__(self, run: Callable[..., Deferred], clock: IReactorTime, *, node: str,
                  limits: Callable[[], tuple[int, int]],
-                 wake: Callable[[str], None] | None = None, late_window: float = 600.0):
+                 wake: Callable[[str], None] | None = None, late_window: float = 600.0,
+                 sent_by_reactor=None):
         self._run = run
+        # A device's answer, and what the holder of an ended push reads and writes,
+        # when the reactor sends those statements itself
+        # (`mfaserver.store.pg_reactor.PgLogins`).
+        self._sent_by_reactor = sent_by_reactor
         self._clock = clock
         self.node = node
         self._limits = limits
@@ -119,7 +124,10 @@ class SharedPushTransactions:
 
     def get(self, txid: str) -> Deferred[PushTransaction | None]:
         """A pending push, or an ended one still remembered."""
-        d = self._run(ClusterState.get_push, txid, self._clock.seconds())
+        if self._sent_by_reactor is not None:
+            d = self._sent_by_reactor.get_push(txid, self._clock.seconds())
+        else:
+            d = self._run(ClusterState.get_push, txid, self._clock.seconds())
         d.addCallback(lambda row: None if row is None else _transaction(row))
         return d
 
@@ -129,7 +137,10 @@ class SharedPushTransactions:
         waiter (the push stays for the other nodes and for the NAS's retry)."""
         if txn.state != "pending" or self._waits.ended_recently(txn.txid):
             if txn.state == "pending":
-                return self.get(txn.txid).addCallback(self._ended_result)
+                # Answered before this request could wait: it takes the answer itself.
+                d = self.get(txn.txid)
+                d.addCallback(self._taken)
+                return d.addCallback(self._ended_result)
             return self._ended_result(txn)
         if self._clock.seconds() >= txn.expires:
             return defer.fail(defer.TimeoutError(txn.txid))
@@ -179,6 +190,13 @@ class SharedPushTransactions:
                number: str | None = None, device_id: str = "") -> Deferred[PushTransaction]:
         """Record a device's answer, as `PushTransactions.answer` (same refusals)."""
         verdict = Verdict(decision)
+        if self._sent_by_reactor is not None:
+            # One statement the reactor sends; the number compared in the database.
+            now = self._clock.seconds()
+            d = self._sent_by_reactor.answer_push(txid, device_user, verdict.value, number,
+                                                  device_id, now, now + self.late_window)
+            d.addCallback(self._answered)
+            return d
 
         def decide(row: PushRow) -> str:
             if (verdict is Verdict.APPROVE and number is not None and row.number is not None
@@ -242,9 +260,22 @@ class SharedPushTransactions:
         if txn is None or txn.state == "pending":
             return
         if txn.state == ANSWERED and txn.txid in self._waits:
-            d = self._run(ClusterState.mark_delivered, "cluster_push", "txid", txn.txid)
-            d.addErrback(self._lookup_failed)
+            self._mark_delivered(txn.txid)
         self._waits.settle(txn.txid, lambda: self._ended_result(txn))
+
+    def _taken(self, txn: PushTransaction | None) -> PushTransaction | None:
+        if txn is not None and txn.state == ANSWERED:
+            self._mark_delivered(txn.txid)
+        return txn
+
+    def _mark_delivered(self, txid: str) -> None:
+        """This node answers a request with the push's answer: a later copy of the
+        login must not take it again (ClusterState.open_push)."""
+        if self._sent_by_reactor is not None:
+            d = self._sent_by_reactor.mark_push_delivered(txid)
+        else:
+            d = self._run(ClusterState.mark_delivered, "cluster_push", "txid", txid)
+        d.addErrback(self._lookup_failed)
 
     @staticmethod
     def _lookup_failed(failure) -> None:

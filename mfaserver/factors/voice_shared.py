@@ -96,7 +96,8 @@ class SharedVoiceCalls(VoiceCalls):
         if state != "pending":
             return _result(call_id, state, verdict)     # decided with nobody waiting
         if self._waits.ended_recently(call_id):
-            return self._outcome_of(call_id)
+            # Decided before this request could wait: it takes the verdict itself.
+            return self._outcome_of(call_id, taken=True)
         waiter = self._waits.add(call_id, expires)
         if new:
             log.info("Calling {phone} for {user} (sign-in to {client})", phone=masked,
@@ -225,8 +226,9 @@ class SharedVoiceCalls(VoiceCalls):
         d.addCallbacks(lambda _: None, self._lookup_failed)
         return d
 
-    def _outcome_of(self, call_id: str) -> Deferred:
-        """Settle the waiters of ``call_id`` from its row; fire with what they got."""
+    def _outcome_of(self, call_id: str, *, taken: bool = False) -> Deferred:
+        """Settle the waiters of ``call_id`` from its row; fire with what they got.
+        ``taken``: the caller answers a request with it too (marked delivered)."""
         d = self._run(ClusterState.get_call, call_id, self._clock.seconds())
 
         def settle(row):
@@ -236,14 +238,17 @@ class SharedVoiceCalls(VoiceCalls):
             _, _, state, verdict = row
             if state == "pending":
                 return defer.fail(defer.TimeoutError(call_id))
-            self._settle(call_id, state, verdict)
+            self._settle(call_id, state, verdict, taken=taken)
             return _result(call_id, state, verdict)
         return d.addCallback(settle)
 
-    def _settle(self, call_id: str, state: str, verdict: str | None) -> None:
+    def _settle(self, call_id: str, state: str, verdict: str | None, *,
+                taken: bool = False) -> None:
         if state == "pending":
             return
-        if state == DECIDED and call_id in self._waits:
+        # A verdict that answers a request here is delivered: a later copy of the
+        # login must not take it again (ClusterState.open_call).
+        if state == DECIDED and (taken or call_id in self._waits):
             d = self._run(ClusterState.mark_delivered, "cluster_calls", "call_id", call_id)
             d.addErrback(self._lookup_failed)
         self._waits.settle(call_id, lambda: _result(call_id, state, verdict))

@@ -8,9 +8,11 @@ driven by the reactor on a non-blocking libpq connection, with psycopg's
 row decoding, about 50-65 µs (measured on the 2-core bench VM, 20,000
 statements 64 at a time). On two cores that was the difference between a
 node on PostgreSQL at 0.6 and at 0.8 of a node on SQLite. So those three go
-through `ReactorPg`: two connections in libpq's non-blocking mode whose
-sockets the reactor watches, one statement at a time each, every statement
-prepared once per connection. Everything else stays on the database threads.
+through `ReactorPg`: two connections in libpq's non-blocking pipeline mode
+whose sockets the reactor watches, statements sent as they come without
+waiting for the one before, every statement prepared once per connection.
+So do the audit rows, and what the node holding a push reads and writes when
+the push ends. Everything else stays on the database threads.
 
 Connections are opened on a database thread (connecting blocks: DNS, TLS) by
 `PgConnection`, so they have the DSN defaults, the server-side timeouts, the
@@ -25,6 +27,7 @@ next host of the DSN).
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -36,12 +39,13 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mfaserver.auth.model import Account, CodeUse, TokenKind
+from mfaserver.auth.model import Account, AuditEntry, CodeUse, TokenKind
+from mfaserver.store.cluster import PUSH_COLUMNS, PushRow
 from mfaserver.store.db import ACCOUNT_SQL, StoreError, StoreUnavailableError
 
 __all__ = ["ReactorPg", "PgLogins"]
 
-CONNECTIONS = 2  # the login path's statements are short: two keep both cores' worth busy
+CONNECTIONS = 2  # pipelined, statements from any number of logins share them
 
 
 def _numbered(sql: str) -> str:
@@ -53,6 +57,14 @@ def _numbered(sql: str) -> str:
 
 _PASSWORD_SQL = "SELECT password_hash, phone FROM users WHERE name = $1"
 _ACCOUNT_SQL = _numbered(ACCOUNT_SQL)
+_AUDIT_SQL = ("INSERT INTO audit (time, \"user\", client, nas_ip, calling_station_id, factor,"
+              " outcome, reason) VALUES ($1::double precision, $2, $3, $4, $5, $6, $7, $8)")
+# As ClusterState.get_push and mark_delivered (the holder of a push that ended).
+_PUSH_SQL = f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE txid = $1 AND forget_after > $2"
+_DELIVERED_SQL = "UPDATE cluster_push SET delivered = 1 WHERE txid = $1 AND delivered = 0"
+# ClusterState.answer_push in one statement (the function is in pg_migrations).
+_ANSWER_SQL = ("SELECT * FROM cluster_answer_push($1, $2, $3, $4, $5, $6::double precision,"
+               " $7::double precision)")
 
 
 def _use_code_sql(set_used: str, unused: str) -> str:
@@ -98,15 +110,27 @@ class _Statement:
     sql: str
     params: list[bytes | None]
     done: Deferred
+    rows: list[tuple] | None = None
+    error: str | None = None       # the server's message, when it failed
 
 
 # SQLSTATEs that mean the server is going away: the login fails closed, reported once.
 _GONE = ("57P01", "57P02", "57P03")
+# What a pipelined statement's results are read as, in order: the PREPARE (first use
+# on a connection), the EXECUTE, then the sync point that ends it.
+_PREPARE, _EXECUTE, _SYNC = "prepare", "execute", "sync"
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
 class _Link:
-    """One connection in non-blocking mode, its socket watched by the reactor."""
+    """One connection in non-blocking pipeline mode, its socket watched by the reactor.
+
+    Statements are sent as they come, without waiting for the previous one's
+    result (libpq's pipeline mode), each followed by a sync point so that an
+    error fails that statement alone. One result per reactor wake-up would cap
+    a connection at the reactor's loop rate, which a busy node (device answers,
+    thread hand-offs) drops to a few hundred per second; pipelined, every
+    result that has arrived is read at each wake-up."""
 
     def __init__(self, owner: "ReactorPg", conn, raw: psycopg.Connection):
         self._owner = owner
@@ -114,14 +138,20 @@ class _Link:
         self._raw = raw
         self._pg = raw.pgconn
         self._pg.nonblocking = 1
-        self._fd = self._pg.socket
+        self._pg.enter_pipeline_mode()
+        # The reactor watches a duplicate: libpq closes its own descriptor when the
+        # connection breaks, and the reactor must still be able to unregister ours.
+        self._fd = os.dup(self._pg.socket)
         self._rows = Transformer(raw)
         self._prepared: dict[str, bytes] = {}
-        self.statement: _Statement | None = None
-        self._preparing: bytes | None = None   # the name being prepared
-        self._results: list[pq.abc.PGresult] = []
+        # (what, statement, prepared name) for every result still to come, in order.
+        self._expected: collections.deque[tuple[str, _Statement, bytes]] = collections.deque()
         self.closed = False
         owner.reactor.addReader(self)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for what, _, _ in self._expected if what == _SYNC)
 
     # --- the reactor's side ---
 
@@ -142,13 +172,9 @@ class _Link:
             self._pg.consume_input()
             if self._pg.status == pq.ConnStatus.BAD:
                 raise psycopg.OperationalError(self._message())
-            while self.statement is not None and not self._pg.is_busy():
-                result = self._pg.get_result()
-                if result is None:
-                    self._complete()
-                else:
-                    self._results.append(result)
-            # Anything else read while idle (a notice) is consumed and dropped.
+            while self._expected and not self._pg.is_busy():
+                self._take(self._pg.get_result())
+            # Anything else read (a notice) is consumed and dropped.
         except psycopg.Error as e:
             self._lost(e)
 
@@ -158,22 +184,20 @@ class _Link:
     # --- statements ---
 
     def send(self, statement: _Statement) -> None:
-        self.statement = statement
         try:
-            self._send()
+            name = self._prepared.get(statement.sql)
+            if name is None:
+                name = f"mfaserver_{len(self._prepared)}".encode()
+                self._prepared[statement.sql] = name
+                self._pg.send_prepare(name, statement.sql.encode())
+                self._expected.append((_PREPARE, statement, name))
+            self._pg.send_query_prepared(name, statement.params, result_format=1)
+            self._expected.append((_EXECUTE, statement, name))
+            self._pg.pipeline_sync()
+            self._expected.append((_SYNC, statement, name))
+            self._flush()
         except psycopg.Error as e:
             self._lost(e)
-
-    def _send(self) -> None:
-        statement = self.statement
-        name = self._prepared.get(statement.sql)
-        if name is None:
-            self._preparing = f"mfaserver_{len(self._prepared)}".encode()
-            self._pg.send_prepare(self._preparing, statement.sql.encode())
-        else:
-            self._preparing = None
-            self._pg.send_query_prepared(name, statement.params, result_format=1)
-        self._flush()
 
     def _flush(self) -> None:
         if self._pg.flush() == 0:
@@ -181,52 +205,67 @@ class _Link:
         else:  # the kernel took part of it: the rest when the socket is writable
             self._owner.reactor.addWriter(self)
 
-    def _complete(self) -> None:
-        results, self._results = self._results, []
-        statement = self.statement
-        failed = next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), None)
-        if failed is not None:
-            self.statement = None
-            sqlstate = (failed.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
-            message = self._message(failed.error_message)
+    def _take(self, result) -> None:
+        """One result (or the None that ends a statement's results) from the server."""
+        what, statement, name = self._expected[0]
+        if what == _SYNC:
+            if result is None:
+                return   # nothing more has arrived yet
+            if result.status != pq.ExecStatus.PIPELINE_SYNC:
+                raise psycopg.OperationalError(f"unexpected result {result.status!r}")
+            self._expected.popleft()
+            self._finish(statement)
+            return
+        if result is None:   # the end of this PREPARE's or EXECUTE's results
+            self._expected.popleft()
+            return
+        status = result.status
+        if status == pq.ExecStatus.FATAL_ERROR:
+            if what == _PREPARE:
+                self._prepared.pop(statement.sql, None)
+            sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+            message = self._message(result.error_message)
             if sqlstate.startswith("08") or sqlstate in _GONE:
-                self._lost(psycopg.OperationalError(message), statement)
-                return
-            statement.done.errback(StoreError(f"database {self._owner.label}: {message}"))
-            self._owner.idle(self)
-            return
-        if self._preparing is not None:
-            self._prepared[statement.sql] = self._preparing
-            try:
-                self._send()
-            except psycopg.Error as e:
-                self._lost(e)
-            return
-        self.statement = None
-        rows: list[tuple] = []
-        for result in results:
-            if result.status == pq.ExecStatus.TUPLES_OK:
-                self._rows.set_pgresult(result)
-                rows = self._rows.load_rows(0, result.ntuples, tuple)
-        statement.done.callback(rows)
-        self._owner.idle(self)
+                raise psycopg.OperationalError(message)
+            statement.error = statement.error or message
+        elif status == pq.ExecStatus.PIPELINE_ABORTED:
+            statement.error = statement.error or "aborted after an error"
+        elif status == pq.ExecStatus.TUPLES_OK and what == _EXECUTE:
+            self._rows.set_pgresult(result)
+            statement.rows = self._rows.load_rows(0, result.ntuples, tuple)
+
+    def _finish(self, statement: _Statement) -> None:
+        if statement.error is not None:
+            statement.done.errback(StoreError(
+                f"database {self._owner.label}: {statement.error}"))
+        else:
+            statement.done.callback(statement.rows or [])
 
     def _message(self, text: bytes | None = None) -> str:
         raw = text if text is not None else self._pg.error_message
         lines = raw.decode("utf-8", "replace").strip().splitlines()
         return lines[0] if lines else "connection lost"
 
-    def _lost(self, error: Exception, statement: _Statement | None = None) -> None:
-        statement = statement or self.statement
-        self.statement = None
+    def _lost(self, error: Exception) -> None:
+        if self.closed:
+            return
+        unanswered = [statement for what, statement, _ in self._expected if what == _SYNC]
+        self._expected.clear()
         self.close()
         # The threads' connections are replaced too, and the next connect backs off.
         self.conn.discard_if_broken(error)
         self.conn.close()
         self._owner.dropped(self)
-        if statement is not None:
-            statement.done.errback(StoreUnavailableError(
-                f"database {self._owner.label}: {self._message(str(error).encode())}"))
+        failure = StoreUnavailableError(
+            f"database {self._owner.label}: {self._message(str(error).encode())}")
+        for statement in unanswered:
+            statement.done.errback(failure)
+
+    def take_unanswered(self) -> list[_Statement]:
+        """Closing: the statements sent and not answered (each once)."""
+        unanswered = [statement for what, statement, _ in self._expected if what == _SYNC]
+        self._expected.clear()
+        return unanswered
 
     def close(self) -> None:
         if self.closed:
@@ -235,6 +274,7 @@ class _Link:
         reactor.removeReader(self)
         reactor.removeWriter(self)
         self.closed = True
+        os.close(self._fd)
         try:
             self._raw.close()
         except psycopg.Error:
@@ -257,6 +297,7 @@ class ReactorPg:
         self._size = size
         self._links: list[_Link] = []
         self._connecting = 0
+        self._connect_failed = False
         self._waiting: collections.deque[_Statement] = collections.deque()
         self._closed = False
 
@@ -271,9 +312,6 @@ class ReactorPg:
         self._dispatch()
         return statement.done
 
-    def idle(self, link: _Link) -> None:
-        self._dispatch()
-
     def dropped(self, link: _Link) -> None:
         if link in self._links:
             self._links.remove(link)
@@ -281,24 +319,26 @@ class ReactorPg:
 
     def _dispatch(self) -> None:
         while self._waiting:
-            link = self._free_link()
+            link = self._least_busy_link()
+            # A second connection only while connecting works: after a failed
+            # connect, what waits goes to the connection there is, or fails.
+            grow = ((link is None and not self._connecting)
+                    or (link is not None and link.in_flight and not self._connect_failed))
+            if grow and not self._closed and len(self._links) + self._connecting < self._size:
+                self._open()   # (connecting may finish at once and send: look again)
+                continue
             if link is None:
-                if len(self._links) + self._connecting < self._size and not self._closed:
-                    self._open()
                 return
             link.send(self._waiting.popleft())
 
-    def _free_link(self) -> _Link | None:
+    def _least_busy_link(self) -> _Link | None:
         for link in list(self._links):
-            if link.statement is not None:
-                continue
-            if link.conn.stale:  # another connection saw the server go: reconnect
+            if not link.in_flight and link.conn.stale:
+                # Another connection saw the server go (a restart, a failover): reconnect.
                 self._links.remove(link)
                 link.close()
                 link.conn.close()
-                continue
-            return link
-        return None
+        return min(self._links, key=lambda link: link.in_flight, default=None)
 
     def _open(self) -> None:
         self._connecting += 1
@@ -311,14 +351,18 @@ class ReactorPg:
         if self._closed:
             conn.close()
             return
+        self._connect_failed = False
         self._links.append(_Link(self, conn, raw))
         self._dispatch()
 
     def _not_opened(self, failure: Failure) -> None:
         self._connecting -= 1
-        if self._links or self._connecting:
+        self._connect_failed = True
+        if self._links:
             self._dispatch()
             return
+        if self._connecting:
+            return      # the other connect under way decides for what waits
         # Nothing to run them on: fail closed now rather than queue behind the back-off.
         waiting, self._waiting = self._waiting, collections.deque()
         message = failure.getErrorMessage().strip().splitlines()
@@ -333,19 +377,19 @@ class ReactorPg:
         links, self._links = self._links, []
         waiting, self._waiting = self._waiting, collections.deque()
         for link in links:
-            statement, link.statement = link.statement, None
+            waiting.extend(link.take_unanswered())
             link.close()
             link.conn.close()
-            if statement is not None:
-                waiting.append(statement)
         for statement in waiting:
             statement.done.errback(StoreUnavailableError(
                 f"database {self.label}: the store is closing"))
 
 
 class PgLogins:
-    """`ThreadedStore`'s login-path reads and its code write over `ReactorPg`;
-    rows become accounts with the store's own mapping (and seed key)."""
+    """The statements every login makes, over `ReactorPg`: `ThreadedStore`'s
+    password and account reads, its code write and audit rows; and the reads
+    and write of the node holding a push when the push ends. Rows become
+    accounts with the store's own mapping (and seed key)."""
 
     def __init__(self, pg: ReactorPg, store):
         self._pg = pg
@@ -381,6 +425,34 @@ class PgLogins:
         else:
             d = self._pg.query(_USE_HOTP_SQL, params)
         d.addCallback(lambda rows: (account, use if rows[0][0] == 1 else None))
+        return d
+
+    def record_audit(self, entry: AuditEntry) -> Deferred[None]:
+        d = self._pg.query(_AUDIT_SQL, (
+            entry.time, entry.user, entry.client, entry.nas_ip, entry.calling_station_id,
+            entry.factor, entry.outcome, entry.reason))
+        d.addCallback(lambda rows: None)
+        return d
+
+    def get_push(self, txid: str, now: float) -> Deferred[PushRow | None]:
+        d = self._pg.query(_PUSH_SQL, (txid, now))
+        d.addCallback(lambda rows: PushRow(*rows[0]) if rows else None)
+        return d
+
+    def answer_push(self, txid: str, user: str, verdict: str, number: str | None,
+                    device_id: str, now: float, forget_after: float,
+                    ) -> Deferred[tuple[str, PushRow | None]]:
+        """A device's answer, as `ClusterState.answer_push` with the decision made in
+        the database: ``verdict`` as given, but "deny" for an approval whose
+        ``number`` is not the push's. ("unknown", None), or (outcome, the row)."""
+        d = self._pg.query(_ANSWER_SQL, (txid, user, verdict, number, device_id, now,
+                                         forget_after))
+        d.addCallback(lambda rows: (rows[0][0], PushRow(*rows[0][1:]) if rows[0][1] else None))
+        return d
+
+    def mark_push_delivered(self, txid: str) -> Deferred[None]:
+        d = self._pg.query(_DELIVERED_SQL, (txid,))
+        d.addCallback(lambda rows: None)
         return d
 
     def close(self) -> None:

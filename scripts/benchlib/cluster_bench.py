@@ -446,7 +446,8 @@ def bench_pushes(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
         nodes = Nodes(workdir, build, dsn, max_pending=n + 1000)
         nodes.start("A")
         nodes.start("B")
-        pools = pl.DevicePool([nodes.web["A"], nodes.web["B"]], 1, args.connections)
+        pools = pl.DevicePool([nodes.web["A"], nodes.web["B"]], args.device_processes,
+                              args.connections)
         hold_and_approve(warm, devices, nodes, sink, pools, args, "warm-up")
         time.sleep(0.5)
         rss0 = {k: d.rss_kib() for k, d in nodes.daemons.items()}
@@ -696,8 +697,9 @@ def run(args) -> b.Report:
                 "Cluster pushes: scripts/push_load.py's store (Ed25519 devices, webhook "
                 "wake-ups to a sink here, log2 N=1 hashes), logins alternately to node A and "
                 "B, flow-controlled by the wake-ups; RSS after a warm-up vs with all pending; "
-                f"devices poll and approve through both nodes' device APIs (1 process, "
-                f"{args.connections} keep-alive connections, round robin). Failover, on those "
+                f"devices poll and approve through both nodes' device APIs "
+                f"({args.device_processes} processes, {args.connections} keep-alive "
+                "connections in all, round robin). Failover, on those "
                 f"nodes: {args.trials} trials \"retry first\" (login held on A and its push "
                 "seen, kill -9 A, the same datagram sent to B at once as the NAS retry, the "
                 f"device polls and approves through B {args.settle:g} s later: the figures "
@@ -742,7 +744,9 @@ OWN_OPTIONS = (
     ("inflight", int, 8, "requests in flight per socket (radclient -p)"),
     ("settle", float, 0.5, "failover: seconds from the retry to the device's approval"),
     ("window", int, 128, "push logins sent but not yet woken at most"),
-    ("connections", int, 4, "device API keep-alive connections"),
+    ("connections", int, 32, "device API keep-alive connections in all, one request at a "
+                             "time each (so: the approvals in flight)"),
+    ("device-processes", int, 2, "processes the device API connections are spread over"),
     ("phase-timeout", float, 900, "seconds allowed for the polls, and for the approvals"),
     ("build-timeout", float, 600, "seconds allowed to build the logins store"),
     ("run-timeout", float, 300, "seconds allowed for one round of radclient runs"),

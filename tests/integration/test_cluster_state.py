@@ -319,6 +319,21 @@ class TwoNodes(OnDatabase, contracts.Harness):
         _result(self.a.answer(txid, "alice", "deny"))
         self.assertIs(self.successResultOf(on_b), Verdict.DENY)
 
+    def test_an_answer_that_ends_the_push_before_a_joined_copy_waits_is_taken_once(self):
+        on_a = self.hold(self.a)
+        txid = self.only_txid()
+        self.a.close_all()                              # A died
+        self.failureResultOf(on_a, defer.CancelledError)
+        login = Login(self.alice, "vpn", "192.0.2.1", "198.51.100.7")
+        joined = _result(self.b.open(login, contracts.TIMEOUT))    # the retry joins ...
+        self.assertEqual((joined.txid, joined.state), (txid, "pending"))
+        _result(self.b.answer(txid, "alice", "approve"))   # ... and the answer ends it
+        self.assertIs(self.successResultOf(self.b.wait(joined)), Verdict.APPROVE)
+        # Delivered: one more copy of the login is a new login with a push of its own.
+        again = self.hold(self.b)
+        self.assertNoResult(again)
+        self.assertEqual(self.woken, ["alice", "alice"])
+
     def test_an_answer_given_while_no_node_held_the_login_is_taken_by_its_retry_once(self):
         on_a = self.hold(self.a)
         txid = self.only_txid()
@@ -532,6 +547,24 @@ class CallsAcrossNodes(OnDatabase, contracts.Harness):
         self.assertIs(self.successResultOf(self.call(self.b)), Verdict.APPROVE)
         self.assertEqual(len(self.gateway_a.calls + self.gateway_b.calls), 1)
         self.assertNoResult(self.call(self.b))          # the next login rings again
+        self.assertEqual(len(self.gateway_b.calls), 1)
+
+    def test_keys_that_end_the_call_before_a_joined_copy_waits_answer_it_once(self):
+        held = self.call(self.a)
+        held.cancel()                   # A died
+        self.failureResultOf(held, defer.CancelledError)
+        call_id = self.call_id()
+        run = self.b._run
+
+        def keys_pressed_just_after_joining(f, *args, **kwargs):
+            joined = run(f, *args, **kwargs)    # B's copy joins the pending call ...
+            self.b._run = run
+            self.successResultOf(self.a.gather(call_id, "#"))   # ... and "#" decides it
+            return joined
+        self.b._run = keys_pressed_just_after_joining
+        self.assertIs(self.successResultOf(self.call(self.b)), Verdict.APPROVE)
+        # Delivered: the next login rings again rather than taking that "#".
+        self.assertNoResult(self.call(self.b))
         self.assertEqual(len(self.gateway_b.calls), 1)
 
     def test_a_missed_notification_is_made_up_by_the_poll(self):

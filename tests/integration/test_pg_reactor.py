@@ -248,3 +248,53 @@ def open_other_node(postgres_database, tmp_path):
     yield open_
     for store in opened:
         store.close()
+
+
+def test_pipelined_statements_answer_in_order_and_an_error_fails_only_its_own(pg, reactor):
+    waits = [pg.query("SELECT 10 / $1::integer", (d,)) for d in (1, 2, 0, 5, 10)]
+    assert pg._links and max(link.in_flight for link in pg._links) > 1
+    answers = []
+    for d in waits:
+        try:
+            answers.append(reactor.result(d)[0][0])
+        except StoreError as e:
+            answers.append("division by zero" in str(e))
+    assert answers == [10, 5, True, 2, 1]
+
+
+def _push(store, txid: str, user: str, *, number=None, now=NOW, timeout=60.0):
+    return store.open_push(
+        txid=txid, login_key=f"{user}|nas|", user=user, client="nas", nas_ip=None,
+        calling_station_id=None, now=now, timeout=timeout, number=number, node="a",
+        late_window=30.0, max_per_user=1, max_total=100, rate=None)
+
+
+def test_a_device_answer_in_one_statement_keeps_answer_pushs_rules(db, reactor,
+                                                                   postgres_database):
+    logins = db.reactor_logins(reactor, run_now)
+    _push(db, "t1", "alice")
+    _push(db, "t2", "bob", number="42")
+    _push(db, "t3", "carol", number="17")
+    _push(db, "t4", "dave", timeout=5.0)
+
+    def answer(txid, user, verdict="approve", number=None, now=NOW + 1):
+        return reactor.result(logins.answer_push(txid, user, verdict, number, "dev", now,
+                                                 now + 30))
+
+    with psycopg.connect(postgres_database, autocommit=True) as listen:
+        listen.execute("LISTEN mfaserver")
+        assert answer("t1", "mallory") == ("unknown", None)
+        assert answer("nope", "alice") == ("unknown", None)
+        outcome, row = answer("t1", "alice")
+        assert (outcome, row.state, row.verdict, row.answered_by) == (
+            "answered", "answered", "approve", "dev")
+        assert answer("t1", "alice", "deny")[0] == "already"
+        assert answer("t2", "bob", number="41")[1].verdict == "deny"   # the wrong number
+        assert answer("t3", "carol", number="17")[1].verdict == "approve"
+        assert answer("t4", "dave", now=NOW + 6)[0] == "expired"
+        listen.execute("SELECT 1")
+        heard = [n.payload for n in listen.notifies(timeout=0.5, stop_after=3)]
+    assert heard == ["ended t1", "ended t2", "ended t3"]
+    assert db.get_push("t1", NOW + 2).verdict == "approve"
+    assert db.get_push("t4", NOW + 6).state == "pending"   # expired: nothing written
+    logins.close()
