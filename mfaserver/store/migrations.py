@@ -166,11 +166,18 @@ def _v4_phone_side(db: sqlite_utils.Database) -> None:
         " used REAL)")
 
 
+def _v5_enrollment_purge(db: sqlite_utils.Database) -> None:
+    """Each new enrollment link purges the expired ones: by this index, not by a
+    scan of every link ever made (enrolling 100,000 devices took 14 minutes)."""
+    db.execute("CREATE INDEX enrollments_expires ON enrollments (expires)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1_initial,
     _v2_directory_sync,
     _v3_out_of_band,
     _v4_phone_side,
+    _v5_enrollment_purge,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

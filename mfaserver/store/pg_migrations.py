@@ -265,7 +265,12 @@ CLUSTER_FUNCTIONS = ("cluster_count_pending()",
 CLUSTER_TABLE_NAMES = ("cluster_challenges", "cluster_push", "cluster_rate", "cluster_sms",
                        "cluster_calls", "cluster_pending")
 
-MIGRATIONS: list[str] = [_V1_INITIAL, _V2_DIRECTORY_SYNC, _V3_OUT_OF_BAND, _V4_PHONE_SIDE]
+_V5_ENROLLMENT_PURGE = """
+CREATE INDEX enrollments_expires ON enrollments (expires);
+"""
+
+MIGRATIONS: list[str] = [_V1_INITIAL, _V2_DIRECTORY_SYNC, _V3_OUT_OF_BAND, _V4_PHONE_SIDE,
+                         _V5_ENROLLMENT_PURGE]
 SCHEMA_VERSION = len(MIGRATIONS)
 if SCHEMA_VERSION != SQLITE_SCHEMA_VERSION:  # a step added to one engine only
     raise ImportError(f"PostgreSQL schema version {SCHEMA_VERSION} differs from SQLite's "
