@@ -146,12 +146,9 @@ class _Link:
         self._prepared: dict[str, bytes] = {}
         # (what, statement, prepared name) for every result still to come, in order.
         self._expected: collections.deque[tuple[str, _Statement, bytes]] = collections.deque()
+        self.in_flight = 0        # statements sent and not yet answered
         self.closed = False
         owner.reactor.addReader(self)
-
-    @property
-    def in_flight(self) -> int:
-        return sum(1 for what, _, _ in self._expected if what == _SYNC)
 
     # --- the reactor's side ---
 
@@ -173,7 +170,8 @@ class _Link:
             if self._pg.status == pq.ConnStatus.BAD:
                 raise psycopg.OperationalError(self._message())
             while self._expected and not self._pg.is_busy():
-                self._take(self._pg.get_result())
+                if not self._take(self._pg.get_result()):
+                    break   # the rest has not arrived yet
             # Anything else read (a notice) is consumed and dropped.
         except psycopg.Error as e:
             self._lost(e)
@@ -184,6 +182,7 @@ class _Link:
     # --- statements ---
 
     def send(self, statement: _Statement) -> None:
+        self.in_flight += 1
         try:
             name = self._prepared.get(statement.sql)
             if name is None:
@@ -197,7 +196,7 @@ class _Link:
             self._expected.append((_SYNC, statement, name))
             self._flush()
         except psycopg.Error as e:
-            self._lost(e)
+            self._lost(e, statement)
 
     def _flush(self) -> None:
         if self._pg.flush() == 0:
@@ -205,20 +204,22 @@ class _Link:
         else:  # the kernel took part of it: the rest when the socket is writable
             self._owner.reactor.addWriter(self)
 
-    def _take(self, result) -> None:
-        """One result (or the None that ends a statement's results) from the server."""
+    def _take(self, result) -> bool:
+        """One result (or the None that ends a statement's results) from the server;
+        False when there was nothing to take yet."""
         what, statement, name = self._expected[0]
         if what == _SYNC:
             if result is None:
-                return   # nothing more has arrived yet
+                return False
             if result.status != pq.ExecStatus.PIPELINE_SYNC:
                 raise psycopg.OperationalError(f"unexpected result {result.status!r}")
             self._expected.popleft()
+            self.in_flight -= 1
             self._finish(statement)
-            return
+            return True
         if result is None:   # the end of this PREPARE's or EXECUTE's results
             self._expected.popleft()
-            return
+            return True
         status = result.status
         if status == pq.ExecStatus.FATAL_ERROR:
             if what == _PREPARE:
@@ -233,6 +234,7 @@ class _Link:
         elif status == pq.ExecStatus.TUPLES_OK and what == _EXECUTE:
             self._rows.set_pgresult(result)
             statement.rows = self._rows.load_rows(0, result.ntuples, tuple)
+        return True
 
     def _finish(self, statement: _Statement) -> None:
         if statement.error is not None:
@@ -246,11 +248,14 @@ class _Link:
         lines = raw.decode("utf-8", "replace").strip().splitlines()
         return lines[0] if lines else "connection lost"
 
-    def _lost(self, error: Exception) -> None:
+    def _lost(self, error: Exception, sending: _Statement | None = None) -> None:
+        """The connection broke (``sending``: while that statement was being sent):
+        every statement sent and not answered fails, closed."""
         if self.closed:
             return
-        unanswered = [statement for what, statement, _ in self._expected if what == _SYNC]
-        self._expected.clear()
+        unanswered = self.take_unanswered()
+        if sending is not None and not any(s is sending for s in unanswered):
+            unanswered.append(sending)
         self.close()
         # The threads' connections are replaced too, and the next connect backs off.
         self.conn.discard_if_broken(error)
@@ -265,6 +270,7 @@ class _Link:
         """Closing: the statements sent and not answered (each once)."""
         unanswered = [statement for what, statement, _ in self._expected if what == _SYNC]
         self._expected.clear()
+        self.in_flight = 0
         return unanswered
 
     def close(self) -> None:

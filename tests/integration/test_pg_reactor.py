@@ -298,3 +298,12 @@ def test_a_device_answer_in_one_statement_keeps_answer_pushs_rules(db, reactor,
     assert db.get_push("t1", NOW + 2).verdict == "approve"
     assert db.get_push("t4", NOW + 6).state == "pending"   # expired: nothing written
     logins.close()
+
+
+def test_a_statement_that_cannot_be_sent_fails_closed(pg, reactor):
+    reactor.result(pg.query("SELECT 1", ()))
+    [link] = pg._links
+    link._pg.finish()               # the connection is gone under the link
+    with pytest.raises(StoreUnavailableError):
+        reactor.result(pg.query("SELECT 1", ()))
+    assert reactor.result(pg.query("SELECT 2", ())) == [(2,)]   # on a new connection
