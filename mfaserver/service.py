@@ -339,8 +339,8 @@ class MfaDaemon(tservice.MultiService):
         # connection each, as its calls wait for the network (sync psycopg in
         # threads, not async psycopg: scripts/benchlib/pg_access_bench.py).
         # Hashing gets one thread per core.
-        # The login path's three statements on PostgreSQL are sent by the reactor
-        # itself, not through a thread (mfaserver/store/pg_reactor.py).
+        # On PostgreSQL the statements every login makes (and a push's answer) are
+        # sent by the reactor itself, not through a thread (store/pg_reactor.py).
         self._logins = None
         if config.store.backend == "postgresql":
             db_thread = threads(reactor, POSTGRESQL_THREADS, "mfaserver-db")

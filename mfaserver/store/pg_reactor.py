@@ -12,7 +12,10 @@ through `ReactorPg`: two connections in libpq's non-blocking pipeline mode
 whose sockets the reactor watches, statements sent as they come without
 waiting for the one before, every statement prepared once per connection.
 So do the audit rows, and what the node holding a push reads and writes when
-the push ends. Everything else stays on the database threads.
+the push ends. Everything else stays on the database threads. Statements on
+one connection are answered in order: one that waits for a row lock holds
+those behind it, for at most the server's ``lock_timeout`` (5 s), after
+which it fails alone.
 
 Connections are opened on a database thread (connecting blocks: DNS, TLS) by
 `PgConnection`, so they have the DSN defaults, the server-side timeouts, the
