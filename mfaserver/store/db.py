@@ -293,13 +293,13 @@ _USE_TOTP_STEP = ("UPDATE tokens SET last_step = ?, drift = ?"
 _USE_HOTP_COUNTER = "UPDATE tokens SET counter = ? WHERE id = ? AND kind = 'hotp' AND counter <= ?"
 _CLEAR_FAILURES = "UPDATE users SET failures = 0 WHERE name = ? AND failures != 0"
 
-_AUDIT_INSERT = (
+AUDIT_INSERT = (
     "INSERT INTO audit (time, \"user\", client, nas_ip, calling_station_id, factor,"
     " outcome, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def _audit_row(entry: AuditEntry) -> tuple:
+def audit_row(entry: AuditEntry) -> tuple:
     return (entry.time, entry.user, entry.client, entry.nas_ip, entry.calling_station_id,
             entry.factor, entry.outcome, entry.reason)
 
@@ -957,7 +957,7 @@ class Store:
                 return False
             if clear_failures_of is not None:
                 conn.execute(_CLEAR_FAILURES, (clear_failures_of,))
-            conn.execute(_AUDIT_INSERT, _audit_row(entry))
+            conn.execute(AUDIT_INSERT, audit_row(entry))
         return True
 
     @_guarded
@@ -1005,13 +1005,13 @@ class Store:
     @_guarded
     def record_audit(self, entry: AuditEntry) -> None:
         """Append one decision to the audit log (``entry.id`` is ignored)."""
-        self._conn.execute(_AUDIT_INSERT, _audit_row(entry))
+        self._conn.execute(AUDIT_INSERT, audit_row(entry))
 
     @_guarded
     def record_audits(self, entries: Sequence[AuditEntry]) -> None:
         """Append several decisions in one transaction (group commit under load)."""
         with self._immediate() as conn:
-            conn.executemany(_AUDIT_INSERT, [_audit_row(e) for e in entries])
+            conn.executemany(AUDIT_INSERT, [audit_row(e) for e in entries])
 
     @_guarded
     def recent_audit(self, *, user: str | None = None, limit: int = 20,

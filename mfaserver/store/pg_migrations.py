@@ -177,7 +177,6 @@ CREATE INDEX IF NOT EXISTS cluster_push_undelivered ON cluster_push (login_key)
     WHERE state = 'answered' AND delivered = 0;
 CREATE INDEX IF NOT EXISTS cluster_calls_undelivered ON cluster_calls (login_key)
     WHERE state = 'decided' AND delivered = 0;
-""" + """
 CREATE TABLE IF NOT EXISTS cluster_pending (
     shard INTEGER PRIMARY KEY,
     n BIGINT NOT NULL);
@@ -206,7 +205,6 @@ CREATE TRIGGER cluster_push_pending AFTER INSERT OR UPDATE OF state OR DELETE ON
 DROP TRIGGER IF EXISTS cluster_calls_pending ON cluster_calls;
 CREATE TRIGGER cluster_calls_pending AFTER INSERT OR UPDATE OF state OR DELETE ON cluster_calls
     FOR EACH ROW EXECUTE FUNCTION cluster_count_pending();
-""" + """
 CREATE OR REPLACE FUNCTION cluster_answer_push(
     p_txid TEXT, p_user TEXT, p_verdict TEXT, p_number TEXT, p_device TEXT,
     p_now DOUBLE PRECISION, p_forget_after DOUBLE PRECISION)

@@ -7,7 +7,7 @@ hop there and back, the GIL passing between threads, psycopg's cursor);
 driven by the reactor on a non-blocking libpq connection, with psycopg's
 row decoding, about 50-65 µs (measured on the 2-core bench VM, 20,000
 statements 64 at a time). On two cores that was the difference between a
-node on PostgreSQL at 0.6 and at 0.8 of a node on SQLite. So those three go
+node on PostgreSQL at 0.6 and at 1.0 of a node on SQLite. So those three go
 through `ReactorPg`: two connections in libpq's non-blocking pipeline mode
 whose sockets the reactor watches, statements sent as they come without
 waiting for the one before, every statement prepared once per connection.
@@ -44,7 +44,8 @@ from zope.interface import implementer
 
 from mfaserver.auth.model import Account, AuditEntry, CodeUse, TokenKind
 from mfaserver.store.cluster import PUSH_COLUMNS, PushRow
-from mfaserver.store.db import ACCOUNT_SQL, StoreError, StoreUnavailableError
+from mfaserver.store.db import (ACCOUNT_SQL, AUDIT_INSERT, StoreError, StoreUnavailableError,
+                                audit_row)
 
 __all__ = ["ReactorPg", "PgLogins"]
 
@@ -60,8 +61,7 @@ def _numbered(sql: str) -> str:
 
 _PASSWORD_SQL = "SELECT password_hash, phone FROM users WHERE name = $1"
 _ACCOUNT_SQL = _numbered(ACCOUNT_SQL)
-_AUDIT_SQL = ("INSERT INTO audit (time, \"user\", client, nas_ip, calling_station_id, factor,"
-              " outcome, reason) VALUES ($1::double precision, $2, $3, $4, $5, $6, $7, $8)")
+_AUDIT_SQL = _numbered(AUDIT_INSERT)
 # As ClusterState.get_push and mark_delivered (the holder of a push that ended).
 _PUSH_SQL = f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE txid = $1 AND forget_after > $2"
 _DELIVERED_SQL = "UPDATE cluster_push SET delivered = 1 WHERE txid = $1 AND delivered = 0"
@@ -74,7 +74,7 @@ def _use_code_sql(set_used: str, unused: str) -> str:
     """The token update and, only if it updated a row, the failure reset and the audit
     row, as one statement (data-modifying CTEs): one round trip, one transaction.
     $1 the token, $2 the user whose failures to reset (or NULL), $3-$10 the audit
-    row; the update's own values from $11."""
+    row (`audit_row`'s order); the update's own values from $11."""
     return f"""
     WITH used AS (
         UPDATE tokens SET {set_used} WHERE id = $1 AND {unused} RETURNING id),
@@ -426,9 +426,7 @@ class PgLogins:
             return account, None
         use, entry = planned
         params = [use.token_id, account.name if account.failures else None,
-                  entry.time, entry.user, entry.client, entry.nas_ip,
-                  entry.calling_station_id, entry.factor, entry.outcome, entry.reason,
-                  use.value]
+                  *audit_row(entry), use.value]
         if use.kind is TokenKind.TOTP:
             d = self._pg.query(_USE_TOTP_SQL, params + [use.drift])
         else:
@@ -437,9 +435,7 @@ class PgLogins:
         return d
 
     def record_audit(self, entry: AuditEntry) -> Deferred[None]:
-        d = self._pg.query(_AUDIT_SQL, (
-            entry.time, entry.user, entry.client, entry.nas_ip, entry.calling_station_id,
-            entry.factor, entry.outcome, entry.reason))
+        d = self._pg.query(_AUDIT_SQL, audit_row(entry))
         d.addCallback(lambda rows: None)
         return d
 
