@@ -448,6 +448,9 @@ def test_web_push_subscription_at_enrollment(tmp_path, web_port, page):
                         " to notifications (push service error). Keep the authenticator open"
                         " to see sign-ins.")
         assert "webpush" not in daemon.cli("device", "list", "carol").stdout
+        # The enrollment page opens the app a few seconds after it says so; let it,
+        # or that navigation may replace the next link's page under the test.
+        page.wait(lambda d: d.current_url.endswith("/app/"), message="the app did not open")
         page.driver.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", failing)
 
         # Allowed: the subscription goes in notify. (Headless Chromium has no push
