@@ -106,6 +106,20 @@ class DeviceCacheTests(SynchronousTestCase):
         self.successResultOf(self.store.check_outside_changes())
         self.assertIsNone(self.successResultOf(self.store.get_device("dev1")))
 
+    def test_with_the_reactors_statements_a_device_is_read_there_and_cached(self):
+        read = []
+
+        class Logins:   # PgLogins.get_device (tests/integration/test_pg_reactor.py)
+            def get_device(_, device_id):
+                read.append(device_id)
+                return defer.execute(self.admin.get_device, device_id)
+
+        store = ThreadedStore(self.db, self.store._run, logins=Logins())
+        self.reads.clear()
+        first = self.successResultOf(store.get_device("dev1"))
+        self.assertEqual(self.successResultOf(store.get_device("dev1")), first)
+        self.assertEqual((first.user, read, self.reads), ("alice", ["dev1"], []))
+
     def test_no_outside_change_keeps_the_cache(self):
         self.successResultOf(self.store.get_device("dev1"))
         self.successResultOf(self.store.check_outside_changes())

@@ -67,8 +67,8 @@ class SharedPushTransactions:
                  wake: Callable[[str], None] | None = None, late_window: float = 600.0,
                  sent_by_reactor=None):
         self._run = run
-        # A device's answer, and what the holder of an ended push reads and writes,
-        # when the reactor sends those statements itself
+        # A device's poll and answer, and what the holder of an ended push reads and
+        # writes, when the reactor sends those statements itself
         # (`mfaserver.store.pg_reactor.PgLogins`).
         self._sent_by_reactor = sent_by_reactor
         self._clock = clock
@@ -177,7 +177,10 @@ class SharedPushTransactions:
 
     def pending_for(self, user: str) -> Deferred[list[PushTransaction]]:
         """The user's pending pushes, oldest first, whichever node opened them."""
-        d = self._run(ClusterState.pending_pushes, user, self._clock.seconds())
+        if self._sent_by_reactor is not None:
+            d = self._sent_by_reactor.pending_pushes(user, self._clock.seconds())
+        else:
+            d = self._run(ClusterState.pending_pushes, user, self._clock.seconds())
         d.addCallback(lambda rows: [_transaction(row) for row in rows])
         return d
 

@@ -48,6 +48,12 @@ PUSH_COLUMNS = ("txid, username, client, nas_ip, calling_station_id, created, ex
                  " number, state, verdict, answered_by, login_key")
 
 
+# A device's poll: the user's pending pushes, oldest first (the reactor sends it too).
+PENDING_PUSHES_SQL = (f"SELECT {PUSH_COLUMNS} FROM cluster_push"
+                      " WHERE username = %s AND state = 'pending' AND expires > %s"
+                      " ORDER BY created, txid")
+
+
 def login_key_text(key) -> str:
     """A login's key (user, client, Calling-Station-Id) as the table's text column."""
     return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
@@ -226,9 +232,7 @@ class ClusterState:
     @_guarded
     def pending_pushes(self, user: str, now: float) -> list[PushRow]:
         """The user's pending pushes, oldest first (what a device's poll lists)."""
-        rows = self._conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push"
-                                  " WHERE username = %s AND state = 'pending' AND expires > %s"
-                                  " ORDER BY created, txid", (user, now)).fetchall()
+        rows = self._conn.execute(PENDING_PUSHES_SQL, (user, now)).fetchall()
         return [_push_row(row) for row in rows]
 
     @_guarded

@@ -280,7 +280,7 @@ ACCOUNT_SQL = """
 """
 
 
-_DEVICE_SQL = """
+DEVICE_SQL = """
     SELECT d.id, u.name, d.public_key, d.notify_type, d.notify_url, d.created, d.last_used,
            d.notify_keys
     FROM devices d JOIN users u ON u.id = d.user_id
@@ -863,19 +863,20 @@ class Store:
 
     @_guarded
     def get_device(self, device_id: str) -> Device | None:
-        row = self._conn.execute(_DEVICE_SQL + " WHERE d.id = ?", (device_id,)).fetchone()
+        row = self._conn.execute(DEVICE_SQL + " WHERE d.id = ?", (device_id,)).fetchone()
         return None if row is None else Device(*row)
 
     @_guarded
     def list_devices(self, user: str) -> list[Device]:
         """The user's devices, oldest first."""
-        rows = self._conn.execute(_DEVICE_SQL + " WHERE u.name = ? ORDER BY d.created, d.id",
+        rows = self._conn.execute(DEVICE_SQL + " WHERE u.name = ? ORDER BY d.created, d.id",
                                   (user,)).fetchall()
         return [Device(*row) for row in rows]
 
     @_guarded
-    def data_version(self) -> int:
-        """SQLite's data_version: it changes when another connection commits."""
+    def devices_version(self) -> int:
+        """Changes when another connection commits (SQLite's data_version): whenever
+        the devices may have changed (the daemon's device cache asks)."""
         return self._conn.execute("PRAGMA data_version").fetchone()[0]
 
     @_guarded

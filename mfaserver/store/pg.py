@@ -49,7 +49,8 @@ from mfaserver.store.pg_reactor import PgLogins, ReactorPg
 
 __all__ = ["PG", "PgConnection", "PgStore"]
 
-# pg_current_snapshot() (data_version) is new in PostgreSQL 13.
+# The oldest PostgreSQL accepted (the cluster's triggers need 11; 13 was the oldest one
+# its developers still maintained when this was written).
 MIN_SERVER_VERSION = 130000
 CONNECT_TIMEOUT = 5  # seconds; unless the DSN says otherwise
 CONNECTION_DEFAULTS = {
@@ -359,10 +360,9 @@ class PgStore(ClusterState, Store):
                 conn.close()
 
     @_guarded
-    def data_version(self) -> str:
-        """Changes when a transaction that wrote commits (PostgreSQL has no
-        data_version): the current snapshot lists the transactions in progress,
-        so a commit always changes it. Own commits and other databases' count
-        too, which only costs the device cache a refill."""
-        # pg_current_snapshot: PostgreSQL 13 or later.
-        return self._conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
+    def devices_version(self) -> int:
+        """Changes when a statement that writes to ``devices`` commits, on any node or
+        from any admin command: a counter kept by a trigger (pg_migrations'
+        ``cluster_devices_changed``). Not "any commit": on a busy cluster something
+        commits every millisecond, and the device cache would never be used."""
+        return self._conn.execute("SELECT n FROM cluster_devices_version").fetchone()[0]

@@ -205,6 +205,18 @@ CREATE TRIGGER cluster_push_pending AFTER INSERT OR UPDATE OF state OR DELETE ON
 DROP TRIGGER IF EXISTS cluster_calls_pending ON cluster_calls;
 CREATE TRIGGER cluster_calls_pending AFTER INSERT OR UPDATE OF state OR DELETE ON cluster_calls
     FOR EACH ROW EXECUTE FUNCTION cluster_count_pending();
+CREATE TABLE IF NOT EXISTS cluster_devices_version (
+    only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
+    n BIGINT NOT NULL);
+INSERT INTO cluster_devices_version (only_row, n) VALUES (true, 0) ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION cluster_devices_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE cluster_devices_version SET n = n + 1;
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS cluster_devices_changed ON devices;
+CREATE TRIGGER cluster_devices_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON devices
+    FOR EACH STATEMENT EXECUTE FUNCTION cluster_devices_changed();
 CREATE OR REPLACE FUNCTION cluster_answer_push(
     p_txid TEXT, p_user TEXT, p_verdict TEXT, p_number TEXT, p_device TEXT,
     p_now DOUBLE PRECISION, p_forget_after DOUBLE PRECISION)
@@ -251,7 +263,7 @@ END $$;
 """
 # cluster_answer_push: ClusterState.answer_push as one statement, for the daemon's
 # device answers (mfaserver/store/pg_reactor.py): the same checks, in the same order.
-CLUSTER_FUNCTIONS = ("cluster_count_pending()",
+CLUSTER_FUNCTIONS = ("cluster_count_pending()", "cluster_devices_changed()",
                      "cluster_answer_push(text, text, text, text, text, double precision,"
                      " double precision)")
 # The cluster's count of pending pushes and calls, kept by triggers in 16 rows (by
@@ -261,7 +273,11 @@ CLUSTER_FUNCTIONS = ("cluster_count_pending()",
 # 'pending', including those past their expiry until the sweeper marks them
 # (every 10 s), so the global limit may refuse for those seconds, never admit more.
 CLUSTER_TABLE_NAMES = ("cluster_challenges", "cluster_push", "cluster_rate", "cluster_sms",
-                       "cluster_calls", "cluster_pending")
+                       "cluster_calls", "cluster_pending", "cluster_devices_version")
+# cluster_devices_version: a counter that every statement writing to ``devices``
+# moves on (a deleted user's devices too: the cascade fires the trigger). Each
+# node empties its device cache when it changes (PgStore.devices_version, read
+# every second), so a device removed anywhere is refused within a second.
 
 _V5_ENROLLMENT_PURGE = """
 CREATE INDEX enrollments_expires ON enrollments (expires);

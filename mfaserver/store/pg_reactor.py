@@ -11,8 +11,8 @@ node on PostgreSQL at 0.6 and at 1.0 of a node on SQLite. So those three go
 through `ReactorPg`: two connections in libpq's non-blocking pipeline mode
 whose sockets the reactor watches, statements sent as they come without
 waiting for the one before, every statement prepared once per connection.
-So do the audit rows, and what the node holding a push reads and writes when
-the push ends. Everything else stays on the database threads. Statements on
+So do the audit rows, a device's poll and answer, and what the node holding a
+push reads and writes when the push ends. Everything else stays on the database threads. Statements on
 one connection are answered in order: one that waits for a row lock holds
 those behind it, for at most the server's ``lock_timeout`` (5 s), after
 which it fails alone.
@@ -42,19 +42,20 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mfaserver.auth.model import Account, AuditEntry, CodeUse, TokenKind
-from mfaserver.store.cluster import PUSH_COLUMNS, PushRow
-from mfaserver.store.db import (ACCOUNT_SQL, AUDIT_INSERT, StoreError, StoreUnavailableError,
-                                audit_row)
+from mfaserver.auth.model import Account, AuditEntry, CodeUse, Device, TokenKind
+from mfaserver.store.cluster import PENDING_PUSHES_SQL, PUSH_COLUMNS, PushRow
+from mfaserver.store.db import (ACCOUNT_SQL, AUDIT_INSERT, DEVICE_SQL, StoreError,
+                                StoreUnavailableError, audit_row)
 
 __all__ = ["ReactorPg", "PgLogins"]
 
 CONNECTIONS = 2  # pipelined, statements from any number of logins share them
 
 
-def _numbered(sql: str) -> str:
-    """``?`` placeholders as libpq's ``$1``, ``$2``, ... (the statements hold no other ``?``)."""
-    parts = sql.split("?")
+def _numbered(sql: str, placeholder: str = "?") -> str:
+    """``?`` (or ``%s``) placeholders as libpq's ``$1``, ``$2``, ... (the statements
+    hold no other ``?`` or ``%s``)."""
+    parts = sql.split(placeholder)
     return "".join(part + (f"${n}" if n < len(parts) else "")
                    for n, part in enumerate(parts, start=1))
 
@@ -62,6 +63,10 @@ def _numbered(sql: str) -> str:
 _PASSWORD_SQL = "SELECT password_hash, phone FROM users WHERE name = $1"
 _ACCOUNT_SQL = _numbered(ACCOUNT_SQL)
 _AUDIT_SQL = _numbered(AUDIT_INSERT)
+# A device's poll and answer: the device (when not in ThreadedStore's cache) and its
+# user's pending pushes.
+_DEVICE_BY_ID_SQL = _numbered(DEVICE_SQL + " WHERE d.id = ?")
+_PENDING_PUSHES_SQL = _numbered(PENDING_PUSHES_SQL, "%s")
 # As ClusterState.get_push and mark_delivered (the holder of a push that ended).
 _PUSH_SQL = f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE txid = $1 AND forget_after > $2"
 _DELIVERED_SQL = "UPDATE cluster_push SET delivered = 1 WHERE txid = $1 AND delivered = 0"
@@ -396,9 +401,10 @@ class ReactorPg:
 
 class PgLogins:
     """The statements every login makes, over `ReactorPg`: `ThreadedStore`'s
-    password and account reads, its code write and audit rows; and the reads
-    and write of the node holding a push when the push ends. Rows become
-    accounts with the store's own mapping (and seed key)."""
+    password and account reads, its code write and audit rows; a device's
+    poll and answer (the device, its user's pending pushes, the answer); and
+    the reads and write of the node holding a push when the push ends. Rows
+    become accounts with the store's own mapping (and seed key)."""
 
     def __init__(self, pg: ReactorPg, store):
         self._pg = pg
@@ -453,6 +459,16 @@ class PgLogins:
         d = self._pg.query(_ANSWER_SQL, (txid, user, verdict, number, device_id, now,
                                          forget_after))
         d.addCallback(lambda rows: (rows[0][0], PushRow(*rows[0][1:]) if rows[0][1] else None))
+        return d
+
+    def pending_pushes(self, user: str, now: float) -> Deferred[list[PushRow]]:
+        d = self._pg.query(_PENDING_PUSHES_SQL, (user, now))
+        d.addCallback(lambda rows: [PushRow(*row) for row in rows])
+        return d
+
+    def get_device(self, device_id: str) -> Deferred[Device | None]:
+        d = self._pg.query(_DEVICE_BY_ID_SQL, (device_id,))
+        d.addCallback(lambda rows: Device(*rows[0]) if rows else None)
         return d
 
     def mark_push_delivered(self, txid: str) -> Deferred[None]:

@@ -37,7 +37,7 @@ class ThreadedStore:
         self.unavailable = False
         self._audit_lock = threading.Lock()
         self._devices: dict[str, Device] = {}
-        self._data_version: int | None = None
+        self._devices_version: int | None = None
         self._audit_queue: list[tuple[AuditEntry, Deferred]] = []
 
     def _run(self, f, *args, **kwargs) -> Deferred:
@@ -124,7 +124,10 @@ class ThreadedStore:
         device = self._devices.get(device_id)
         if device is not None:
             return succeed(device)
-        d = self._run(self._store.get_device, device_id)
+        if self._logins is not None:
+            d = self._watch(self._logins.get_device(device_id))
+        else:
+            d = self._run(self._store.get_device, device_id)
         d.addCallback(self._cache_device)
         return d
 
@@ -137,11 +140,11 @@ class ThreadedStore:
 
     def check_outside_changes(self) -> Deferred[None]:
         """Forget cached devices if another process changed the database."""
-        d = self._run(self._store.data_version)
+        d = self._run(self._store.devices_version)
 
         def compare(version: int) -> None:
-            if version != self._data_version:
-                self._data_version = version
+            if version != self._devices_version:
+                self._devices_version = version
                 self._devices.clear()
         d.addCallback(compare)
         return d

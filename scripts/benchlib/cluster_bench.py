@@ -522,6 +522,7 @@ def hold_and_approve(names, devices, nodes: Nodes, sink, pool, args, phase: str,
                                       if len(polled["txids"].get(name, ())) == 1)
         jobs = [(name, devices[name][0], devices[name][1], polled["txids"][name][0])
                 for name in names if polled["txids"].get(name)]
+        progress(f"push {phase}: {len(jobs):,} polled; approving")
         answered = pool.run("answer", jobs, args.phase_timeout)
         pl.wait_for(lambda: logins.replies >= n, 60, nodes, 0.01)
         accept = logins.codec.ACCESS_ACCEPT

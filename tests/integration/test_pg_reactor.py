@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 import test_store
-from mfaserver.auth.model import AuditEntry, CodeUse, TokenKind
+from mfaserver.auth.model import AuditEntry, CodeUse, Device, TokenKind
 from mfaserver.store import StoreError
 from mfaserver.store.db import StoreUnavailableError
 from mfaserver.store.pg import PgConnection, PgStore
@@ -262,11 +262,11 @@ def test_pipelined_statements_answer_in_order_and_an_error_fails_only_its_own(pg
     assert answers == [10, 5, True, 2, 1]
 
 
-def _push(store, txid: str, user: str, *, number=None, now=NOW, timeout=60.0):
+def _push(store, txid: str, user: str, *, number=None, now=NOW, timeout=60.0, station=""):
     return store.open_push(
-        txid=txid, login_key=f"{user}|nas|", user=user, client="nas", nas_ip=None,
-        calling_station_id=None, now=now, timeout=timeout, number=number, node="a",
-        late_window=30.0, max_per_user=1, max_total=100, rate=None)
+        txid=txid, login_key=f"{user}|nas|{station}", user=user, client="nas", nas_ip=None,
+        calling_station_id=station or None, now=now, timeout=timeout, number=number,
+        node="a", late_window=30.0, max_per_user=3, max_total=100, rate=None)
 
 
 def test_a_device_answer_in_one_statement_keeps_answer_pushs_rules(db, reactor,
@@ -307,3 +307,27 @@ def test_a_statement_that_cannot_be_sent_fails_closed(pg, reactor):
     with pytest.raises(StoreUnavailableError):
         reactor.result(pg.query("SELECT 1", ()))
     assert reactor.result(pg.query("SELECT 2", ())) == [(2,)]   # on a new connection
+
+
+def test_a_devices_poll_reads_what_the_threads_read(db, reactor):
+    """The device and its user's pending pushes, as `Store.get_device` and
+    `ClusterState.pending_pushes` give them."""
+    logins = db.reactor_logins(reactor, run_now)
+    db.add_user("alice", password_hash=None, phone=None, now=NOW)
+    db.add_enrollment("alice", "a" * 64, NOW + 600, now=NOW)
+    db.enroll_device("a" * 64, Device(id="dev1", user="", public_key="ed25519:x",
+                                      notify_type="ntfy", notify_url="https://ntfy.example/t"),
+                     now=NOW)
+    device = reactor.result(logins.get_device("dev1"))
+    assert device == db.get_device("dev1") and device.user == "alice"
+    assert reactor.result(logins.get_device("nope")) is None
+
+    _push(db, "t2", "alice", now=NOW + 1, station="b")
+    _push(db, "t1", "alice", now=NOW, station="a")   # opened first, listed first
+    _push(db, "t3", "bob")
+    _push(db, "t4", "alice", timeout=0.5, station="c")   # expired by NOW + 1
+    rows = reactor.result(logins.pending_pushes("alice", NOW + 1))
+    assert [row.txid for row in rows] == ["t1", "t2"]
+    assert rows == db.pending_pushes("alice", NOW + 1)
+    assert reactor.result(logins.pending_pushes("nobody", NOW)) == []
+    logins.close()

@@ -180,13 +180,33 @@ def test_database_errors_become_store_errors(store):
     assert store.list_users() == []   # the connection is still good
 
 
-def test_data_version_changes_when_another_node_commits(store, open_store):
+def test_devices_version_changes_when_any_node_writes_devices(store, open_store):
     other = open_store()
     try:
-        before = store.data_version()
-        assert store.data_version() == before
+        seen = [store.devices_version()]
+
+        def changed() -> bool:
+            seen.append(store.devices_version())
+            return seen[-1] != seen[-2]
+
+        assert not changed()
         other.add_user("bob", password_hash=None, phone=None, now=NOW)
-        assert store.data_version() != before
+        other.record_audit(test_store.entry(NOW))
+        assert not changed()   # other writes leave the device cache alone
+        other.add_enrollment("bob", "b" * 64, NOW + 600, now=NOW)
+        assert not changed()
+        other.enroll_device("b" * 64, Device(id="dev-b", user="", public_key="ed25519:x"),
+                            now=NOW)
+        assert changed()
+        other.add_enrollment("bob", "c" * 64, NOW + 600, now=NOW)
+        other.enroll_device("c" * 64, Device(id="dev-c", user="", public_key="ed25519:y"),
+                            now=NOW)
+        assert changed()
+        other.delete_device("bob", "dev-c")
+        assert changed()
+        other.delete_user("bob")   # its last device goes by the cascade
+        assert changed()
+        assert store.get_device("dev-b") is None
     finally:
         other.close()
 
