@@ -95,13 +95,16 @@ class SharedPushTransactions:
         """
         max_per_user, max_total = self._limits()
         rate = None if limit is None else limit.bucket
-        d = self._run(ClusterState.open_push, txid=new_transaction_id(),
-                      login_key=login_key_text(login.key), user=login.user,
-                      client=login.client, nas_ip=login.nas_ip,
-                      calling_station_id=login.calling_station_id,
-                      now=self._clock.seconds(), timeout=timeout, number=number,
-                      node=self.node, late_window=self.late_window,
-                      max_per_user=max_per_user, max_total=max_total, rate=rate, join=join)
+        push = dict(txid=new_transaction_id(), login_key=login_key_text(login.key),
+                    user=login.user, client=login.client, nas_ip=login.nas_ip,
+                    calling_station_id=login.calling_station_id,
+                    now=self._clock.seconds(), timeout=timeout, number=number,
+                    node=self.node, late_window=self.late_window,
+                    max_per_user=max_per_user, max_total=max_total, rate=rate, join=join)
+        if self._sent_by_reactor is not None:
+            d = self._sent_by_reactor.open_push(**push)
+        else:
+            d = self._run(ClusterState.open_push, **push)
         d.addCallback(self._opened, login.user)
         return d
 

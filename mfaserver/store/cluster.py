@@ -90,6 +90,20 @@ def _push_row(row) -> PushRow:
     return PushRow(*row)
 
 
+# ClusterState.open_push's one statement (pg_migrations: cluster_open_push).
+OPEN_PUSH_SQL = ("SELECT * FROM cluster_open_push(%s, %s, %s, %s, %s, %s,"
+                 " %s::double precision, %s::double precision, %s, %s, %s::double precision,"
+                 " %s::bigint, %s::bigint, %s::double precision, %s::double precision, %s)")
+
+
+def push_opened(row) -> PushOpened:
+    """cluster_open_push's row: its outcome, then the push's columns."""
+    outcome = row[0]
+    if outcome in ("user", "global", "rate"):
+        return PushOpened(None, refused=outcome)
+    return PushOpened(_push_row(row[1:]), new=outcome == "new")
+
+
 def _to_json(value) -> object:
     """A context value as JSON: tuples become lists, bytes a tagged hex string."""
     if isinstance(value, (bytes, bytearray)):
@@ -172,47 +186,12 @@ class ClusterState:
         limit, nothing is opened: ``refused`` says which. ``rate`` is (tokens
         per second, burst) for the user's push bucket, taken only for a new push.
         """
-        with self._immediate() as conn:
-            # One open at a time per user, across nodes: the limits and the
-            # one-pending-push-per-login rule are checked and kept together.
-            self._lock_user(conn, user)
-            conn.execute("UPDATE cluster_push SET state = 'expired' WHERE login_key = %s"
-                         " AND state = 'pending' AND expires <= %s", (login_key, now))
-            row = conn.execute(f"SELECT {PUSH_COLUMNS} FROM cluster_push"
-                               " WHERE login_key = %s AND state = 'pending'",
-                               (login_key,)).fetchone()
-            if row is not None:
-                found = _push_row(row)
-                if join == "any" or found.number is not None:
-                    return PushOpened(found)
-                self._end_push(conn, found.txid, CLOSED, now + late_window)
-            else:
-                # Answered while no node held the login (its node died before the
-                # NAS's retry arrived): the retry takes that answer, once.
-                row = conn.execute(
-                    f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE login_key = %s"
-                    " AND state = 'answered' AND delivered = 0 AND expires > %s"
-                    " ORDER BY created DESC LIMIT 1 FOR UPDATE", (login_key, now)).fetchone()
-                if row is not None and (join == "any" or row[7] is not None):
-                    conn.execute("UPDATE cluster_push SET delivered = 1 WHERE txid = %s",
-                                 (row[0],))
-                    return PushOpened(_push_row(row))
-            if self._pending(conn, now, user) >= max_per_user:
-                return PushOpened(None, refused="user")
-            if self._pending(conn, now) >= max_total:
-                return PushOpened(None, refused="global")
-            if rate is not None and not self._take(conn, "push " + user, now, *rate):
-                return PushOpened(None, refused="rate")
-            expires = now + timeout
-            conn.execute(
-                "INSERT INTO cluster_push (txid, login_key, username, client, nas_ip,"
-                " calling_station_id, created, expires, number, state, node, forget_after)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s)",
-                (txid, login_key, user, client, nas_ip, calling_station_id, now, expires,
-                 number, node, expires + late_window))
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, NEW_PUSH + user))
-        return PushOpened(PushRow(txid, user, client, nas_ip, calling_station_id, now, expires,
-                                  number, PENDING, None, None, login_key), new=True)
+        rate_per_second, rate_burst = rate if rate is not None else (None, None)
+        row = self._conn.execute(OPEN_PUSH_SQL, (
+            txid, login_key, user, client, nas_ip, calling_station_id, now, timeout, number,
+            node, late_window, max_per_user, max_total, rate_per_second, rate_burst,
+            join)).fetchone()
+        return push_opened(row)
 
     @_guarded
     def get_push(self, txid: str, now: float) -> PushRow | None:
@@ -337,12 +316,8 @@ class ClusterState:
         triggers' count in ``cluster_pending``, see pg_migrations)."""
         if user is None:
             return conn.execute("SELECT coalesce(sum(n), 0) FROM cluster_pending").fetchone()[0]
-        return conn.execute(
-            "SELECT (SELECT count(*) FROM cluster_push WHERE state = 'pending'"
-            "        AND expires > %(now)s AND username = %(user)s)"
-            "     + (SELECT count(*) FROM cluster_calls WHERE state = 'pending'"
-            "        AND expires > %(now)s AND username = %(user)s)",
-            {"now": now, "user": user}).fetchone()[0]
+        return conn.execute("SELECT cluster_user_pending(%s, %s::double precision)",
+                            (user, now)).fetchone()[0]
 
     @staticmethod
     def _end_push(conn, txid: str, state: str, forget_after: float) -> bool:
@@ -359,18 +334,9 @@ class ClusterState:
     def _take(conn, key: str, now: float, per_second: float, burst: float) -> bool:
         """Take one token from bucket ``key`` (full when new); False if none is left.
         The caller's transaction serialises takers (row lock)."""
-        conn.execute("INSERT INTO cluster_rate (key, tokens, updated) VALUES (%s, %s, %s)"
-                     " ON CONFLICT (key) DO NOTHING", (key, float(burst), now))
-        tokens, updated = conn.execute("SELECT tokens, updated FROM cluster_rate"
-                                       " WHERE key = %s FOR UPDATE", (key,)).fetchone()
-        tokens = min(float(burst), tokens + max(0.0, now - updated) * per_second)
-        if tokens < 1.0:
-            conn.execute("UPDATE cluster_rate SET tokens = %s, updated = %s WHERE key = %s",
-                         (tokens, now, key))
-            return False
-        conn.execute("UPDATE cluster_rate SET tokens = %s, updated = %s WHERE key = %s",
-                     (tokens - 1.0, now, key))
-        return True
+        return conn.execute("SELECT cluster_take_token(%s, %s::double precision,"
+                            " %s::double precision, %s::double precision)",
+                            (key, now, per_second, burst)).fetchone()[0]
 
     @_guarded
     def take_token(self, key: str, now: float, per_second: float, burst: float) -> bool:

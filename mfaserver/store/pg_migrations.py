@@ -217,6 +217,101 @@ END $$;
 DROP TRIGGER IF EXISTS cluster_devices_changed ON devices;
 CREATE TRIGGER cluster_devices_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON devices
     FOR EACH STATEMENT EXECUTE FUNCTION cluster_devices_changed();
+CREATE OR REPLACE FUNCTION cluster_take_token(
+    p_key TEXT, p_now DOUBLE PRECISION, p_per_second DOUBLE PRECISION,
+    p_burst DOUBLE PRECISION) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+DECLARE
+    v_tokens DOUBLE PRECISION;
+    v_updated DOUBLE PRECISION;
+BEGIN
+    INSERT INTO cluster_rate (key, tokens, updated) VALUES (p_key, p_burst, p_now)
+        ON CONFLICT (key) DO NOTHING;
+    SELECT tokens, updated INTO v_tokens, v_updated FROM cluster_rate
+        WHERE key = p_key FOR UPDATE;
+    v_tokens := least(p_burst, v_tokens + greatest(0.0, p_now - v_updated) * p_per_second);
+    IF v_tokens < 1.0 THEN
+        UPDATE cluster_rate SET tokens = v_tokens, updated = p_now WHERE key = p_key;
+        RETURN false;
+    END IF;
+    UPDATE cluster_rate SET tokens = v_tokens - 1.0, updated = p_now WHERE key = p_key;
+    RETURN true;
+END $$;
+CREATE OR REPLACE FUNCTION cluster_user_pending(p_user TEXT, p_now DOUBLE PRECISION)
+RETURNS BIGINT LANGUAGE sql STABLE AS $$
+    SELECT (SELECT count(*) FROM cluster_push WHERE state = 'pending'
+            AND expires > p_now AND username = p_user)
+         + (SELECT count(*) FROM cluster_calls WHERE state = 'pending'
+            AND expires > p_now AND username = p_user)
+$$;
+CREATE OR REPLACE FUNCTION cluster_open_push(
+    p_txid TEXT, p_login_key TEXT, p_user TEXT, p_client TEXT, p_nas_ip TEXT,
+    p_station TEXT, p_now DOUBLE PRECISION, p_timeout DOUBLE PRECISION, p_number TEXT,
+    p_node TEXT, p_late_window DOUBLE PRECISION, p_max_per_user BIGINT,
+    p_max_total BIGINT, p_rate_per_second DOUBLE PRECISION, p_rate_burst DOUBLE PRECISION,
+    p_join TEXT)
+RETURNS TABLE (o_outcome TEXT, o_txid TEXT, o_username TEXT, o_client TEXT, o_nas_ip TEXT,
+               o_calling_station_id TEXT, o_created DOUBLE PRECISION,
+               o_expires DOUBLE PRECISION, o_number TEXT, o_state TEXT, o_verdict TEXT,
+               o_answered_by TEXT, o_login_key TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r cluster_push%ROWTYPE;
+    v_outcome TEXT;
+    v_expires DOUBLE PRECISION := p_now + p_timeout;
+BEGIN
+    -- One open at a time per user, across nodes: the limits and the
+    -- one-pending-push-per-login rule are checked and kept together.
+    PERFORM pg_advisory_xact_lock(hashtextextended('pending ' || p_user, 1));
+    UPDATE cluster_push AS p SET state = 'expired'
+        WHERE p.login_key = p_login_key AND p.state = 'pending' AND p.expires <= p_now;
+    SELECT * INTO r FROM cluster_push AS p
+        WHERE p.login_key = p_login_key AND p.state = 'pending';
+    IF FOUND THEN
+        IF p_join = 'any' OR r.number IS NOT NULL THEN
+            v_outcome := 'joined';
+        ELSE
+            -- A number-matching login cannot confirm a push without a number: closed.
+            UPDATE cluster_push AS p SET state = 'closed', forget_after = p_now + p_late_window
+                WHERE p.txid = r.txid AND p.state = 'pending';
+            PERFORM pg_notify('mfaserver', 'ended ' || r.txid);
+        END IF;
+    ELSE
+        -- Answered while no node held the login (its node died before the NAS's
+        -- retry arrived): the retry takes that answer, once.
+        SELECT * INTO r FROM cluster_push AS p
+            WHERE p.login_key = p_login_key AND p.state = 'answered' AND p.delivered = 0
+            AND p.expires > p_now ORDER BY p.created DESC LIMIT 1 FOR UPDATE;
+        IF FOUND AND (p_join = 'any' OR r.number IS NOT NULL) THEN
+            UPDATE cluster_push AS p SET delivered = 1 WHERE p.txid = r.txid;
+            v_outcome := 'joined';
+        END IF;
+    END IF;
+    IF v_outcome IS NULL THEN
+        IF cluster_user_pending(p_user, p_now) >= p_max_per_user THEN
+            v_outcome := 'user';
+        ELSIF (SELECT coalesce(sum(n), 0) FROM cluster_pending) >= p_max_total THEN
+            v_outcome := 'global';
+        ELSIF p_rate_per_second IS NOT NULL
+                AND NOT cluster_take_token('push ' || p_user, p_now, p_rate_per_second,
+                                           p_rate_burst) THEN
+            v_outcome := 'rate';
+        ELSE
+            INSERT INTO cluster_push AS p (txid, login_key, username, client, nas_ip,
+                    calling_station_id, created, expires, number, state, node, forget_after)
+                VALUES (p_txid, p_login_key, p_user, p_client, p_nas_ip, p_station, p_now,
+                        v_expires, p_number, 'pending', p_node, v_expires + p_late_window)
+                RETURNING * INTO r;
+            PERFORM pg_notify('mfaserver', 'new ' || p_user);
+            v_outcome := 'new';
+        END IF;
+    END IF;
+    IF v_outcome IN ('user', 'global', 'rate') THEN
+        r := NULL;
+    END IF;
+    RETURN QUERY SELECT v_outcome, r.txid, r.username, r.client, r.nas_ip,
+        r.calling_station_id, r.created, r.expires, r.number, r.state, r.verdict,
+        r.answered_by, r.login_key;
+END $$;
 CREATE OR REPLACE FUNCTION cluster_answer_push(
     p_txid TEXT, p_user TEXT, p_verdict TEXT, p_number TEXT, p_device TEXT,
     p_now DOUBLE PRECISION, p_forget_after DOUBLE PRECISION)
@@ -264,8 +359,18 @@ END $$;
 # cluster_answer_push: ClusterState.answer_push as one statement, for the daemon's
 # device answers (mfaserver/store/pg_reactor.py): the same checks, in the same order.
 CLUSTER_FUNCTIONS = ("cluster_count_pending()", "cluster_devices_changed()",
+                     "cluster_take_token(text, double precision, double precision,"
+                     " double precision)",
+                     "cluster_user_pending(text, double precision)",
+                     "cluster_open_push(text, text, text, text, text, text, double precision,"
+                     " double precision, text, text, double precision, bigint, bigint,"
+                     " double precision, double precision, text)",
                      "cluster_answer_push(text, text, text, text, text, double precision,"
                      " double precision)")
+# cluster_open_push: ClusterState.open_push as one statement, which the threads and
+# the reactor both send (a push login's opening was 13 statements through a thread).
+# cluster_take_token and cluster_user_pending are its rate bucket and per-user
+# count, and ClusterState's for the SMS and call limits.
 # The cluster's count of pending pushes and calls, kept by triggers in 16 rows (by
 # user) so that the global limit is one read of 16 rows, not a count of every
 # pending row at each login (a scan that grew with the pending logins: at 5,000

@@ -43,7 +43,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mfaserver.auth.model import Account, AuditEntry, CodeUse, Device, TokenKind
-from mfaserver.store.cluster import PENDING_PUSHES_SQL, PUSH_COLUMNS, PushRow
+from mfaserver.store.cluster import (OPEN_PUSH_SQL, PENDING_PUSHES_SQL, PUSH_COLUMNS,
+                                     PushOpened, PushRow, push_opened)
 from mfaserver.store.db import (ACCOUNT_SQL, AUDIT_INSERT, DEVICE_SQL, StoreError,
                                 StoreUnavailableError, audit_row)
 
@@ -67,6 +68,7 @@ _AUDIT_SQL = _numbered(AUDIT_INSERT)
 # user's pending pushes.
 _DEVICE_BY_ID_SQL = _numbered(DEVICE_SQL + " WHERE d.id = ?")
 _PENDING_PUSHES_SQL = _numbered(PENDING_PUSHES_SQL, "%s")
+_OPEN_PUSH_SQL = _numbered(OPEN_PUSH_SQL, "%s")
 # As ClusterState.get_push and mark_delivered (the holder of a push that ended).
 _PUSH_SQL = f"SELECT {PUSH_COLUMNS} FROM cluster_push WHERE txid = $1 AND forget_after > $2"
 _DELIVERED_SQL = "UPDATE cluster_push SET delivered = 1 WHERE txid = $1 AND delivered = 0"
@@ -459,6 +461,19 @@ class PgLogins:
         d = self._pg.query(_ANSWER_SQL, (txid, user, verdict, number, device_id, now,
                                          forget_after))
         d.addCallback(lambda rows: (rows[0][0], PushRow(*rows[0][1:]) if rows[0][1] else None))
+        return d
+
+    def open_push(self, *, txid: str, login_key: str, user: str, client: str,
+                  nas_ip: str | None, calling_station_id: str | None, now: float,
+                  timeout: float, number: str | None, node: str, late_window: float,
+                  max_per_user: int, max_total: int, rate: tuple[float, float] | None,
+                  join: str = "any") -> Deferred[PushOpened]:
+        """`ClusterState.open_push`: the same function, sent by the reactor."""
+        rate_per_second, rate_burst = rate if rate is not None else (None, None)
+        d = self._pg.query(_OPEN_PUSH_SQL, (
+            txid, login_key, user, client, nas_ip, calling_station_id, now, timeout, number,
+            node, late_window, max_per_user, max_total, rate_per_second, rate_burst, join))
+        d.addCallback(lambda rows: push_opened(rows[0]))
         return d
 
     def pending_pushes(self, user: str, now: float) -> Deferred[list[PushRow]]:

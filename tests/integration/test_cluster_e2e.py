@@ -232,7 +232,9 @@ async def test_a_phone_call_placed_by_one_node_is_decided_by_the_other(tmp_path,
 
     from .test_voice_e2e import PASSWORD as VOICE_PASSWORD, PHONE, voice_config
 
-    twilio = fake_twilio.FakeTwilio(reactor, answer_delay=1.0).start()
+    # The phone rings 3 s: the NAS's fail-over (0.5 s later) must reach B while it
+    # rings, even on a loaded machine, or it is a second login with a call of its own.
+    twilio = fake_twilio.FakeTwilio(reactor, answer_delay=3.0).start()
     port_a, port_b = free_tcp_port(), free_tcp_port()
     public = f'public_url = "http://127.0.0.1:{port_a}"'
     (tmp_path / "a").mkdir()

@@ -11,6 +11,12 @@ Database calls run at once (``run``), and after each one the test's LISTEN
 connection is asked a ``SELECT 1``: PostgreSQL delivers a listener's
 notifications before it answers, so every NOTIFY a call committed reaches
 the registries, for real and deterministically, before the test goes on.
+
+The push registry has two ways to the database: a thread (``run``, as above)
+and the statements the reactor sends (`mfaserver.store.pg_reactor.PgLogins`,
+which the daemon uses). Every push test class runs once over each
+(``via_reactor``): there the reactor is pumped until the statement's answer
+is in, and then the notifications are delivered the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from mfaserver.factors.push_shared import (SharedNumberMatchingPushFactor, Share
                                            SharedPushTransactions)
 from mfaserver.store.pg import PgStore
 from mfaserver.store.shared import SharedChallenges
-from mfaserver.testing import MemorySmsGateway, MemoryVoiceGateway
+from mfaserver.testing import MemorySmsGateway, MemoryVoiceGateway, run_now
+
+from .test_pg_reactor import PollingReactor
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +63,17 @@ class Database:
         self.listen.add_notify_handler(lambda n: self._heard.append(n.payload))
         self.nodes: list[SharedPushTransactions] = []
         self.deliver = True
+        self._reactor_statements = None
 
     def run(self, f, *args, **kwargs) -> Deferred:
         try:
             result = f(self.store, *args, **kwargs)
         except Exception:
             return defer.fail()
+        self.deliver_notifications()
+        return defer.succeed(result)
+
+    def deliver_notifications(self) -> None:
         self.listen.execute("SELECT 1")
         if self.deliver:
             heard, self._heard = self._heard, []
@@ -69,11 +82,41 @@ class Database:
                     node.notified(payload)
         else:
             self._heard.clear()
-        return defer.succeed(result)
+
+    def reactor_statements(self) -> "ReactorStatements":
+        if self._reactor_statements is None:
+            self._reactor_statements = ReactorStatements(self)
+        return self._reactor_statements
 
     def close(self) -> None:
+        if self._reactor_statements is not None:
+            self._reactor_statements.close()
         self.listen.close()
         self.store.close()
+
+
+class ReactorStatements:
+    """The store's `PgLogins` (the daemon's reactor statements) with each call
+    answered before it returns: the reactor is pumped until the Deferred has its
+    result, then the notifications are delivered as after `Database.run`."""
+
+    def __init__(self, db: Database):
+        self._db = db
+        self._reactor = PollingReactor()
+        self._logins = db.store.reactor_logins(self._reactor, run_now)
+
+    def __getattr__(self, name):
+        method = getattr(self._logins, name)
+
+        def call(*args, **kwargs):
+            d = method(*args, **kwargs)
+            assert self._reactor.settle(d), f"{name}: no answer from the database in 10 s"
+            self._db.deliver_notifications()
+            return d
+        return call
+
+    def close(self) -> None:
+        self._logins.close()
 
 
 @pytest.fixture
@@ -84,7 +127,10 @@ def database(postgres_database, tmp_path):
 
 
 class OnDatabase:
-    """Sets ``self.pg`` (a `Database`) before setUp runs."""
+    """Sets ``self.pg`` (a `Database`) before setUp runs. ``via_reactor``: the push
+    registries send their statements as the daemon's reactor does."""
+
+    via_reactor = False
 
     @pytest.fixture(autouse=True)
     def _database(self, database):
@@ -146,16 +192,18 @@ class SharedChallengesTests(OnDatabase, test_challenges.ChallengeContract, Synch
         self.challenges = SharedChallenges(self.pg.run, self.clock, ttl=test_challenges.TTL)
 
 
-def _registry(db: Database, clock, node="a", late_window=600.0, limits=(5, 10_000)):
-    registry = SharedPushTransactions(db.run, clock, node=node, limits=lambda: limits,
-                                      late_window=late_window)
+def _registry(db: Database, clock, node="a", late_window=600.0, limits=(5, 10_000),
+              via_reactor=False):
+    registry = SharedPushTransactions(
+        db.run, clock, node=node, limits=lambda: limits, late_window=late_window,
+        sent_by_reactor=db.reactor_statements() if via_reactor else None)
     db.nodes.append(registry)
     return registry
 
 
 class SharedPushFactorTests(OnDatabase, contracts.ApprovalFactorContract, contracts.Harness):
     def make(self):
-        self.push = _registry(self.pg, self.clock)
+        self.push = _registry(self.pg, self.clock, via_reactor=self.via_reactor)
         self.factor = Settled(SharedPushFactor(self.push, push_limit(self.clock, 30)),
                               self.pg, self.clock)
         self.alice, self.bob = contracts.account("alice"), contracts.account("bob", devices=0)
@@ -191,7 +239,8 @@ class SharedNumberMatchingTests(OnDatabase, contracts.ConfirmedApprovalFactorCon
     late_window = 600
 
     def make(self):
-        self.push = _registry(self.pg, self.clock, late_window=self.late_window)
+        self.push = _registry(self.pg, self.clock, late_window=self.late_window,
+                               via_reactor=self.via_reactor)
         self.factor = Settled(SharedNumberMatchingPushFactor(self.push,
                                                              push_limit(self.clock, 30)),
                               self.pg, self.clock)
@@ -206,6 +255,14 @@ class SharedNumberMatchingTests(OnDatabase, contracts.ConfirmedApprovalFactorCon
 
     def exhaust(self):
         self.factor._limit.set_per_hour(0)
+
+
+class SharedPushFactorViaReactorTests(SharedPushFactorTests):
+    via_reactor = True
+
+
+class SharedNumberMatchingViaReactorTests(SharedNumberMatchingTests):
+    via_reactor = True
 
 
 class SharedStates(OnDatabase):
@@ -286,8 +343,10 @@ class TwoNodes(OnDatabase, contracts.Harness):
     limits = (1, 10_000)
 
     def make(self):
-        self.a = _registry(self.pg, self.clock, "a", limits=self.limits)
-        self.b = _registry(self.pg, self.clock, "b", limits=self.limits)
+        self.a = _registry(self.pg, self.clock, "a", limits=self.limits,
+                           via_reactor=self.via_reactor)
+        self.b = _registry(self.pg, self.clock, "b", limits=self.limits,
+                           via_reactor=self.via_reactor)
         self.woken = []
         self.a.wake = self.b.wake = self.woken.append
         self.limit = push_limit(self.clock, 30)
@@ -413,6 +472,10 @@ class TwoNodes(OnDatabase, contracts.Harness):
         self.assertEqual((challenges, pushes), (1, 1))
         self.assertEqual(self.pg.store.count_challenges(), 0)
         self.assertIsNone(self.pg.store.redeem_challenge(state, "vpn", "alice", 0.0))
+
+
+class TwoNodesViaReactor(TwoNodes):
+    via_reactor = True
 
 
 # --- phone calls ------------------------------------------------------------------------------
