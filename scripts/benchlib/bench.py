@@ -24,8 +24,9 @@ Sections (``--only``, comma separated):
   push        issue #4: 10,000 logins held pending a push in one daemon, then approved
               through the device API: memory per pending login, Status-Server p99 while
               pending, approvals/s end to end, lost/duplicate wake-ups (scripts/push_load.py)
-  cluster     issue #12: password,code logins/s on one node on SQLite, one on PostgreSQL,
-              two nodes on one PostgreSQL and workers = "auto"; pushes pending across two
+  cluster     issue #12: password,code logins/s (local users, and LDAP users next to
+              FreeRADIUS) on one node on SQLite, one on PostgreSQL, two nodes on one
+              PostgreSQL and workers = "auto"; pushes pending across two
               nodes (RSS per node, table size, approvals/s); kill -9 failover to the other
               node, 20 trials (benchlib/cluster_bench.py, a throw-away PostgreSQL)
   webapp      issue #10: the web authenticator open in headless Chromium: sign-in shown in
@@ -557,11 +558,12 @@ def build_store(directory: Path, named: list[tuple[str, str]], total_users: int,
     return time.perf_counter() - t0, created
 
 
-def login_file(path: Path, names: list[str], now: float) -> None:
+def login_file(path: Path, names: list[str], now: float,
+               password: str = LOGIN_PASSWORD) -> None:
     with open(path, "w") as f:
         for name in names:
             f.write(f'User-Name = "{name}"\n'
-                    f'User-Password = "{LOGIN_PASSWORD},{totp(seed_for(name), now)}"\n'
+                    f'User-Password = "{password},{totp(seed_for(name), now)}"\n'
                     "Message-Authenticator = 0x00\n\n")
 
 
@@ -1244,7 +1246,8 @@ def bench_cluster(report: Report, args) -> None:
         argv += [f"--{name}", str(getattr(args, "cluster_" + name.replace("-", "_")))]
     if args.keep:
         argv.append("--keep")
-    progress(f"cluster: logins/s on SQLite, PostgreSQL, 2 nodes, workers; "
+    progress(f"cluster: logins/s (local, LDAP + FreeRADIUS) on SQLite, PostgreSQL, "
+             "2 nodes, workers; "
              f"{args.cluster_pushes:,} pushes pending across 2 nodes; {args.cluster_trials} "
              "failover trials (benchlib/cluster_bench.py; progress below)")
     figures = child_json(argv, args.cluster_timeout)
@@ -1330,7 +1333,8 @@ def parse_args(argv=None):
                "against slapd vs raw ldap3 and FreeRADIUS rlm_ldap+rlm_totp, latency); "
                "ad (the same against a Samba AD DC over LDAPS); "
                "push (10,000 logins pending a push, approved through the device API); "
-               "cluster (issue #12: logins/s on SQLite, PostgreSQL, 2 nodes and workers; "
+               "cluster (issue #12: logins/s, local and LDAP users, on SQLite, PostgreSQL, 2 "
+               "nodes and workers, FreeRADIUS for LDAP; "
                "pushes pending across 2 nodes; kill -9 failover)")
     parser.add_argument("--only", metavar="LIST", default=",".join(SECTIONS),
                         help="comma-separated sections to run (default: all)")

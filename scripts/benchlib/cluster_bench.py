@@ -2,25 +2,33 @@
 
     scripts/bench --only cluster                  # through the bench (a table)
     .venv/bin/python scripts/benchlib/cluster_bench.py [--pushes 100000] [--json]
+    .venv/bin/python scripts/benchlib/cluster_bench.py --parts ldap --logins 200 --rounds 1
 
 All on 127.0.0.1, in a temporary directory, with a throw-away PostgreSQL
 (tests/postgres_server.py: initdb in a temp dir, fsync off):
 
-1. Logins/s, "password,code" (TOTP), local users, every request a distinct
-   user (so a replay-guard write and an audit row each), radclient: one node on
-   SQLite; one node on PostgreSQL; two nodes on that database, the load split
-   across both ports; ``[server] workers = "auto"`` if ``mfaserver check-config``
-   accepts the key. Every target gets the same load: ``--clients`` radclient
-   processes at once (each its own UDP socket, so that SO_REUSEPORT workers
-   get a share each: the kernel hashes the source socket), ``--inflight`` in
-   flight each. Rounds are interleaved across targets; medians are reported.
-2. Pending pushes across two nodes (push_load.py's store, wake-up sink,
+1. Logins/s (``--parts logins``), "password,code" (TOTP), local users, every
+   request a distinct user (so a replay-guard write and an audit row each): one
+   node on SQLite; one node on PostgreSQL; two nodes on that database, the load
+   split across both ports; ``[server] workers = "auto"`` if ``mfaserver
+   check-config`` accepts the key. Every target gets the same load: ``--clients``
+   UDP sockets of `loadgen.closed_loop` (or radclient processes, ``--generator``),
+   each its own source socket so that SO_REUSEPORT workers get a share each (the
+   kernel hashes the source socket), ``--inflight`` in flight each. Rounds are
+   interleaved across targets; medians are reported. No FreeRADIUS here: this
+   bench has no local-user rlm_totp setup.
+2. The same with LDAP users (``--parts ldap``): a slapd (benchlib/ldap_bench.py)
+   holding a distinct user for every request, the same four mfaserver targets
+   with ``[directory] backend = "ldap"`` (the TOTP seeds in their store), and
+   FreeRADIUS with rlm_ldap + rlm_totp (every core) as a fifth target in the
+   same rounds; each mfaserver target's ratio to FreeRADIUS, and the ratios of 1.
+3. Pending pushes across two nodes (push_load.py's store, wake-up sink,
    RADIUS sender and device pool): ``--pushes`` logins, alternately to node A
    and node B, all held; daemon RSS per node, KiB per pending login per node,
    ``pg_total_relation_size('cluster_push')``; then every device polls and
    approves through the device APIs of both nodes (round robin by connection)
    and the Access-Accepts are counted.
-3. Failover, ``--trials`` times: a push login held on node A (its wake-up
+4. Failover, ``--trials`` times: a push login held on node A (its wake-up
    seen), ``kill -9`` of A, the same Access-Request sent to node B at once (the
    NAS retry; a NAS would first wait its own timeout, not counted here), the
    device polls B and approves through B ``--settle`` seconds later; time from
@@ -49,6 +57,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -158,7 +167,7 @@ class PgCluster:
         self.server.stop(immediate=False)
 
 
-# --- 1. logins/s ----------------------------------------------------------------------------
+# --- 1. logins/s, local users; 2. LDAP users, and FreeRADIUS ----------------------------------
 
 @dataclass
 class Target:
@@ -167,6 +176,11 @@ class Target:
     ports: list[int]
     servers: list[b.Server]
     runs: list[dict] = field(default_factory=list)
+    # FreeRADIUS's rlm_totp accepts the current TOTP step only (mfaserver the one before
+    # too), so each of its rounds must fit in one step: the warm-up's rate says how long a
+    # round will take.
+    current_step_only: bool = False
+    warm_rate: float = 0.0
 
 
 def tree_rss_kib(pid: int) -> int:
@@ -182,24 +196,28 @@ def tree_rss_kib(pid: int) -> int:
 
 
 def login_round(target: Target, names: list[str], args, workdir: Path,
-                pg: PgCluster | None) -> dict:
+                pg: PgCluster | None, password: str = b.LOGIN_PASSWORD,
+                directory_cpu: Callable[[], float] | None = None) -> dict:
     """Log in each of ``names`` once against ``target``; returns accepted/s and the CPU
-    the servers (and PostgreSQL, and the load generator) spent.
+    the servers (and PostgreSQL, the directory server, and the load generator) spent.
 
     ``--generator python`` (the default): `loadgen.closed_loop` in this process,
     ``--clients`` sockets with ``--inflight`` requests in flight each, socket k to
     port k mod len(ports). ``--generator radclient``: that many radclient
     processes, ``-p inflight`` each, which spend more CPU than the server they
-    load (see `loadgen.closed_loop`)."""
+    load (see `loadgen.closed_loop`). ``directory_cpu()``: CPU seconds so far of
+    the directory server (slapd), if there is one."""
+    if target.current_step_only:
+        b.wait_for_step_room(1.5 * len(names) / max(target.warm_rate, 50.0) + 1, 0)
     # Stay clear of a TOTP step boundary so every code is inside the window.
-    if int(time.time()) % 30 > 27:
+    elif int(time.time()) % 30 > 27:
         time.sleep(30 - time.time() % 30 + 0.2)
     now = time.time()
     cpu0 = sum(b.tree_cpu_seconds(s.proc.pid) for s in target.servers)
     pg0 = pg.cpu() if pg else 0.0
+    directory0 = directory_cpu() if directory_cpu else 0.0
     if args.generator == "python":
-        logins = [(name, f"{b.LOGIN_PASSWORD},{b.totp(b.seed_for(name), now)}")
-                  for name in names]
+        logins = [(name, f"{password},{b.totp(b.seed_for(name), now)}") for name in names]
         r = closed_loop(b.HOST, target.ports, b.SECRET.encode(), logins,
                         sockets=args.clients, inflight=args.clients * args.inflight,
                         timeout=10.0)
@@ -207,24 +225,26 @@ def login_round(target: Target, names: list[str], args, workdir: Path,
         accepted, rejected, lost = r.accepted, r.rejected, r.lost + r.other
     else:
         wall, gen_cpu, (accepted, rejected, lost) = radclient_round(
-            target, names, now, args, workdir)
+            target, names, now, args, workdir, password)
     for s in target.servers:
         s.check_alive()
     return dict(wall=wall, sent=len(names), accepted=accepted, rejected=rejected, lost=lost,
                 rate=accepted / wall if wall > 0 else 0.0, generator_cpu=gen_cpu,
                 cpu=sum(b.tree_cpu_seconds(s.proc.pid) for s in target.servers) - cpu0,
-                pg_cpu=(pg.cpu() - pg0) if pg else 0.0)
+                pg_cpu=(pg.cpu() - pg0) if pg else 0.0,
+                directory_cpu=(directory_cpu() - directory0) if directory_cpu else 0.0)
 
 
-def radclient_round(target: Target, names: list[str], now: float, args,
-                    workdir: Path) -> tuple[float, float, tuple[int, int, int]]:
+def radclient_round(target: Target, names: list[str], now: float, args, workdir: Path,
+                    password: str = b.LOGIN_PASSWORD
+                    ) -> tuple[float, float, tuple[int, int, int]]:
     """``--clients`` radclient processes at once, client k to port k mod len(ports):
     (wall seconds, their CPU seconds, (accepted, rejected, lost))."""
     files = []
     for k in range(args.clients):
         share = names[k::args.clients]
         path = workdir / f"logins-{target.key}-{share[0]}"
-        b.login_file(path, share, now)
+        b.login_file(path, share, now, password)
         files.append(path)
     children0 = os.times()
     t0 = time.perf_counter()
@@ -249,6 +269,130 @@ def radclient_round(target: Target, names: list[str], now: float, args,
     cpu = (children1.children_user + children1.children_system
            - children0.children_user - children0.children_system)
     return wall, cpu, tuple(totals)
+
+
+def node_server(name: str, directory: Path, extra: str = "", workers: str = "") -> b.Server:
+    """An mfaserver node in ``directory`` (ours_config plus ``extra``), to be entered."""
+    port = b.free_udp_port()
+    config = b.ours_config(directory, port, extra)
+    if workers:
+        set_server_key(config, f"workers = {workers}")
+        refused = check_config(config)
+        if refused:
+            raise b.NotAvailable(f"not available: check-config refuses it: {refused}")
+    return b.Server(name, mfaserver_argv(config, "run"), port, directory / "run.log",
+                    cwd=directory, env=daemon_env())
+
+
+def mfaserver_targets(stack: contextlib.ExitStack, report: b.Report, section: str,
+                      workdir: Path, part: str, build: Path, dsn: str,
+                      extra: str = "") -> list[Target]:
+    """The four mfaserver targets, started (``stack`` stops them): one node on the SQLite
+    store in ``build``, one and two nodes on its copy at ``dsn``, and ``workers = "auto"``
+    on it (an n/a row instead if check-config refuses the key). ``extra`` is more config
+    for every node; the nodes' folders are ``workdir/<part>-...``."""
+    targets = []
+    sqlite = stack.enter_context(node_server("sqlite node", build, extra))
+    targets.append(Target("sqlite", "1 node, SQLite", [sqlite.port], [sqlite]))
+    nodes = [stack.enter_context(node_server(f"node {node}",
+                                             node_dir(workdir, f"{part}-node{node}", build),
+                                             extra + store_section(dsn, node)))
+             for node in ("A", "B")]
+    targets.append(Target("pg1", "1 node, PostgreSQL", [nodes[0].port], [nodes[0]]))
+    targets.append(Target("pg2", "2 nodes, 1 PostgreSQL", [n.port for n in nodes], nodes))
+    try:
+        workers = stack.enter_context(node_server(
+            "workers", node_dir(workdir, f"{part}-workers", build),
+            extra + store_section(dsn, "W"), workers='"auto"'))
+    except b.NotAvailable as e:
+        report.na(section, 'workers = "auto"', str(e))
+    else:
+        targets.append(Target("workers", f'workers = "auto" ({os.cpu_count()} cores)',
+                              [workers.port], [workers]))
+    return targets
+
+
+def run_rounds(report: b.Report, section: str, part: str, targets: list[Target],
+               names: dict[str, list[str]], args, workdir: Path, pg: PgCluster,
+               password: str = b.LOGIN_PASSWORD,
+               directory_cpu: Callable[[], float] | None = None) -> dict[str, int]:
+    """A warm-up of ``--warmup`` logins per target (a target that accepts none of them
+    gets an n/a row and leaves ``targets``), then ``--rounds`` interleaved rounds of
+    ``--logins``, each login by the next unused user of ``names[target.key]``; adds them
+    to ``target.runs`` and returns each target's RSS in KiB after the last round."""
+    progress(f"{part}: warm-up, then " + f"{args.rounds} interleaved rounds of "
+             f"{args.logins:,} logins against: " + ", ".join(t.label for t in targets))
+    for t in list(targets):
+        warm = login_round(t, names[t.key][:args.warmup], args, workdir, pg, password,
+                           directory_cpu)
+        t.warm_rate = warm["rate"]
+        if warm["accepted"] == 0:
+            report.na(section, t.label, f"no login accepted in the warm-up "
+                                        f"(rejected {warm['rejected']}, lost {warm['lost']})"
+                                        f"; {b.tail(t.servers[0].log_path, 3)}")
+            targets.remove(t)
+    for r in range(args.rounds):
+        for t in targets:
+            first = args.warmup + r * args.logins
+            t.runs.append(login_round(t, names[t.key][first:first + args.logins],
+                                      args, workdir, pg, password, directory_cpu))
+            progress(f"  round {r + 1} {t.label}: {t.runs[-1]['rate']:,.0f}/s")
+    return {t.key: sum(tree_rss_kib(s.proc.pid) for s in t.servers) for t in targets}
+
+
+def report_rounds(report: b.Report, section: str, targets: list[Target], rss: dict[str, int],
+                  directory_name: str = "") -> dict[str, float]:
+    """Per target, the median logins/s and the CPU per login of its median round; returns
+    the medians by target key. ``directory_name`` names the directory server whose CPU
+    the rounds measured (slapd), if any."""
+    medians = {}
+    for t in targets:
+        rates = [x["rate"] for x in t.runs]
+        medians[t.key] = statistics.median(rates)
+        mid = sorted(t.runs, key=lambda x: x["rate"])[len(t.runs) // 2]
+        failed = sum(x["sent"] - x["accepted"] for x in t.runs)
+        note = f"runs {', '.join(f'{x:,.0f}' for x in rates)}"
+        note += (f"; NOT ACCEPTED {failed} of {sum(x['sent'] for x in t.runs)}" if failed
+                 else f"; all {sum(x['accepted'] for x in t.runs):,} accepted")
+        report.add(section, t.label, "logins/s (median)", f"{medians[t.key]:,.0f}", note)
+        if mid["accepted"]:
+            per = 1e3 / mid["accepted"]
+            freeradius = t.key == "freeradius"
+            others = (f"; PostgreSQL {mid['pg_cpu'] * per:.2f} ms"
+                      if t.key not in ("sqlite", "freeradius") else "")
+            if directory_name:
+                others += f"; {directory_name} {mid['directory_cpu'] * per:.2f} ms"
+            busy = mid["cpu"] + mid["pg_cpu"] + mid["directory_cpu"] + mid["generator_cpu"]
+            report.add(section, t.label,
+                       "CPU per login: " + ("FreeRADIUS" if freeradius else "mfaserver"),
+                       f"{mid['cpu'] * per:.2f} ms",
+                       f"all its {'threads' if freeradius else 'processes'}{others}; load "
+                       f"generator {mid['generator_cpu'] * per:.2f} ms; cores busy "
+                       f"{busy / mid['wall']:.2f} of {os.cpu_count()}; "
+                       f"RSS {rss[t.key] / 1024:,.0f} MiB")
+    return medians
+
+
+def report_cluster_ratios(report: b.Report, section: str, medians: dict[str, float]) -> None:
+    """PostgreSQL / SQLite, 2 nodes / 1 node and workers / (cores x 1 node), against the
+    issue's targets."""
+    if medians.get("pg1") and medians.get("sqlite"):
+        ratio = medians["pg1"] / medians["sqlite"]
+        report.add(section, "ratio", "1 node PostgreSQL / SQLite", f"{ratio:.2f}",
+                   f"[>= {TARGET_PG_RATIO}: {'met' if ratio >= TARGET_PG_RATIO else 'NOT MET'}]")
+    if medians.get("pg2") and medians.get("pg1"):
+        ratio = medians["pg2"] / medians["pg1"]
+        report.add(section, "ratio", "2 nodes / 1 node (PostgreSQL)", f"{ratio:.2f}",
+                   f"= {ratio / 2:.2f} x 2 x one node")
+    cores = os.cpu_count() or 1
+    if medians.get("workers") and medians.get("pg1"):
+        share = medians["workers"] / (cores * medians["pg1"])
+        report.add(section, "ratio", f"workers / ({cores} x 1 node)", f"{share:.2f}",
+                   f"[>= {TARGET_WORKERS_EFFICIENCY}: "
+                   f"{'met' if share >= TARGET_WORKERS_EFFICIENCY else 'NOT MET'}]")
+    elif "workers" not in medians:
+        report.add(section, "ratio", f"workers / ({cores} x 1 node)", "n/a",
+                   '(workers = "auto" not available)')
 
 
 def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
@@ -278,98 +422,137 @@ def bench_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
                + ("scrypt log2 N=14 (the default)" if args.hash == "scrypt"
                   else "scrypt log2 N=1 (cheapest; --cluster-hash scrypt for the default)"))
 
-    def server(name: str, directory: Path, extra: str = "", workers: str = "") -> b.Server:
-        port = b.free_udp_port()
-        config = b.ours_config(directory, port, extra)
-        if workers:
-            set_server_key(config, f"workers = {workers}")
-            refused = check_config(config)
-            if refused:
-                raise b.NotAvailable(f"not available: check-config refuses it: {refused}")
-        return b.Server(name, mfaserver_argv(config, "run"), port, directory / "run.log",
-                        cwd=directory, env=daemon_env())
-
     targets: list[Target] = []
     with contextlib.ExitStack() as stack:
-        sqlite = stack.enter_context(server("sqlite node", build))
-        targets.append(Target("sqlite", "1 node, SQLite", [sqlite.port], [sqlite]))
-        nodes = [stack.enter_context(server(f"node {node}",
-                                            node_dir(workdir, f"logins-node{node}", build),
-                                            store_section(dsn, node)))
-                 for node in ("A", "B")]
-        targets.append(Target("pg1", "1 node, PostgreSQL", [nodes[0].port], [nodes[0]]))
-        targets.append(Target("pg2", "2 nodes, 1 PostgreSQL", [n.port for n in nodes], nodes))
-        try:
-            workers = stack.enter_context(server(
-                "workers", node_dir(workdir, "logins-workers", build),
-                store_section(dsn, "W"), workers='"auto"'))
-        except b.NotAvailable as e:
-            report.na(section, 'workers = "auto"', str(e))
-        else:
-            targets.append(Target("workers", f'workers = "auto" ({os.cpu_count()} cores)',
-                                  [workers.port], [workers]))
+        targets = mfaserver_targets(stack, report, section, workdir, "logins", build, dsn)
         report.add(section, "FreeRADIUS", "-", "n/a",
-                   "(bench.py has FreeRADIUS rlm_totp only behind rlm_ldap, in the ldap "
-                   "section; no local-user rlm_totp setup to reuse: see that section's "
-                   "FreeRADIUS row)")
-
-        progress("logins: warm-up, then " + f"{args.rounds} interleaved rounds of "
-                 f"{args.logins:,} logins against: " + ", ".join(t.label for t in targets))
-        for t in list(targets):
-            warm = login_round(t, names[t.key][:args.warmup], args, workdir, pg)
-            if warm["accepted"] == 0:
-                report.na(section, t.label, f"no login accepted in the warm-up "
-                                            f"(rejected {warm['rejected']}, lost {warm['lost']})"
-                                            f"; {b.tail(t.servers[0].log_path, 3)}")
-                targets.remove(t)
-        for r in range(args.rounds):
-            for t in targets:
-                first = args.warmup + r * args.logins
-                t.runs.append(login_round(t, names[t.key][first:first + args.logins],
-                                          args, workdir, pg))
-                progress(f"  round {r + 1} {t.label}: {t.runs[-1]['rate']:,.0f}/s")
-        rss = {t.key: sum(tree_rss_kib(s.proc.pid) for s in t.servers) for t in targets}
-    medians = {}
-    for t in targets:
-        rates = [x["rate"] for x in t.runs]
-        medians[t.key] = statistics.median(rates)
-        mid = sorted(t.runs, key=lambda x: x["rate"])[len(t.runs) // 2]
-        failed = sum(x["sent"] - x["accepted"] for x in t.runs)
-        note = f"runs {', '.join(f'{x:,.0f}' for x in rates)}"
-        note += (f"; NOT ACCEPTED {failed} of {sum(x['sent'] for x in t.runs)}" if failed
-                 else f"; all {sum(x['accepted'] for x in t.runs):,} accepted")
-        report.add(section, t.label, "logins/s (median)", f"{medians[t.key]:,.0f}", note)
-        if mid["accepted"]:
-            per = 1e3 / mid["accepted"]
-            pg_note = (f"; PostgreSQL {mid['pg_cpu'] * per:.2f} ms" if t.key != "sqlite"
-                       else "")
-            report.add(section, t.label, "CPU per login: mfaserver",
-                       f"{mid['cpu'] * per:.2f} ms",
-                       f"all its processes{pg_note}; load generator "
-                       f"{mid['generator_cpu'] * per:.2f} ms; cores busy "
-                       f"{(mid['cpu'] + mid['pg_cpu'] + mid['generator_cpu']) / mid['wall']:.2f}"
-                       f" of {os.cpu_count()}; RSS {rss[t.key] / 1024:,.0f} MiB")
-    if medians.get("pg1") and medians.get("sqlite"):
-        ratio = medians["pg1"] / medians["sqlite"]
-        report.add(section, "ratio", "1 node PostgreSQL / SQLite", f"{ratio:.2f}",
-                   f"[>= {TARGET_PG_RATIO}: {'met' if ratio >= TARGET_PG_RATIO else 'NOT MET'}]")
-    if medians.get("pg2") and medians.get("pg1"):
-        ratio = medians["pg2"] / medians["pg1"]
-        report.add(section, "ratio", "2 nodes / 1 node (PostgreSQL)", f"{ratio:.2f}",
-                   f"= {ratio / 2:.2f} x 2 x one node")
-    cores = os.cpu_count() or 1
-    if medians.get("workers") and medians.get("pg1"):
-        share = medians["workers"] / (cores * medians["pg1"])
-        report.add(section, "ratio", f"workers / ({cores} x 1 node)", f"{share:.2f}",
-                   f"[>= {TARGET_WORKERS_EFFICIENCY}: "
-                   f"{'met' if share >= TARGET_WORKERS_EFFICIENCY else 'NOT MET'}]")
-    elif "workers" not in medians:
-        report.add(section, "ratio", f"workers / ({cores} x 1 node)", "n/a",
-                   '(workers = "auto" not available)')
+                   "(no local-user rlm_totp setup; FreeRADIUS is measured with LDAP users "
+                   "(rlm_ldap + rlm_totp) in section \"cluster ldap\": see its "
+                   "\"... / FreeRADIUS\" ratio rows)")
+        rss = run_rounds(report, section, "logins", targets, names, args, workdir, pg)
+    medians = report_rounds(report, section, targets, rss)
+    report_cluster_ratios(report, section, medians)
     disturbance(report, section, "after the logins")
 
 
-# --- 2. pending pushes across two nodes; 3. failover ----------------------------------------
+LDAP_KEYS = ("sqlite", "pg1", "pg2", "workers", "freeradius")
+FREERADIUS_THREADS = 32  # ldap_bench.write_freeradius_config's default: every core busy
+
+
+def ldap_freeradius(directory: Path, lb, ls, slapd) -> b.Server:
+    """FreeRADIUS with rlm_ldap + rlm_totp against ``slapd``, ldap_bench's config as the
+    ldap section runs it, to be entered; NotAvailable if it or rlm_ldap is missing or
+    ``freeradius -C`` refuses the config."""
+    binary = b.require("freeradius", "freeradius")
+    if not Path("/usr/lib/freeradius/rlm_ldap.so").exists():
+        raise b.NotAvailable("rlm_ldap not installed (apt package freeradius-ldap)")
+    port = b.free_udp_port()
+    lb.write_freeradius_config(directory, ls, host=b.HOST, port=port, secret=b.SECRET,
+                               ldap_port=slapd.port, threads=FREERADIUS_THREADS,
+                               section="cluster ldap")
+    check = subprocess.run([binary, "-C", "-d", str(directory)], capture_output=True,
+                           text=True, timeout=60)
+    if check.returncode != 0:
+        raise b.NotAvailable("freeradius -C failed: " + (check.stderr or check.stdout)[-300:])
+    return b.Server("freeradius", [binary, "-f", "-d", str(directory), "-l", "stdout"], port,
+                    directory / "freeradius.log")
+
+
+def check_logins(report: b.Report, section: str, targets: list[Target],
+                 probes: dict[str, list[str]], workdir: Path, password: str) -> None:
+    """Once per target, with radclient: a right login is accepted, a wrong code and a wrong
+    password are not (a server that accepted anything would be fast for nothing)."""
+    b.wait_for_step_room(5, 0)  # FreeRADIUS takes the current step's code only
+    for t in targets:
+        right, wrong_code, wrong_password = probes[t.key]
+        now = time.time()
+        code = {name: b.totp(b.seed_for(name), now) for name in probes[t.key]}
+        server = t.servers[0]
+        seen = [b.ldap_probe(server, workdir, right, f"{password},{code[right]}"),
+                b.ldap_probe(server, workdir, wrong_code,
+                             f"{password},{(int(code[wrong_code]) + 1) % 1_000_000:06d}"),
+                b.ldap_probe(server, workdir, wrong_password,
+                             f"wrong-{password},{code[wrong_password]}")]
+        ok = seen == ["accept", "reject", "reject"]
+        report.add(section, t.label, "checks: right / wrong code / wrong password",
+                   " / ".join(seen), "as expected" if ok else "NOT AS EXPECTED")
+
+
+def bench_ldap_logins(report: b.Report, args, workdir: Path, pg: PgCluster) -> None:
+    """The logins of `bench_logins` with the users in slapd (ldap_bench.py), against the
+    same four mfaserver targets and FreeRADIUS (rlm_ldap + rlm_totp), in the same rounds."""
+    section = "cluster ldap"
+    disturbance(report, section, "before the LDAP logins")
+    b.require("radclient", "freeradius-utils")
+    b.import_store_api()
+    import ldap_bench as lb
+    per_target = args.warmup + args.rounds * args.logins
+    # Every request a user of its own, FreeRADIUS's too (a login bench measures first
+    # lookups and replay-guard writes, not caches); the last 3 of each are check_logins'.
+    names = {key: [f"ld{key[:3]}{i:06d}" for i in range(per_target + 3)] for key in LDAP_KEYS}
+    probes = {key: names[key][per_target:] for key in LDAP_KEYS}
+    every = [n for key in LDAP_KEYS for n in names[key]]
+    progress(f"ldap: slapd with {len(every):,} users")
+    t0 = time.monotonic()
+    try:
+        ls, slapd = lb.start_slapd(workdir / "ldap-slapd", every, b.seed_for,
+                                   timeout=args.build_timeout)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        raise b.NotAvailable(f"slapd: {e}") from None
+    slapd_s = time.monotonic() - t0
+
+    targets: list[Target] = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(slapd.stop)
+        # slapd checks the password; mfaserver checks the code against the seed in its own
+        # store (a user without a password, with a TOTP token), as the ldap section's
+        # store does. FreeRADIUS reads the seed from the entry.
+        in_store = [n for key in LDAP_KEYS if key != "freeradius" for n in names[key]]
+        build = workdir / "ldap-sqlite"
+        build.mkdir()
+        progress(f"ldap: building a store with {len(in_store):,} users + TOTP tokens")
+        build_s, created = b.build_store(build, [(n, None) for n in in_store], len(in_store),
+                                         None, args.build_timeout)
+        if created < len(in_store):
+            raise b.NotAvailable(f"store build reached {created:,} of {len(in_store):,} users")
+        dsn = pg.database("ldap")
+        copy_s = copy_store(build, dsn)
+        report.add(section, "setup", "users in slapd (TOTP seed in the entry)",
+                   f"{len(every):,}",
+                   f"slapadd + start {slapd_s:.1f} s; {len(in_store):,} of them in "
+                   f"mfaserver's store (TOTP token, no password): SQLite build {build_s:.1f} s, "
+                   f"store copy to PostgreSQL {copy_s:.1f} s")
+        extra = "\n" + lb.mfaserver_ldap_section(ls, slapd.url)
+        targets = mfaserver_targets(stack, report, section, workdir, "ldap", build, dsn,
+                                    extra)
+        label = f"FreeRADIUS {b.freeradius_version()} rlm_ldap+rlm_totp".replace("  ", " ")
+        try:
+            fr = stack.enter_context(ldap_freeradius(workdir / "ldap-freeradius", lb, ls,
+                                                     slapd))
+        except b.NotAvailable as e:
+            report.na(section, label, str(e))
+        else:
+            targets.append(Target("freeradius", label, [fr.port], [fr],
+                                  current_step_only=True))
+        check_logins(report, section, targets, probes, workdir, lb.LDAP_PASSWORD)
+        rss = run_rounds(report, section, "ldap", targets, names, args, workdir, pg,
+                         lb.LDAP_PASSWORD, lambda: b.pid_cpu_seconds(slapd.process.pid))
+    medians = report_rounds(report, section, targets, rss, "slapd")
+    freeradius = medians.get("freeradius")
+    for t in targets:
+        if freeradius and t.key != "freeradius" and medians.get(t.key):
+            report.add(section, "ratio", f"{t.label} / FreeRADIUS",
+                       f"{medians[t.key] / freeradius:.2f}",
+                       f"FreeRADIUS: {FREERADIUS_THREADS} threads on all {os.cpu_count()} "
+                       "cores, no replay record, no audit row")
+    if not freeradius:
+        report.add(section, "ratio", "mfaserver / FreeRADIUS", "n/a",
+                   "(FreeRADIUS not measured: see its row above)")
+    report_cluster_ratios(report, section, medians)
+    disturbance(report, section, "after the LDAP logins")
+
+
+# --- 3. pending pushes across two nodes; 4. failover ------------------------------------------
 
 class Nodes:
     """Node A and B (push_load.Daemon each) on one database; A can be killed and restarted."""
@@ -665,7 +848,8 @@ def run(args) -> b.Report:
         b.require("radclient", "freeradius-utils")
         pg = PgCluster(workdir / "pg")
         version = pg.version()
-        for name, part in (("logins", bench_logins), ("push", bench_pushes)):
+        for name, part in (("logins", bench_logins), ("ldap", bench_ldap_logins),
+                           ("push", bench_pushes)):
             if name not in args.parts:
                 continue
             try:
@@ -693,6 +877,21 @@ def run(args) -> b.Report:
                 "sockets gives them, which need not be an even split; "
                 f"{args.rounds} rounds of {args.logins:,} per target after a warm-up, "
                 "interleaved; medians.")
+        if "ldap" in args.parts:
+            report.notes.append(
+                "Cluster LDAP logins: the same load and rounds with the users in slapd "
+                "(benchlib/ldap_bench.py: tests/ldap_server.py's config, the users loaded by "
+                "slapadd, one password, the TOTP seed in each entry's description) and "
+                "FreeRADIUS (rlm_ldap search with the service account, bind as the user, "
+                f"rlm_totp; {FREERADIUS_THREADS} threads and LDAP connections) as a fifth "
+                "target; every request a distinct user, FreeRADIUS's too. The mfaserver "
+                "nodes add [directory] backend = \"ldap\" (search, then bind as the user; "
+                "pool_size 8) and keep the seeds in their store (users without a password) "
+                "with replay guard and audit row; rlm_totp keeps no record of used codes and "
+                "accepts the current step only, so a FreeRADIUS round starts in a fresh step "
+                "if it might not end in this one. Checks first: a right login accepted, a "
+                "wrong code and a wrong password rejected (radclient). slapd's CPU per login "
+                "is in the CPU rows.")
         if "push" in args.parts:
             report.notes.append(
                 "Cluster pushes: scripts/push_load.py's store (Ed25519 devices, webhook "
@@ -735,8 +934,10 @@ OPTIONS = (
 )
 # ... and these only this script has.
 OWN_OPTIONS = (
-    ("parts", str, "logins,push", "logins, push (push includes the failover trials)"),
-    ("warmup", int, 100, "warm-up logins per target"),
+    ("parts", str, "logins,ldap,push",
+     "logins (local users), ldap (LDAP users, and FreeRADIUS), push (includes the failover "
+     "trials)"),
+    ("warmup", int, 100, "warm-up logins per target (logins and ldap)"),
     ("generator", ("python", "radclient"), "python",
      "the logins' load generator: loadgen.closed_loop in this process, or radclient "
      "processes (which take most of a 2-core machine themselves)"),
@@ -771,6 +972,9 @@ def parse_args(argv=None):
                    help="print one JSON object (rows, notes) instead of the table")
     args = p.parse_args(argv)
     args.parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    unknown = args.parts - {"logins", "ldap", "push"}
+    if unknown:
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))} (logins, ldap, push)")
     for name in ("logins", "rounds", "warmup", "clients", "inflight", "pushes", "trials"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")

@@ -24,7 +24,6 @@ import argparse
 import base64
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import threading
