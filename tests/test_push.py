@@ -331,12 +331,12 @@ class LongPollTests(Registry):
         late = self.push.wait_for_new("bob", 30)
         self.open()                                  # answers alice's poll
         self.successResultOf(early)
-        [timer] = [c for c in self.clock.getDelayedCalls() if c.func == self.push._polls._timed_out]
+        [timer] = [c for c in self.clock.getDelayedCalls() if c.func == self.push._polls._deadlines._reached]
         self.assertEqual(timer.getTime(), START + 30)
         late.cancel()
         self.failureResultOf(late, defer.CancelledError)
         self.assertEqual([c for c in self.clock.getDelayedCalls()
-                          if c.func == self.push._polls._timed_out], [])
+                          if c.func == self.push._polls._deadlines._reached], [])
 
     def test_joining_a_login_does_not_wake_polls(self):
         key = ("alice", "nas", "x")

@@ -10,13 +10,13 @@ Cancelling a waiter only detaches it: the row lives on for the other nodes.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+
+from mfaserver.factors.deadlines import Deadlines
 
 # How long a notification of an ended row is kept for a waiter that was not
 # yet in place when it arrived (a joined approval answered at that moment).
@@ -30,11 +30,9 @@ class RowWaits:
     def __init__(self, clock: IReactorTime):
         self._clock = clock
         self._waiters: dict[str, list[Deferred]] = {}
-        # (deadline, sequence, id) of the rows waited on; one timer for the earliest.
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._expires: dict[str, float] = {}
-        self._sequence = itertools.count()
-        self._timer = None
+        self._expires: dict[str, float] = {}   # the rows waited on, with their deadlines
+        self._deadlines = Deadlines(clock, live=self._expires.__contains__,
+                                    expire=self._expired)
         self._recent_ends: dict[str, float] = {}
 
     def __len__(self) -> int:
@@ -53,8 +51,7 @@ class RowWaits:
         self._waiters.setdefault(key, []).append(waiter)
         if key not in self._expires:
             self._expires[key] = expires
-            heapq.heappush(self._deadlines, (expires, next(self._sequence), key))
-            self._arm()
+            self._deadlines.add(expires, key)
         return waiter
 
     def settle(self, key: str, outcome: Callable[[], Deferred]) -> None:
@@ -82,11 +79,8 @@ class RowWaits:
     def close_all(self, error: Callable[[str], Exception]) -> None:
         """This node stops: every waiter fails with ``error(key)``."""
         waiters, self._waiters = self._waiters, {}
-        self._deadlines.clear()
         self._expires.clear()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadlines.clear()
         for key, ds in waiters.items():
             for d in ds:
                 d.errback(error(key))
@@ -99,28 +93,7 @@ class RowWaits:
                 del self._waiters[key]
                 self._expires.pop(key, None)
 
-    def _arm(self) -> None:
-        while self._deadlines and self._deadlines[0][2] not in self._expires:
-            heapq.heappop(self._deadlines)
-        timer = self._timer
-        if self._deadlines:
-            deadline = self._deadlines[0][0]
-            if timer is not None and timer.active() and timer.getTime() == deadline:
-                return
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
-        if self._deadlines:
-            delay = max(0.0, self._deadlines[0][0] - self._clock.seconds())
-            self._timer = self._clock.callLater(delay, self._expired)
-
-    def _expired(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, key = heapq.heappop(self._deadlines)
-            if self._expires.get(key) is not None:
-                del self._expires[key]
-                for waiter in self._waiters.pop(key, []):
-                    waiter.errback(defer.TimeoutError(key))
-        self._arm()
+    def _expired(self, key: str) -> None:
+        del self._expires[key]
+        for waiter in self._waiters.pop(key, []):
+            waiter.errback(defer.TimeoutError(key))

@@ -23,9 +23,7 @@ repeated login joins it instead of pushing again.
 from __future__ import annotations
 
 import functools
-import heapq
 import hmac
-import itertools
 from collections import OrderedDict
 from typing import Callable, Hashable
 
@@ -38,6 +36,7 @@ from mfaserver.auth.approvals import RateLimiter
 from mfaserver.auth.interfaces import (ApprovalWithdrawn, FactorRefused, UnknownApproval,
                                        WrongConfirmation)
 from mfaserver.auth.model import Account, Login, Method, Reason, Verdict
+from mfaserver.factors.deadlines import Deadlines
 from mfaserver.factors.push_protocol import new_match_number, new_transaction_id
 
 log = Logger(namespace="mfaserver.push")
@@ -111,10 +110,8 @@ class LongPolls:
     def __init__(self, clock: IReactorTime):
         self._clock = clock
         self._pollers: dict[str, list[Deferred]] = {}
-        # (deadline, sequence, user, Deferred), earliest first.
-        self._deadlines: list[tuple[float, int, str, Deferred]] = []
-        self._sequence = itertools.count()
-        self._timer = None
+        self._deadlines: Deadlines[tuple[str, Deferred]] = Deadlines(
+            clock, live=self._is_polling, expire=self._timed_out)
 
     def users(self) -> list[str]:
         """The users with a poll open."""
@@ -123,9 +120,7 @@ class LongPolls:
     def wait(self, user: str, timeout: float) -> Deferred[None]:
         d = Deferred(functools.partial(self._cancelled, user))
         self._pollers.setdefault(user, []).append(d)
-        deadline = self._clock.seconds() + timeout
-        heapq.heappush(self._deadlines, (deadline, next(self._sequence), user, d))
-        self._arm()
+        self._deadlines.add(self._clock.seconds() + timeout, (user, d))
         return d
 
     def wake(self, user: str) -> None:
@@ -133,7 +128,7 @@ class LongPolls:
         for poller in pollers:
             poller.callback(None)
         if pollers:
-            self._arm()
+            self._deadlines.arm()
 
     def close_all(self) -> None:
         for pollers in self._pollers.values():
@@ -141,43 +136,20 @@ class LongPolls:
                 poller.callback(None)
         self._pollers.clear()
         self._deadlines.clear()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
 
-    def _arm(self) -> None:
-        """One timer, for the earliest deadline of a poll still open (none: no timer)."""
-        while self._deadlines and not self._is_polling(*self._deadlines[0][2:]):
-            heapq.heappop(self._deadlines)     # answered or gone before its time
-        timer = self._timer
-        if self._deadlines:
-            deadline = self._deadlines[0][0]
-            if timer is not None and timer.active() and timer.getTime() == deadline:
-                return
-            delay = max(0.0, deadline - self._clock.seconds())
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._timer = None
-        if self._deadlines:
-            self._timer = self._clock.callLater(delay, self._timed_out)
+    def _timed_out(self, poll: tuple[str, Deferred]) -> None:
+        user, d = poll
+        self._drop(user, d)
+        d.callback(None)
 
-    def _timed_out(self) -> None:
-        self._timer = None
-        now = self._clock.seconds()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, user, d = heapq.heappop(self._deadlines)
-            if self._is_polling(user, d):
-                self._drop(user, d)
-                d.callback(None)
-        self._arm()
-
-    def _is_polling(self, user: str, d: Deferred) -> bool:
+    def _is_polling(self, poll: tuple[str, Deferred]) -> bool:
+        user, d = poll
         return d in self._pollers.get(user, ())
 
     def _cancelled(self, user: str, d: Deferred) -> None:
         """The client went away: forget its poll (and the timer, if it was for it alone)."""
         self._drop(user, d)
-        self._arm()
+        self._deadlines.arm()
 
     def _drop(self, user: str, d: Deferred) -> None:
         pollers = self._pollers.get(user)

@@ -361,7 +361,7 @@ class PgStore(ClusterState, Store):
 
     @_guarded
     def devices_version(self) -> int:
-        """Changes when a statement that writes to ``devices`` commits, on any node or
+        """Changes when a transaction that writes to ``devices`` commits, on any node or
         from any admin command: a counter kept by a trigger (pg_migrations'
         ``cluster_devices_changed``). Not "any commit": on a busy cluster something
         commits every millisecond, and the device cache would never be used."""

@@ -207,11 +207,16 @@ CREATE TRIGGER cluster_calls_pending AFTER INSERT OR UPDATE OF state OR DELETE O
     FOR EACH ROW EXECUTE FUNCTION cluster_count_pending();
 CREATE TABLE IF NOT EXISTS cluster_devices_version (
     only_row BOOLEAN PRIMARY KEY DEFAULT true CHECK (only_row),
-    n BIGINT NOT NULL);
+    n BIGINT NOT NULL,
+    moved_by xid8);
 INSERT INTO cluster_devices_version (only_row, n) VALUES (true, 0) ON CONFLICT DO NOTHING;
 CREATE OR REPLACE FUNCTION cluster_devices_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE cluster_devices_version SET n = n + 1;
+    -- Once per transaction: every update of a row makes a new version of it, and
+    -- a transaction's own versions are only pruned after it ends, so one update
+    -- per statement made a 100,000-device store copy quadratic.
+    UPDATE cluster_devices_version SET n = n + 1, moved_by = pg_current_xact_id()
+        WHERE moved_by IS DISTINCT FROM pg_current_xact_id();
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS cluster_devices_changed ON devices;
@@ -379,8 +384,10 @@ CLUSTER_FUNCTIONS = ("cluster_count_pending()", "cluster_devices_changed()",
 # (every 10 s), so the global limit may refuse for those seconds, never admit more.
 CLUSTER_TABLE_NAMES = ("cluster_challenges", "cluster_push", "cluster_rate", "cluster_sms",
                        "cluster_calls", "cluster_pending", "cluster_devices_version")
-# cluster_devices_version: a counter that every statement writing to ``devices``
-# moves on (a deleted user's devices too: the cascade fires the trigger). Each
+# cluster_devices_version: a counter that every transaction writing to ``devices``
+# moves on, when it commits (a deleted user's devices too: the cascade fires the
+# trigger). Not a sequence: nextval is seen before the commit, so a node could
+# empty its cache, read the device again before the delete commits, and keep it. Each
 # node empties its device cache when it changes (PgStore.devices_version, read
 # every second), so a device removed anywhere is refused within a second.
 
