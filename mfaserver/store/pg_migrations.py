@@ -219,9 +219,15 @@ BEGIN
         WHERE moved_by IS DISTINCT FROM pg_current_xact_id();
     RETURN NULL;
 END $$;
-DROP TRIGGER IF EXISTS cluster_devices_changed ON devices;
-CREATE TRIGGER cluster_devices_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON devices
-    FOR EACH STATEMENT EXECUTE FUNCTION cluster_devices_changed();
+DO $$ BEGIN
+    -- (Only the migration tests stop at a schema version without devices.)
+    IF to_regclass('devices') IS NOT NULL THEN
+        DROP TRIGGER IF EXISTS cluster_devices_changed ON devices;
+        CREATE TRIGGER cluster_devices_changed
+            AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON devices
+            FOR EACH STATEMENT EXECUTE FUNCTION cluster_devices_changed();
+    END IF;
+END $$;
 CREATE OR REPLACE FUNCTION cluster_take_token(
     p_key TEXT, p_now DOUBLE PRECISION, p_per_second DOUBLE PRECISION,
     p_burst DOUBLE PRECISION) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
