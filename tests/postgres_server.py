@@ -185,5 +185,8 @@ class PostgresServer:
         import psycopg
         from psycopg import sql
         with psycopg.connect(self.dsn(), autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            # A file copy of the small template: 23 ms a database here, against 70 ms
+            # for 15's default (WAL_LOG); the suite makes a few hundred.
+            strategy = " STRATEGY = FILE_COPY" if conn.info.server_version >= 150000 else ""
+            conn.execute(sql.SQL("CREATE DATABASE {}" + strategy).format(sql.Identifier(name)))
         return self.dsn(name)
