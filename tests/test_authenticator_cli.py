@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
 from device_server import TOKEN, DeviceServer, MemoryNetwork, error
+from mfaserver.cli import common
 from mfaserver.cli.authenticator import CONNECT, authenticator
 from mfaserver.cli.common import CliState
 from mfaserver.factors import push_protocol as pp
@@ -291,8 +292,14 @@ def test_the_number_is_sent_as_text(run, server, store, decision):
     assert server.answers[TXID]["number"] == "42"
 
 
-def test_fraud_asks_first(run, server, store):
+def test_fraud_asks_first(run, server, store, monkeypatch):
     server.transactions.append(transaction())
+    result = run("fraud", TXID, "--store", str(store))    # no terminal: --yes is needed
+    assert result.exit_code == 1
+    assert "Standard input is not a terminal" in result.output
+    assert "add --yes to confirm" in result.output
+    assert TXID not in server.answers
+    monkeypatch.setattr(common, "stdin_is_terminal", lambda: True)
     result = run("fraud", TXID, "--store", str(store), input="n\n")
     assert result.exit_code != 0
     assert TXID not in server.answers

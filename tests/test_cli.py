@@ -310,8 +310,14 @@ def test_locked_user_shows_as_locked(run, store):
     assert "locked until 2023-11-14T22:23:20Z" in lines[1]
 
 
-def test_user_delete_asks_for_confirmation(run, store):
+def test_user_delete_asks_for_confirmation(run, store, monkeypatch):
     add_alice(run)
+    result = run("user", "delete", "alice", input="y\n")   # not a terminal: not asked
+    assert result.exit_code == 1
+    assert ("error: Delete user alice and 0 token(s)? Standard input is not a terminal, so"
+            " nobody can answer: add --yes to confirm.") in result.output
+    assert store.get_user("alice") is not None
+    monkeypatch.setattr(common, "stdin_is_terminal", lambda: True)
     result = run("user", "delete", "alice", input="n\n")
     assert result.exit_code == 1
     assert store.get_user("alice") is not None

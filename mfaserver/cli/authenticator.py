@@ -43,6 +43,7 @@ from mfaserver.addresses import is_loopback
 from mfaserver.cli.common import (
     CliError,
     CliState,
+    confirm,
     iso_utc,
     one_line,
     pass_state,
@@ -509,9 +510,6 @@ def fraud(state: CliState, txid: str, store_path: str, number: str | None, yes: 
     clears the block; the user should change their password.
     """
     if not yes:
-        click.confirm(
-            "Report this sign-in as fraud? The user will be blocked from signing in "
-            "until an administrator clears it, and should change their password.",
-            abort=True,
-        )
+        confirm("Report this sign-in as fraud? The user will be blocked from signing in "
+                "until an administrator clears it, and should change their password.")
     _answer(state, store_path, txid, "fraud", number)

@@ -164,6 +164,23 @@ def require_user(store: Store, name: str) -> UserInfo:
     return user
 
 
+def confirm(question: str) -> None:
+    """Ask ``question`` (y/N) on the terminal; stop unless the answer is yes.
+
+    A script or a pipe has no one to ask: rather than click's bare "Aborted!"
+    (it reads no answer, which counts as no), the command stops saying that
+    ``--yes`` confirms it.
+    """
+    if not stdin_is_terminal():
+        raise CliError(f"{question} Standard input is not a terminal, so nobody can "
+                       "answer: add --yes to confirm.")
+    click.confirm(question, abort=True)
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
 def read_password(password_stdin: bool) -> str:
     """A new password: one line from stdin, or asked twice without echo."""
     if password_stdin:

@@ -7,6 +7,7 @@ import click
 from mfaserver.cli.common import (
     CliError,
     CliState,
+    confirm,
     iso_utc,
     parse_phone,
     pass_state,
@@ -238,6 +239,6 @@ def delete_user(state: CliState, name: str, yes: bool) -> None:
     store = state.store()
     info = require_user(store, name)
     if not yes:
-        click.confirm(f"Delete user {name} and {info.token_count} token(s)?", abort=True)
+        confirm(f"Delete user {name} and {info.token_count} token(s)?")
     store.delete_user(name)
     click.echo(f"deleted user {name}")
