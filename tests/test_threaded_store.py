@@ -120,6 +120,28 @@ class DeviceCacheTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(store.get_device("dev1")), first)
         self.assertEqual((first.user, read, self.reads), ("alice", ["dev1"], []))
 
+    def test_a_read_under_way_when_the_cache_is_emptied_is_not_kept(self):
+        # The read may have seen the device just before another process deleted it.
+        pending = []
+
+        def run_later(f, *args):
+            answer = defer.Deferred()
+            pending.append((f, args, answer))
+            return answer
+        store = ThreadedStore(self.db, run_later)
+        d = store.get_device("dev1")
+        f, args, answer = pending.pop()
+        read = f(*args)                           # the device, as it was
+        self.admin.delete_device("alice", "dev1")
+        store._forget_devices(None)               # the check saw the change
+        answer.callback(read)
+        self.assertEqual(self.successResultOf(d).id, "dev1")   # this request had it
+        pending_again = store.get_device("dev1")
+        self.assertEqual(len(pending), 1)         # not cached: read again
+        f, args, answer = pending.pop()
+        answer.callback(f(*args))
+        self.assertIsNone(self.successResultOf(pending_again))
+
     def test_no_outside_change_keeps_the_cache(self):
         self.successResultOf(self.store.get_device("dev1"))
         self.successResultOf(self.store.check_outside_changes())

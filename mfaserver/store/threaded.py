@@ -37,6 +37,9 @@ class ThreadedStore:
         self.unavailable = False
         self._audit_lock = threading.Lock()
         self._devices: dict[str, Device] = {}
+        # Moves on each time the cache is emptied: a read that was under way then
+        # may have seen the device before it was deleted, and must not be kept.
+        self._devices_emptied = 0
         self._devices_version: int | None = None
         self._audit_queue: list[tuple[AuditEntry, Deferred]] = []
 
@@ -128,11 +131,11 @@ class ThreadedStore:
             d = self._watch(self._logins.get_device(device_id))
         else:
             d = self._run(self._store.get_device, device_id)
-        d.addCallback(self._cache_device)
+        d.addCallback(self._cache_device, self._devices_emptied)
         return d
 
-    def _cache_device(self, device: Device | None) -> Device | None:
-        if device is not None:
+    def _cache_device(self, device: Device | None, emptied_before: int) -> Device | None:
+        if device is not None and emptied_before == self._devices_emptied:
             if len(self._devices) >= MAX_CACHED_DEVICES:
                 self._devices.clear()
             self._devices[device.id] = device
@@ -145,7 +148,7 @@ class ThreadedStore:
         def compare(version: int) -> None:
             if version != self._devices_version:
                 self._devices_version = version
-                self._devices.clear()
+                self._forget_devices(None)
         d.addCallback(compare)
         return d
 
@@ -176,6 +179,7 @@ class ThreadedStore:
 
     def _forget_devices(self, result):
         self._devices.clear()
+        self._devices_emptied += 1
         return result
 
     def list_devices(self, user: str) -> Deferred[list[Device]]:
