@@ -96,6 +96,18 @@ OPEN_PUSH_SQL = ("SELECT * FROM cluster_open_push(%s, %s, %s, %s, %s, %s,"
                  " %s::bigint, %s::bigint, %s::double precision, %s::double precision, %s)")
 
 
+def open_push_params(*, txid: str, login_key: str, user: str, client: str,
+                     nas_ip: str | None, calling_station_id: str | None, now: float,
+                     timeout: float, number: str | None, node: str, late_window: float,
+                     max_per_user: int, max_total: int, rate: tuple[float, float] | None,
+                     join: str = "any") -> tuple:
+    """OPEN_PUSH_SQL's parameters, in the function's order (`ClusterState.open_push`
+    says what they mean)."""
+    rate_per_second, rate_burst = rate if rate is not None else (None, None)
+    return (txid, login_key, user, client, nas_ip, calling_station_id, now, timeout, number,
+            node, late_window, max_per_user, max_total, rate_per_second, rate_burst, join)
+
+
 def push_opened(row) -> PushOpened:
     """cluster_open_push's row: its outcome, then the push's columns."""
     outcome = row[0]
@@ -186,11 +198,11 @@ class ClusterState:
         limit, nothing is opened: ``refused`` says which. ``rate`` is (tokens
         per second, burst) for the user's push bucket, taken only for a new push.
         """
-        rate_per_second, rate_burst = rate if rate is not None else (None, None)
-        row = self._conn.execute(OPEN_PUSH_SQL, (
-            txid, login_key, user, client, nas_ip, calling_station_id, now, timeout, number,
-            node, late_window, max_per_user, max_total, rate_per_second, rate_burst,
-            join)).fetchone()
+        row = self._conn.execute(OPEN_PUSH_SQL, open_push_params(
+            txid=txid, login_key=login_key, user=user, client=client, nas_ip=nas_ip,
+            calling_station_id=calling_station_id, now=now, timeout=timeout, number=number,
+            node=node, late_window=late_window, max_per_user=max_per_user,
+            max_total=max_total, rate=rate, join=join)).fetchone()
         return push_opened(row)
 
     @_guarded

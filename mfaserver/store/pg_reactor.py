@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from mfaserver.auth.model import Account, AuditEntry, CodeUse, Device, TokenKind
 from mfaserver.store.cluster import (OPEN_PUSH_SQL, PENDING_PUSHES_SQL, PUSH_COLUMNS,
-                                     PushOpened, PushRow, push_opened)
+                                     PushOpened, PushRow, open_push_params, push_opened)
 from mfaserver.store.db import (ACCOUNT_SQL, AUDIT_INSERT, DEVICE_SQL, StoreError,
                                 StoreUnavailableError, audit_row)
 
@@ -463,16 +463,10 @@ class PgLogins:
         d.addCallback(lambda rows: (rows[0][0], PushRow(*rows[0][1:]) if rows[0][1] else None))
         return d
 
-    def open_push(self, *, txid: str, login_key: str, user: str, client: str,
-                  nas_ip: str | None, calling_station_id: str | None, now: float,
-                  timeout: float, number: str | None, node: str, late_window: float,
-                  max_per_user: int, max_total: int, rate: tuple[float, float] | None,
-                  join: str = "any") -> Deferred[PushOpened]:
-        """`ClusterState.open_push`: the same function, sent by the reactor."""
-        rate_per_second, rate_burst = rate if rate is not None else (None, None)
-        d = self._pg.query(_OPEN_PUSH_SQL, (
-            txid, login_key, user, client, nas_ip, calling_station_id, now, timeout, number,
-            node, late_window, max_per_user, max_total, rate_per_second, rate_burst, join))
+    def open_push(self, **push) -> Deferred[PushOpened]:
+        """`ClusterState.open_push` (same keyword arguments): the same function, sent
+        by the reactor."""
+        d = self._pg.query(_OPEN_PUSH_SQL, open_push_params(**push))
         d.addCallback(lambda rows: push_opened(rows[0]))
         return d
 
